@@ -1,0 +1,46 @@
+# Two commands for a fresh clone:  `make demo`  and  `make test`.
+# Everything lives in .venv; torch==2.13.0 (the CPU wheel) goes in first when no torch is there, because an
+# unpinned torch pulls several GB of CUDA packages. A torch that is already installed is kept (pinned below).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TB := $(VENV)/bin/tokenbridge
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
+OUT ?= out
+
+.PHONY: install data test demo bench repro clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
+	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $@
+
+# The embedded dataset: Fashion-MNIST from Debian's dataset-fashion-mnist package (see docs/data.md).
+data:
+	@if [ -f "$(FASHION_MNIST)/train-images-idx3-ubyte.gz" ] || [ -n "$$TOKENBRIDGE_FASHION_MNIST" ]; then :; \
+	elif command -v apt-get >/dev/null; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }; \
+	else echo "Fashion-MNIST not found: download its four idx .gz files and set TOKENBRIDGE_FASHION_MNIST=<folder>"; exit 1; fi
+
+test: install data
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+demo: install data
+	$(TB) reconstruct --out $(OUT)/reconstruct
+	$(TB) sample --labels 0 1 2 3 4 5 6 7 8 9 --per-class 8 --out $(OUT)/samples --show-confidence --evaluate
+
+bench: install
+	$(PY) benchmarks/quantizer.py
+	$(PY) benchmarks/heads.py
+
+repro: install data
+	$(TB) repro all
+
+clean:
+	rm -rf $(OUT) .pytest_cache

@@ -1,0 +1,431 @@
+"""Trainer tests with a tiny model and synthetic tokens (no dependency on the real generator, VAE or quantizer)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+
+from tokenbridge import train as T
+
+# The tiny model lives in a string so that torchrun workers (separate processes) build exactly the same module.
+TINY_SOURCE = textwrap.dedent(
+    '''
+    import random
+    import numpy as np
+    import torch
+    from torch import nn
+
+
+    class TinyModel(nn.Module):
+        """indices [B, H, W, C] long, labels [B] -> scalar cross-entropy of a channel-shifted copy of the tokens.
+        Uses torch (dropout), numpy and python randomness so that exact resume checks every RNG."""
+
+        def __init__(self, cfg):
+            super().__init__()
+            levels, width = cfg.get("levels", 8), cfg.get("width", 16)
+            self.emb = nn.Embedding(levels, width)
+            self.cls = nn.Embedding(10, width)
+            self.norm = nn.LayerNorm(width)
+            self.hidden = nn.Linear(width, width)
+            self.out = nn.Linear(width, levels)
+            self.drop = nn.Dropout(cfg.get("dropout", 0.0))
+            self.random_shift = cfg.get("random_shift", False)
+
+        def forward(self, idx, labels):
+            h = self.emb(idx) + self.cls(labels)[:, None, None, None]
+            h = self.drop(torch.nn.functional.gelu(self.hidden(self.norm(h))))
+            shift = 1
+            if self.random_shift:
+                shift = int(np.random.randint(1, idx.shape[-1])) if random.random() < 0.5 else 1
+            target = idx.roll(shift, dims=-1)
+            return torch.nn.functional.cross_entropy(self.out(h).flatten(0, -2), target.flatten())
+    '''
+)
+_ns: dict = {}
+exec(TINY_SOURCE, _ns)
+TinyModel = _ns["TinyModel"]
+
+N, GRID, LEVELS = 64, (2, 2, 3), 8
+
+
+def tiny_dataset(n: int = N) -> TensorDataset:
+    g = torch.Generator().manual_seed(123)
+    return TensorDataset(torch.randint(0, LEVELS, (n, *GRID), generator=g), torch.randint(0, 10, (n,), generator=g))
+
+
+def tiny_config(out_dir: Path, **train) -> dict:
+    base = {
+        "steps": 10,
+        "global_batch": 16,
+        "lr": 3e-3,
+        "warmup_steps": 2,
+        "min_lr": 1e-4,
+        "ema": 0.9,
+        "ckpt_every": 3,
+        "log_every": 1,
+        "device": "cpu",
+    }
+    base.update(train)
+    return {"out_dir": str(out_dir), "seed": 7, "model": {"levels": LEVELS, "width": 16}, "train": base}
+
+
+def run_tiny(cfg: dict, **kw) -> dict:
+    return T.train(cfg, model_fn=TinyModel, dataset=tiny_dataset(), **kw)
+
+
+def ckpt_of(out_dir: Path) -> dict:
+    return T.load_checkpoint(Path(out_dir) / T.CHECKPOINT_NAME)
+
+
+def assert_states_equal(a: dict, b: dict, exact: bool = True) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        if exact:
+            assert torch.equal(a[k], b[k]), k
+        else:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (a) two-process DDP == one process with the same global batch
+
+
+DDP_SCRIPT = TINY_SOURCE + textwrap.dedent(
+    '''
+    import sys
+    import torch
+    from torch.utils.data import TensorDataset
+    from tokenbridge.train import train
+
+    out_dir, n = sys.argv[1], 64
+    g = torch.Generator().manual_seed(123)
+    ds = TensorDataset(torch.randint(0, 8, (n, 2, 2, 3), generator=g), torch.randint(0, 10, (n,), generator=g))
+    cfg = {"out_dir": out_dir, "seed": 7, "model": {"levels": 8, "width": 16},
+           "train": {"steps": 6, "global_batch": 16, "lr": 3e-3, "warmup_steps": 2, "ema": 0.9,
+                     "ckpt_every": 4, "log_every": 1, "device": "cpu"}}
+    train(cfg, model_fn=TinyModel, dataset=ds)
+    '''
+)
+
+
+def test_ddp_two_processes_match_single_process(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(T.__file__).parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path / "ddp")]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    single = subprocess.run([sys.executable, str(script), str(tmp_path / "single")], env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert single.returncode == 0, single.stderr[-3000:]
+
+    ddp, one = ckpt_of(tmp_path / "ddp"), ckpt_of(tmp_path / "single")
+    assert ddp["step"] == one["step"] == 6 and ddp["world_size"] == 2 and one["world_size"] == 1
+    assert len(ddp["rng"]) == 2  # every rank's RNG state is kept for exact resume
+    assert_states_equal(ddp["model"], one["model"], exact=False)
+    assert_states_equal(ddp["ema"], one["ema"], exact=False)
+    assert not torch.equal(ddp["model"]["out.weight"], ddp["ema"]["out.weight"])
+    # only rank 0 logs: one line per step, losses averaged over ranks equal the single-process losses
+    log_ddp = [json.loads(s) for s in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    log_one = [json.loads(s) for s in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log_ddp] == list(range(1, 7))
+    np.testing.assert_allclose([r["loss"] for r in log_ddp], [r["loss"] for r in log_one], rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (b) stop -> resume == uninterrupted, bit for bit
+
+
+def test_resume_mid_epoch_is_exact(tmp_path):
+    model = {"levels": LEVELS, "width": 16, "dropout": 0.3, "random_shift": True}
+    full = tiny_config(tmp_path / "full")
+    full["model"] = model
+    m_full = run_tiny(full)
+    assert m_full["step"] == 10
+
+    part = tiny_config(tmp_path / "part")
+    part["model"] = model
+    m_stop = run_tiny(part, stop_at=5)  # 4 steps per epoch: stops in the middle of epoch 1
+    assert m_stop["step"] == 5
+    stopped = ckpt_of(tmp_path / "part")
+    assert (stopped["step"], stopped["epoch"], stopped["batch_in_epoch"]) == (5, 1, 1)
+    with open(tmp_path / "part" / "log.jsonl", "a") as f:  # a killed run may have logged past its checkpoint
+        f.write(json.dumps({"step": 6, "loss": 0.0}) + "\n")
+    m_res = run_tiny(part, resume=True)
+    assert m_res["step"] == 10
+
+    a, b = ckpt_of(tmp_path / "full"), ckpt_of(tmp_path / "part")
+    assert_states_equal(a["model"], b["model"])
+    assert_states_equal(a["ema"], b["ema"])
+    assert m_full["loss"] == m_res["loss"]
+    steps = [json.loads(s)["step"] for s in (tmp_path / "part" / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 11))
+
+    # resume=False starts over and must reproduce the same run
+    m_again = run_tiny(part, resume=False)
+    assert m_again["loss"] == m_full["loss"]
+    # a finished run resumed again does nothing
+    assert run_tiny(part)["step"] == 10
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (c) atomic checkpoints, weights_only loading, clear errors
+
+
+def test_checkpoint_atomic_and_weights_only(tmp_path, monkeypatch):
+    cfg = tiny_config(tmp_path)
+    run_tiny(cfg, stop_at=2)
+    path = tmp_path / T.CHECKPOINT_NAME
+    raw = torch.load(path, weights_only=True)
+    assert raw["format"] == T.CKPT_FORMAT and isinstance(raw["config"], str)
+    assert json.loads(raw["config"])["train"]["global_batch"] == 16
+    assert {"torch", "numpy_keys", "python_state"} <= set(raw["rng"][0])
+    before = path.read_bytes()
+
+    real_save = torch.save
+
+    def failing_save(obj, f, *a, **k):
+        real_save({"partial": torch.zeros(3)}, f)  # a partial write happens ...
+        raise OSError("disk full")  # ... then the write fails
+
+    monkeypatch.setattr(torch, "save", failing_save)
+    with pytest.raises(OSError, match="disk full"):
+        run_tiny(cfg, stop_at=4)
+    monkeypatch.setattr(torch, "save", real_save)
+    assert path.read_bytes() == before
+    assert not list(tmp_path.glob("*.tmp"))
+    assert T.load_checkpoint(path)["step"] == 2
+
+
+def test_bad_checkpoint_errors(tmp_path):
+    cfg = tiny_config(tmp_path)
+    path = tmp_path / T.CHECKPOINT_NAME
+    path.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(ValueError, match="corrupt"):
+        run_tiny(cfg)
+    torch.save({"model": {}}, path)
+    with pytest.raises(ValueError, match="not a tokenbridge training checkpoint"):
+        run_tiny(cfg)
+    with pytest.raises(FileNotFoundError):
+        T.load_checkpoint(tmp_path / "missing.pt")
+    path.unlink()
+    run_tiny(cfg, stop_at=1)
+    other = tiny_config(tmp_path)
+    other["model"]["width"] = 8
+    with pytest.raises(ValueError, match="does not fit"):
+        run_tiny(other)
+
+
+def test_load_model_and_export(tmp_path):
+    run_tiny(tiny_config(tmp_path, steps=3))
+    model = T.load_model_from_checkpoint(tmp_path / T.CHECKPOINT_NAME, model_fn=TinyModel)
+    assert not model.training
+    ema = ckpt_of(tmp_path)["ema"]
+    assert torch.equal(model.out.weight, ema["out.weight"])
+    from safetensors import safe_open
+
+    out = T.export_weights(tmp_path / T.CHECKPOINT_NAME, tmp_path / "w.safetensors")
+    with safe_open(str(out), framework="pt") as f:
+        assert json.loads(f.metadata()["config"]) == {"levels": LEVELS, "width": 16}
+        assert torch.equal(f.get_tensor("out.weight"), ema["out.weight"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (d) weight decay groups, (e) learning-rate schedule
+
+
+def test_no_weight_decay_on_1d_params(tmp_path):
+    model = TinyModel({"levels": LEVELS})
+    decay, no_decay = T.param_groups(model, 0.02)
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[id(p)] for p in no_decay["params"]} == {"norm.weight", "norm.bias", "hidden.bias", "out.bias"}
+    assert "emb.weight" in {names[id(p)] for p in decay["params"]}  # embeddings are decayed, as in MAR
+    run_tiny(tiny_config(tmp_path, steps=1))
+    groups = ckpt_of(tmp_path)["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.02, 0.0]
+    assert groups[0]["betas"] == (0.9, 0.95)
+    assert sorted(len(g["params"]) for g in groups) == [4, 4]
+
+
+def test_lr_schedule():
+    peak, lo = 1e-3, 1e-5
+    assert T.lr_at(0, peak, 10, 110, lo) == pytest.approx(1e-4)
+    assert T.lr_at(4, peak, 10, 110, lo) == pytest.approx(5e-4)
+    assert T.lr_at(9, peak, 10, 110, lo) == pytest.approx(peak)
+    assert T.lr_at(10, peak, 10, 110, lo) == pytest.approx(peak)
+    assert T.lr_at(60, peak, 10, 110, lo) == pytest.approx((peak + lo) / 2)
+    assert T.lr_at(35, peak, 10, 110, lo) == pytest.approx(lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert T.lr_at(110, peak, 10, 110, lo) == pytest.approx(lo)
+    decay = [T.lr_at(s, peak, 10, 110, lo) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:]))
+    assert T.lr_at(0, peak, 0, 100) == pytest.approx(peak)
+
+
+def test_lr_in_training_log_and_blr_rule(tmp_path):
+    cfg = tiny_config(tmp_path, steps=6, lr=None, blr=2e-3, warmup_steps=2, min_lr=0.0, global_batch=32)
+    run_tiny(cfg)
+    peak = 2e-3 * 32 / 256
+    lrs = [json.loads(s)["lr"] for s in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert lrs == pytest.approx([T.lr_at(s, peak, 2, 6, 0.0) for s in range(6)])
+    rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
+    assert {"step", "loss", "lr", "grad_norm", "it_s"} <= set(rec)
+
+
+def test_epochs_and_bad_train_config(tmp_path):
+    m = run_tiny(tiny_config(tmp_path, steps=None, epochs=1.5, warmup_steps=None, warmup_epochs=0.5))
+    assert m["step"] == m["total_steps"] == 6  # 64 samples / batch 16 = 4 steps per epoch
+    with pytest.raises(ValueError, match="unknown train config keys"):
+        run_tiny(tiny_config(tmp_path / "x", learning_rate=1.0))
+    with pytest.raises(ValueError, match="exactly one"):
+        run_tiny(tiny_config(tmp_path / "y", epochs=2))
+    with pytest.raises(ValueError, match="smaller than global_batch"):
+        run_tiny(tiny_config(tmp_path / "z", global_batch=128))
+
+
+def test_grad_clip_and_ema(tmp_path):
+    # a tiny clip bounds the first update; EMA with decay d after one step = d * init + (1 - d) * new
+    cfg = tiny_config(tmp_path, steps=1, warmup_steps=0, grad_clip=1e-3, ema=0.5)
+    run_tiny(cfg)
+    ck = ckpt_of(tmp_path)
+    torch.manual_seed(7)
+    init = TinyModel(cfg["model"]).state_dict()
+    for k in init:
+        torch.testing.assert_close(ck["ema"][k], 0.5 * init[k] + 0.5 * ck["model"][k])
+    assert json.loads((tmp_path / "log.jsonl").read_text())["grad_norm"] > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (f) cache_latents round trip with a fake VAE and quantizer
+
+
+class FakeVAE(nn.Module):
+    scaling_factor = 0.5
+
+    def encode(self, x, sample=False):
+        z = torch.nn.functional.pixel_unshuffle(x, 2) * 2.0  # [B, 1, 8, 8] -> [B, 4, 4, 4]
+        return z + torch.randn_like(z) * 0.1 if sample else z
+
+
+class FakeQuantizer:
+    def __init__(self, levels):
+        self.levels, self.kind = levels, "uniform"
+
+    def quantize(self, x):
+        return ((x.clamp(-1, 1) + 1) / 2 * (self.levels - 1)).round().long()
+
+
+def fake_images(n=10):
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 3)
+
+
+def test_cache_latents_round_trip(tmp_path):
+    ds = fake_images()
+    out = T.cache_latents("fake", tmp_path / "tok.safetensors", data="fake", quantizer=FakeQuantizer(64),
+                          batch_size=4, vae=FakeVAE(), dataset=ds, store_latents=True)
+    assert not list(tmp_path.glob("*.tmp"))
+    tok = T.CachedTokens(out)
+    assert tok.indices.dtype == torch.uint8 and tok.indices.shape == (10, 4, 4, 4) and tok.grid_shape == (4, 4, 4)
+    images, labels = ds.tensors
+    expected = FakeQuantizer(64).quantize(FakeVAE().encode(images).permute(0, 2, 3, 1))
+    assert torch.equal(tok.indices.long(), expected)
+    assert torch.equal(tok.labels, labels)
+    assert tok.latents.shape == (10, 4, 4, 4) and torch.allclose(tok.latents, FakeVAE().encode(images))
+    assert tok.levels == 64 and tok.scaling_factor == 0.5 and tok.num_classes == 3
+    assert tok.metadata["vae"] == "fake" and tok.quantizer_config["kind"] == "uniform"
+    x, y = tok[3]
+    assert x.dtype == torch.long and x.shape == (4, 4, 4) and int(y) == 0
+
+    # more than 256 levels -> int16; posterior sampling is reproducible from the seed
+    big = T.cache_latents("fake", tmp_path / "big.safetensors", quantizer=FakeQuantizer(300), vae=FakeVAE(),
+                          dataset=ds, sample_posterior=True, limit=6)
+    s1 = T.CachedTokens(big)
+    assert s1.indices.dtype == torch.int16 and len(s1) == 6 and s1.latents is None
+    again = T.cache_latents("fake", tmp_path / "big2.safetensors", quantizer=FakeQuantizer(300), vae=FakeVAE(),
+                            dataset=ds, sample_posterior=True, limit=6)
+    assert torch.equal(T.CachedTokens(again).indices, s1.indices)
+
+    # the trainer reads the token file through the data section
+    cfg = tiny_config(tmp_path / "run", steps=2, global_batch=4)
+    cfg["model"] = {"levels": 64}
+    cfg["data"] = {"source": "tokens", "tokens": str(out)}
+    assert T.train(cfg, model_fn=TinyModel)["step"] == 2
+
+
+def test_cached_tokens_bad_files(tmp_path):
+    from safetensors.torch import save_file
+
+    out = T.cache_latents("fake", tmp_path / "tok.safetensors", quantizer=FakeQuantizer(16), vae=FakeVAE(),
+                          dataset=fake_images())
+    data = out.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="corrupt"):
+        T.CachedTokens(tmp_path / "cut.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(ValueError, match="corrupt"):
+        T.CachedTokens(tmp_path / "junk.safetensors")
+    save_file({"indices": torch.zeros(2, 1, 1, 1, dtype=torch.uint8)}, str(tmp_path / "plain.safetensors"))
+    with pytest.raises(ValueError, match="not a tokenbridge token file"):
+        T.CachedTokens(tmp_path / "plain.safetensors")
+    meta = {"format": T.TOKENS_FORMAT, "levels": "4", "quantizer": "{}"}
+    save_file({"indices": torch.zeros(2, 3, dtype=torch.uint8), "labels": torch.zeros(2, dtype=torch.int64)},
+              str(tmp_path / "shape.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="indices must be"):
+        T.CachedTokens(tmp_path / "shape.safetensors")
+    save_file({"indices": torch.full((2, 1, 1, 1), 9, dtype=torch.uint8), "labels": torch.zeros(2, dtype=torch.int64)},
+              str(tmp_path / "range.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match="outside"):
+        T.CachedTokens(tmp_path / "range.safetensors")
+    with pytest.raises(FileNotFoundError):
+        T.CachedTokens(tmp_path / "missing.safetensors")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# (g) config loading and overrides
+
+
+def test_load_config_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("out_dir: runs/x\nmodel:\n  depth: 2\ntrain:\n  lr: 1e-4\n  betas: [0.9, 0.95]\n")
+    cfg = T.load_config(path, ["train.lr=3e-4", "model.depth=4", "train.betas=[0.8, 0.9]", "new.sub.key=abc",
+                               "data.tokens=null", "train.bf16=false", "seed=3"])
+    assert cfg["train"]["lr"] == 3e-4 and isinstance(cfg["train"]["lr"], float)
+    assert cfg["model"]["depth"] == 4 and cfg["train"]["betas"] == [0.8, 0.9]
+    assert cfg["new"]["sub"]["key"] == "abc" and cfg["data"]["tokens"] is None
+    assert cfg["train"]["bf16"] is False and cfg["seed"] == 3
+    assert T.load_config(path)["train"]["lr"] == 1e-4  # YAML "1e-4" is a float here
+    with pytest.raises(ValueError, match="key.sub=value"):
+        T.load_config(path, ["train.lr"])
+    with pytest.raises(ValueError, match="not a section"):
+        T.load_config(path, ["out_dir.x=1"])
+    with pytest.raises(FileNotFoundError):
+        T.load_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_fmnist_config_parses():
+    cfg = T.load_config(Path(T.__file__).parents[1] / "configs" / "fmnist.yaml")
+    train = T._section(cfg, "train", T.DEFAULT_TRAIN)
+    T._section(cfg, "data", T.DEFAULT_DATA)
+    assert train["grad_clip"] == 3.0 and train["betas"] == [0.9, 0.95] and cfg["seed"] == 0
+    assert cfg["data"]["source"] == "tokens" and cfg["data"]["tokens"].startswith("runs/")
