@@ -4,7 +4,7 @@ One call predicts `batch` tokens (one per row of z), eval mode, no_grad, no CFG.
 model: AR head width 1024, depth 4, 8 heads, 16 channels, 64 levels, z_dim 1024; diffusion head width 1024,
 depth 3, token_dim 16, 100 sampling steps. `--quick` shrinks everything for a CPU smoke run.
 
-    python benchmarks/heads.py [--device cpu] [--repeats 5] [--quick]
+    python benchmarks/heads.py [--device cpu] [--repeats 10] [--budget 20] [--threads 0] [--quick]
 
 Last line: RESULT uncached_over_cached_b256=<x> diffusion_over_cached_b1=<x> diffusion_over_cached_b256=<x>
 """
@@ -20,33 +20,36 @@ import torch
 from tokenbridge.heads import DiffusionHead, DimensionwiseARHead
 
 
-def _time_ms(fn, device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
-    """Median and spread (max - min) / 2 of `repeats` timed calls, in ms, after `warmup` untimed calls."""
+def _time_ms(fn, device: torch.device, repeats: int, warmup: int, budget_s: float) -> tuple[float, float, int]:
+    """Median and spread (max - min) / 2 in ms of up to `repeats` timed calls after `warmup` untimed ones; stops
+    early (after at least one timed call) once the timed calls have used `budget_s` seconds."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
         fn()
     sync()
     times = []
-    for _ in range(repeats):
+    while len(times) < repeats and sum(times) < budget_s * 1e3:
         start = time.perf_counter()
         fn()
         sync()
         times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), (max(times) - min(times)) / 2
+    return statistics.median(times), (max(times) - min(times)) / 2, len(times)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (median reported)")
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="max timed calls per configuration (median)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed calls per configuration")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="tokens predicted per call")
     parser.add_argument("--diffusion-steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
     parser.add_argument("--quick", action="store_true", help="small sizes (width 256) for a fast CPU smoke run")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.warmup < 0:
-        raise ValueError(f"need --repeats >= 1 and --warmup >= 0, got {args.repeats}, {args.warmup}")
+    if args.repeats < 1 or args.warmup < 0 or args.budget <= 0:
+        raise ValueError(f"need --repeats >= 1, --warmup >= 0, --budget > 0; got {args.repeats}, {args.warmup}, "
+                         f"{args.budget}")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     n_diff = sum(p.numel() for p in diff.parameters()) / 1e6
     print(f"device={device} threads={torch.get_num_threads()} AR head {width}x{depth_ar} ({n_ar:.1f}M params, "
           f"{channels} channels, {levels} levels); diffusion head {width}x{depth_diff} ({n_diff:.1f}M params, "
-          f"{args.diffusion_steps} steps); repeats={args.repeats}")
+          f"{args.diffusion_steps} steps); repeats<={args.repeats}, budget {args.budget:g}s each")
 
     gen = torch.Generator(device=device)
     methods = {
@@ -80,14 +83,14 @@ def main(argv: list[str] | None = None) -> None:
             base = None
             for name, fn in methods.items():
                 gen.manual_seed(0)
-                ms, spread = _time_ms(lambda: fn(z), device, args.repeats, args.warmup)
+                ms, spread, runs = _time_ms(lambda: fn(z), device, args.repeats, args.warmup, args.budget)
                 base = ms if base is None else base
                 ratios[(name, batch)] = ms / base
-                rows.append((name, batch, ms, spread, ms / batch, ms / base))
+                rows.append((name, batch, ms, spread, runs, ms / batch, ms / base))
 
-    print(f"{'method':<12} {'batch':>5} {'ms/call':>12} {'+-':>8} {'ms/token':>10} {'x cached':>9}")
-    for name, batch, ms, spread, per_token, ratio in rows:
-        print(f"{name:<12} {batch:>5} {ms:>12.2f} {spread:>8.2f} {per_token:>10.3f} {ratio:>9.2f}")
+    print(f"{'method':<12} {'batch':>5} {'ms/call':>12} {'+-':>8} {'runs':>4} {'ms/token':>10} {'x cached':>9}")
+    for name, batch, ms, spread, runs, per_token, ratio in rows:
+        print(f"{name:<12} {batch:>5} {ms:>12.2f} {spread:>8.2f} {runs:>4} {per_token:>10.3f} {ratio:>9.2f}")
     big, small = max(args.batches), min(args.batches)
     print(
         f"RESULT uncached_over_cached_b{big}={ratios[('ar_uncached', big)]:.2f} "

@@ -128,6 +128,24 @@ def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
 # causal transformer over the channels (or channel groups) of one token
 
 
+class _KVCache:
+    """One layer's keys and values for sampling, preallocated at the first write: [N, H, size, head_dim] each
+    (dtype taken from the first keys/values, so autocast works)."""
+
+    def __init__(self, size: int):
+        self.size, self.k, self.v = size, None, None
+
+    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
+        """Write k, v [N, H, L, head_dim] at positions start..start+L-1; return everything cached so far."""
+        if self.k is None:
+            self.k = k.new_empty(*k.shape[:2], self.size, k.shape[3])
+            self.v = v.new_empty(*v.shape[:2], self.size, v.shape[3])
+        end = start + k.shape[2]
+        self.k[:, :, start:end] = k
+        self.v[:, :, start:end] = v
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class _AdaLNBlock(nn.Module):
     """Pre-LN causal self-attention (qk-norm) + MLP, DiT-style AdaLN (shift/scale/gate for each), per position."""
 
@@ -148,27 +166,24 @@ class _AdaLNBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
         self.ada = nn.Linear(width, 6 * width)  # applied to silu(cond)
 
-    def forward(self, x: Tensor, cond: Tensor, cache: Tensor | None = None, start: int = 0) -> Tensor:
-        """x [N, L, W]; cond = silu(conditioning) [N, L, W].
+    def forward(self, x: Tensor, mod: Tensor, cache: _KVCache | None = None, start: int = 0) -> Tensor:
+        """x [N, L, W]; mod = self.ada(silu(conditioning)) [N, L, 6W] (the caller decides when to compute it).
 
-        Without `cache`, L positions attend causally to each other (teacher forcing). With `cache`
-        [2, N, H, P, head_dim], x holds positions start..start+L-1 (L = 1 unless start = 0): their keys/values are
-        written into the cache and they attend to everything cached so far.
+        Without `cache`, L positions attend causally to each other (teacher forcing). With `cache`, x holds
+        positions start..start+L-1 (L = 1 unless start = 0): their keys/values are added to the cache and they
+        attend to everything cached so far.
         """
-        shift1, scale1, gate1, shift2, scale2, gate2 = self.ada(cond).chunk(6, dim=-1)
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
         x = x + gate1 * self.drop(self._attention(_modulate(self.norm1(x), shift1, scale1), cache, start))
         return x + gate2 * self.drop(self.mlp(_modulate(self.norm2(x), shift2, scale2)))
 
-    def _attention(self, h: Tensor, cache: Tensor | None, start: int) -> Tensor:
+    def _attention(self, h: Tensor, cache: _KVCache | None, start: int) -> Tensor:
         n, length, width = h.shape
         q, k, v = self.qkv(h).view(n, length, 3, self.num_heads, self.head_dim).unbind(2)
         q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
         causal = length > 1
         if cache is not None:
-            end = start + length
-            cache[0, :, :, start:end] = k
-            cache[1, :, :, start:end] = v
-            k, v = cache[0, :, :, :end], cache[1, :, :, :end]
+            k, v = cache.update(k, v, start)
             causal = causal and start == 0  # a single new query may see every cached key
         p = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
@@ -184,6 +199,9 @@ class _ChannelARHead(nn.Module):
     own output Linear(width, vocab), stored as one [S, width, vocab] weight so teacher forcing is one batched
     matmul and a sampling step touches only its own slice.
     """
+
+    # sample() modulates all steps at once when N * S <= this (see there); a speed knob, same result either way
+    precompute_max_rows = 1024
 
     def __init__(
         self,
@@ -266,10 +284,10 @@ class _ChannelARHead(nn.Module):
         """silu(Linear(z) + e_j) for every step: [N, S, W]."""
         return F.silu(self.z_cond(z)[:, None] + self.cond_pos)
 
-    def _classify(self, h: Tensor, cond: Tensor, step: int | None = None) -> Tensor:
-        """Final AdaLN + per-step classifier: h, cond [N, L, W] -> logits [N, L, vocab] for steps 0..L-1, or for
-        the single step `step` (L = 1)."""
-        scale, shift = self.ada_out(cond).chunk(2, dim=-1)
+    def _classify(self, h: Tensor, mod: Tensor, step: int | None = None) -> Tensor:
+        """Final AdaLN + per-step classifier: h [N, L, W], mod = ada_out(cond) [N, L, 2W] -> logits [N, L, vocab]
+        for steps 0..L-1, or for the single step `step` (L = 1)."""
+        scale, shift = mod.chunk(2, dim=-1)
         h = _modulate(self.norm_out(h), shift, scale)
         if step is not None:
             return torch.addmm(self.out_b[step], h[:, 0], self.out_w[step])[:, None]
@@ -285,8 +303,8 @@ class _ChannelARHead(nn.Module):
         x = self.drop(torch.cat(x, 1) + self.pos_emb[:length])
         cond = self._cond(z)[:, :length]
         for block in self.blocks:
-            x = block(x, cond)
-        return self._classify(x, cond)
+            x = block(x, block.ada(cond))
+        return self._classify(x, self.ada_out(cond))
 
     # -- public API ----------------------------------------------------------------------------------------
 
@@ -333,15 +351,18 @@ class _ChannelARHead(nn.Module):
         log_prob = torch.zeros(n, dtype=torch.float32, device=z.device)
         if use_cache:
             cond = self._cond(z)
-            first = self.blocks[0]
-            cache = z.new_empty(len(self.blocks), 2, z.shape[0], first.num_heads, self.steps, first.head_dim)
+            ada = [block.ada for block in self.blocks] + [self.ada_out]
+            # Small batches are weight-bandwidth bound: modulate all steps in one matmul per layer (weights read
+            # once, not once per step). Large batches are compute bound and would hold N*S*(6*depth+2)*W floats.
+            mods = [f(cond) for f in ada] if z.shape[0] * self.steps <= self.precompute_max_rows else None
+            cache = [_KVCache(self.steps) for _ in self.blocks]
             x = self.z_in(z)[:, None] + self.pos_emb[0]
         for t in range(self.steps):
             if use_cache:
-                c = cond[:, t : t + 1]
-                for block, kv in zip(self.blocks, cache):
-                    x = block(x, c, kv, t)
-                logits = self._classify(x, c, t)[:, 0]
+                step_mods = [m[:, t : t + 1] for m in mods] if mods else [f(cond[:, t : t + 1]) for f in ada]
+                for block, kv, mod in zip(self.blocks, cache, step_mods):
+                    x = block(x, mod, kv, t)
+                logits = self._classify(x, step_mods[-1], t)[:, 0]
             else:
                 prefix = tokens[:, :t] if scale is None else tokens[:, :t].repeat(2, 1)
                 logits = self._prefix_logits(z, prefix)[:, t]

@@ -5,7 +5,7 @@ Config layout (YAML, see configs/fmnist.yaml)::
     out_dir: runs/fmnist          # checkpoint.pt, log.jsonl, config.yaml (and TensorBoard events if installed)
     seed: 0
     data:  {source: tokens, tokens: runs/fmnist/tokens_train.safetensors}
-    model: {...}                  # passed unchanged to tokenbridge.model.build_generator
+    model: {...}                  # tokenbridge.model.build_generator(model, quantizer of the token file)
     train: {steps: ..., global_batch: ..., lr or blr, ...}   # keys and defaults: DEFAULT_TRAIN
 
 The learning rate is ``train.lr`` when given (absolute), else ``train.blr * global_batch / 256`` (MAR's rule; the
@@ -23,7 +23,6 @@ import math
 import os
 import random
 import re
-import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -159,7 +158,7 @@ def _make_quantizer(quantizer: Any):
 
 def _quantizer_config(quantizer: Any, given: dict) -> dict:
     """JSON-able description of the quantizer (constructor kwargs when known, plus levels)."""
-    cfg = dict(given)
+    cfg = dict(quantizer.config()) if hasattr(quantizer, "config") and callable(quantizer.config) else dict(given)
     for attr in ("levels", "value_range", "std_range", "kind", "tails"):
         if attr not in cfg and hasattr(quantizer, attr):
             v = getattr(quantizer, attr)
@@ -206,6 +205,7 @@ def cache_latents(
     sample_posterior: bool = False,
     store_latents: bool = False,
     seed: int = 0,
+    fit_samples: int = 10000,
     vae: nn.Module | None = None,
     dataset: Dataset | None = None,
 ) -> Path:
@@ -216,6 +216,9 @@ def cache_latents(
     metadata: format, version, vae, quantizer (JSON), levels, scaling_factor, data, split, num_classes, sample_posterior.
     ``vae``/``dataset`` override ``vae_spec``/``data`` (the spec is still recorded); ``quantizer`` is a dict of
     DimensionwiseQuantizer kwargs or a ready quantizer object. The posterior mean is used unless ``sample_posterior``.
+    A quantizer with a data calibration that is not fitted yet (``fitted`` False) is first fitted on the latents of
+    ``fit_samples`` evenly spaced images. An nn.Module quantizer's state is stored as ``quantizer.<buffer>`` tensors,
+    so that training and sampling dequantize with exactly the quantizer that made the tokens.
     """
     from safetensors.torch import save_file
 
@@ -241,13 +244,19 @@ def cache_latents(
     if len(dataset) == 0:
         raise ValueError("dataset is empty")
 
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
     all_idx, all_lab, all_lat = [], [], []
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # posterior sampling draws from the global RNG; make the cache reproducible
     try:
+        if not getattr(quant, "fitted", True):
+            n_fit = min(len(dataset), int(fit_samples))
+            subset = torch.utils.data.Subset(dataset, torch.linspace(0, len(dataset) - 1, n_fit).long().tolist())
+            fit_lat = [
+                (vae.encode(x.to(device), sample=True) if sample_posterior else vae.encode(x.to(device))).float().cpu()
+                for x, _ in tqdm(DataLoader(subset, batch_size=batch_size), desc="fitting quantizer", disable=None)
+            ]
+            quant.fit(torch.cat(fit_lat).permute(0, 2, 3, 1))
+        loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
         for images, labels in tqdm(loader, desc=f"caching {data}:{split}", disable=None):
             idx, lat = encode_to_tokens(vae, quant, images.to(device), sample_posterior)
             if int(idx.min()) < 0 or int(idx.max()) >= levels:
@@ -261,6 +270,8 @@ def cache_latents(
     tensors = {"indices": torch.cat(all_idx).contiguous(), "labels": torch.cat(all_lab).contiguous()}
     if store_latents:
         tensors["latents"] = torch.cat(all_lat).contiguous()
+    if isinstance(quant, nn.Module):
+        tensors.update({f"quantizer.{k}": v.detach().cpu().contiguous() for k, v in quant.state_dict().items()})
     scaling = getattr(vae, "scaling_factor", None)
     classes = getattr(dataset, "classes", None)
     num_classes = len(classes) if classes is not None else int(tensors["labels"].max()) + 1
@@ -291,7 +302,8 @@ class CachedTokens(Dataset):
     """A cache_latents file as (indices long [h, w, C], label long scalar) items.
 
     Attributes: indices (stored dtype, [N, h, w, C]), labels int64 [N], latents (float [N, C, h, w] or None),
-    levels, num_classes, grid_shape (h, w, C), metadata (str -> str), quantizer_config (dict), scaling_factor.
+    levels, num_classes, grid_shape (h, w, C), metadata (str -> str), quantizer_config (dict), scaling_factor,
+    quantizer_state (the quantizer's buffers, {} when the file was written with a non-module quantizer).
     """
 
     def __init__(self, path: str | os.PathLike):
@@ -329,10 +341,24 @@ class CachedTokens(Dataset):
         if lat is not None and (lat.ndim != 4 or lat.shape[0] != idx.shape[0] or lat.shape[1] != idx.shape[3]):
             raise ValueError(f"{self.path}: latents shape {list(lat.shape)} does not match indices {list(idx.shape)}")
         self.indices, self.labels, self.latents, self.metadata = idx, lab, lat, meta
+        self.quantizer_state = {k[len("quantizer."):]: v for k, v in tensors.items() if k.startswith("quantizer.")}
         self.grid_shape = tuple(idx.shape[1:])
 
     def __len__(self) -> int:
         return self.indices.shape[0]
+
+    def make_quantizer(self):
+        """The DimensionwiseQuantizer that made these tokens (fitted calibration included), or None if unknown."""
+        if not self.quantizer_state:
+            return None
+        from tokenbridge.quantizer import DimensionwiseQuantizer
+
+        try:
+            quant = DimensionwiseQuantizer(**self.quantizer_config)
+            quant.load_state_dict(self.quantizer_state)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"token file {self.path}: cannot rebuild its quantizer: {e}") from e
+        return quant
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.indices[i].long(), self.labels[i]
@@ -379,8 +405,9 @@ class EMA:
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
-        for s, (_, p) in zip(self.shadow, model.named_parameters()):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
+        params = [p.detach().float() for p in model.parameters()]
+        # one fused multi-tensor op instead of a kernel per parameter
+        torch._foreach_lerp_(self.shadow, params, 1.0 - self.decay)
 
     def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The module's state dict with EMA values in place of the parameters (loadable into the model)."""
@@ -414,14 +441,12 @@ def _init_distributed(device_cfg: str) -> tuple[int, int, torch.device, bool]:
         device = torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    created = False
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device, False
     if world > 1:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        created = True
-        return dist.get_rank(), dist.get_world_size(), device, created
-    return 0, 1, device, created
+        return dist.get_rank(), dist.get_world_size(), device, True
+    return 0, 1, device, False
 
 
 def _is_dist() -> bool:
@@ -560,10 +585,10 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, em
 # Trainer
 
 
-def _default_model_fn(model_cfg: dict) -> nn.Module:
+def _default_model_fn(model_cfg: dict, quantizer: nn.Module | None = None) -> nn.Module:
     from tokenbridge.model import build_generator
 
-    return build_generator(model_cfg)
+    return build_generator(model_cfg, quantizer=quantizer)
 
 
 class _OnTheFlyTokens:
@@ -576,6 +601,8 @@ class _OnTheFlyTokens:
         for p in self.vae.parameters():
             p.requires_grad_(False)
         self.quantizer, _ = _make_quantizer(data_cfg["quantizer"])
+        if not getattr(self.quantizer, "fitted", True):
+            raise ValueError("data.source=images cannot fit a calibrated quantizer per batch; use cache_latents")
         if isinstance(self.quantizer, nn.Module):
             self.quantizer = self.quantizer.to(device)
         self.sample = bool(data_cfg["sample_posterior"])
@@ -664,9 +691,12 @@ def train(
     if dataset is None:
         config["data"] = dcfg
     seed = int(config.setdefault("seed", 0))
-    model_cfg = dict(config.get("model") or {})
+    model_cfg = copy.deepcopy(config.get("model") or {})
     if tcfg["grad_checkpointing"]:
-        model_cfg["grad_checkpointing"] = True
+        if model_fn is None:  # the generator config keeps this flag in its backbone section
+            model_cfg.setdefault("backbone", {})["grad_checkpointing"] = True
+        else:
+            model_cfg["grad_checkpointing"] = True
     out_dir = Path(config["out_dir"])
     ckpt_path = out_dir / CHECKPOINT_NAME
 
@@ -714,12 +744,20 @@ def train(
 
         # ---- model, optimizer, EMA (same init on every rank; DDP also broadcasts rank 0's weights)
         _seed_all(seed)
-        model = (model_fn or _default_model_fn)(model_cfg).to(device)
+        if model_fn is None:
+            # dequantize with the very quantizer that made the tokens; build_generator rejects a config that disagrees
+            quant = dataset.make_quantizer() if isinstance(dataset, CachedTokens) else None
+            if prepare is not None and isinstance(prepare.quantizer, nn.Module):
+                quant = prepare.quantizer
+            model = _default_model_fn(model_cfg, quant).to(device)
+        else:
+            model = model_fn(model_cfg).to(device)
         optimizer = torch.optim.AdamW(
             param_groups(model, float(tcfg["weight_decay"])),
             lr=peak_lr,
             betas=tuple(float(b) for b in tcfg["betas"]),
             eps=float(tcfg["eps"]),
+            foreach=True,  # multi-tensor update; PyTorch only picks it by default on CUDA
         )
         ema = EMA(model, float(tcfg["ema"]))
         _seed_all(seed + rank)  # different randomness (masks, dropout) per rank
@@ -875,18 +913,3 @@ def train(
         if created_group:
             dist.destroy_process_group()
 
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """``python -m tokenbridge.train CONFIG [key=value ...] [--no-resume]`` (also works under torchrun)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    resume = "--no-resume" not in args
-    args = [a for a in args if a != "--no-resume"]
-    if not args:
-        raise SystemExit("usage: python -m tokenbridge.train CONFIG [key=value ...] [--no-resume]")
-    metrics = train(load_config(args[0], args[1:]), resume=resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps(metrics))
-
-
-if __name__ == "__main__":
-    main()

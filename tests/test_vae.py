@@ -1,0 +1,201 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from tokenbridge.data import fashion_mnist_root
+from tokenbridge.vae import (
+    FMNIST_WEIGHTS,
+    PRESETS,
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    build_vae,
+    load_kl16,
+    load_vae,
+    psnr,
+    read_vae_metadata,
+    save_vae,
+    train_vae,
+)
+
+TINY = AutoencoderKLConfig(
+    ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=4, embed_dim=4, in_channels=3,
+    resolution=16, norm_groups=4, scaling_factor=0.5,
+)
+# Fashion-MNIST test images must reconstruct at least this well with the shipped weights (measured: see vae.py).
+FMNIST_MIN_PSNR_DB = 24.0
+
+
+def kl16_meta_state():
+    with torch.device("meta"):
+        model = AutoencoderKL(PRESETS["kl16"])
+    return model, {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def test_kl16_layout_matches_mar_checkpoint():
+    model, shapes = kl16_meta_state()
+    assert 66.3e6 < sum(p.numel() for p in model.parameters()) < 66.7e6
+    expected = {
+        "encoder.conv_in.weight": (128, 3, 3, 3),
+        "encoder.down.2.block.0.nin_shortcut.weight": (256, 128, 1, 1),
+        "encoder.down.4.block.0.nin_shortcut.weight": (512, 256, 1, 1),
+        "encoder.down.4.attn.1.proj_out.weight": (512, 512, 1, 1),
+        "encoder.mid.attn_1.q.weight": (512, 512, 1, 1),
+        "encoder.conv_out.weight": (32, 512, 3, 3),
+        "decoder.conv_in.weight": (512, 16, 3, 3),
+        "decoder.up.3.block.0.nin_shortcut.weight": (256, 512, 1, 1),
+        "decoder.up.1.block.0.nin_shortcut.weight": (128, 256, 1, 1),
+        "decoder.up.4.block.2.conv2.weight": (512, 512, 3, 3),
+        "decoder.norm_out.weight": (128,),
+        "decoder.conv_out.weight": (3, 128, 3, 3),
+        "quant_conv.weight": (32, 32, 1, 1),
+        "post_quant_conv.weight": (16, 16, 1, 1),
+    }
+    for key, shape in expected.items():
+        assert shapes[key] == shape, key
+    nin = sorted(k.rsplit(".", 2)[0] for k in shapes if "nin_shortcut.weight" in k)
+    assert nin == ["decoder.up.1.block.0", "decoder.up.3.block.0", "encoder.down.2.block.0", "encoder.down.4.block.0"]
+    attn = {k.split(".attn")[0] for k in shapes if ".attn" in k}
+    assert attn == {"encoder.down.4", "encoder.mid", "decoder.mid"}
+    assert {k.split(".")[2] for k in shapes if ".downsample." in k} == {"0", "1", "2", "3"}
+    assert {k.split(".")[2] for k in shapes if ".upsample." in k} == {"1", "2", "3", "4"}
+    assert {k.split(".")[4] for k in shapes if k.startswith("decoder.up.") and ".block." in k} == {"0", "1", "2"}
+    assert {k.split(".")[4] for k in shapes if k.startswith("encoder.down.") and ".block." in k} == {"0", "1"}
+    assert model.latent_channels == 16 and model.stride == 16 and model.scaling_factor == 0.2325
+
+
+def test_kl16_loader_round_trip(tmp_path):
+    torch.manual_seed(0)
+    src = AutoencoderKL(TINY).eval()
+    path = tmp_path / "kl.ckpt"
+    torch.save({"model": src.state_dict(), "epoch": 3}, path)
+    loaded = load_kl16(path, config=TINY, scaling_factor=0.25)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        z = loaded.encode(x)
+        assert z.shape == (2, 4, 8, 8)
+        assert torch.allclose(z, src.encode_moments(x)[0] * 0.25, atol=1e-6)
+        assert torch.allclose(loaded.decode(z), src.decoder(src.post_quant_conv(z / 0.25)), atol=1e-5)
+    bare = tmp_path / "bare.ckpt"
+    torch.save(src.state_dict(), bare)
+    assert load_kl16(bare, config=TINY).scaling_factor == 0.2325
+
+
+def test_kl16_loader_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_kl16(tmp_path / "missing.ckpt")
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match="cannot read"):
+        load_kl16(corrupt)
+    state = AutoencoderKL(TINY).state_dict()
+    state["extra.weight"] = state.pop("encoder.conv_in.weight")
+    wrong = tmp_path / "wrong.ckpt"
+    torch.save({"model": state}, wrong)
+    with pytest.raises(ValueError, match=r"missing: encoder.conv_in.weight.*unexpected: extra.weight"):
+        load_kl16(wrong, config=TINY)
+    with pytest.raises(ValueError, match="missing"):  # a tiny checkpoint is not a kl16 checkpoint
+        load_kl16(wrong)
+    shapes = AutoencoderKL(TINY).state_dict()
+    shapes["post_quant_conv.weight"] = torch.zeros(4, 4, 3, 3)
+    torch.save({"model": shapes}, wrong)
+    with pytest.raises(ValueError, match=r"shape mismatches: post_quant_conv.weight"):
+        load_kl16(wrong, config=TINY)
+    torch.save({"state_dict": [1, 2]}, wrong)
+    with pytest.raises(ValueError, match="'model'"):
+        load_kl16(wrong)
+
+
+def test_save_load_safetensors(tmp_path):
+    vae = AutoencoderKL(TINY).eval()
+    path = save_vae(vae, tmp_path / "v.safetensors", training={"steps": 1})
+    assert not (tmp_path / "v.safetensors.tmp").exists()
+    meta = read_vae_metadata(path)
+    assert meta["config"]["ch_mult"] == [1, 2] and meta["training"] == {"steps": 1}
+    loaded = load_vae(str(path))
+    assert loaded.config == TINY and loaded.scaling_factor == 0.5
+    x = torch.rand(1, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        assert torch.allclose(loaded.encode(x), vae.encode(x), atol=1e-6)
+
+
+def test_load_vae_spec_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown VAE spec"):
+        load_vae("sdxl")
+    with pytest.raises(FileNotFoundError):
+        load_vae(str(tmp_path / "none.safetensors"))
+    with pytest.raises(FileNotFoundError):
+        load_vae("kl16:" + str(tmp_path / "none.ckpt"))
+    (tmp_path / "bad.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="cannot read as safetensors"):
+        load_vae(str(tmp_path / "bad.safetensors"))
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="diffusers"):
+            load_vae("diffusers:" + str(tmp_path))
+
+
+def test_input_validation():
+    vae = AutoencoderKL(TINY)
+    with pytest.raises(ValueError, match="channels"):
+        vae.encode(torch.zeros(1, 1, 16, 16))
+    with pytest.raises(ValueError, match="divisible"):
+        vae.encode(torch.zeros(1, 3, 15, 16))
+    with pytest.raises(ValueError, match=r"\[-1, 1\]"):
+        vae.encode(torch.full((1, 3, 16, 16), 255.0))
+    with pytest.raises(ValueError, match="NaN"):
+        vae.encode(torch.full((1, 3, 16, 16), float("nan")))
+    with pytest.raises(ValueError, match="latents have 3 channels"):
+        vae.decode(torch.zeros(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="preset"):
+        build_vae("kl99")
+
+
+def test_sampling_uses_posterior():
+    torch.manual_seed(0)
+    vae = AutoencoderKL(TINY).eval()
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        mean, logvar = vae.encode_moments(x)
+        g = torch.Generator().manual_seed(1)
+        noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(1))
+        z = vae.encode(x, sample=True, generator=g)
+    assert torch.allclose(z, (mean + (0.5 * logvar).exp() * noise) * 0.5, atol=1e-6)
+
+
+@pytest.mark.skipif(not FMNIST_WEIGHTS.is_file(), reason="shipped fmnist weights not trained yet")
+@pytest.mark.skipif(not (fashion_mnist_root() / "t10k-images-idx3-ubyte.gz").is_file(), reason="no Fashion-MNIST")
+def test_shipped_fmnist_vae():
+    from tokenbridge.data import as_tensors
+
+    vae = load_vae("fmnist")
+    assert (vae.latent_channels, vae.stride, vae.image_channels) == (4, 4, 1)
+    assert FMNIST_WEIGHTS.stat().st_size < 5e6
+    x, _ = as_tensors("test", limit=256)
+    with torch.no_grad():
+        z = vae.encode(x)
+        assert z.shape == (256, 4, 8, 8)
+        assert torch.allclose(z, vae.encode_moments(x)[0] * vae.scaling_factor)
+        recon = vae.decode(z)
+    assert recon.shape == x.shape
+    assert psnr(recon, x) > FMNIST_MIN_PSNR_DB
+    std = z.transpose(0, 1).flatten(1).std(1)
+    assert torch.all(std > 0.4) and torch.all(std < 1.6), std  # every channel used, roughly unit scale
+    assert z.abs().max() < 8
+
+
+def test_train_vae_smoke(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", 24), ("t10k", 8)):
+        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">4i", 2051, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
+        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
+            f.write(struct.pack(">2i", 2049, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
+    out = tmp_path / "w" / "vae.safetensors"
+    vae = train_vae(out, steps=2, batch_size=4, data_root=tmp_path, log_every=1)
+    loaded = load_vae(str(out))
+    assert loaded.scaling_factor == pytest.approx(vae.scaling_factor) and loaded.scaling_factor != 1.0
+    assert loaded.training_info["steps"] == 2 and len(loaded.training_info["test_latents"]["std"]) == 4
