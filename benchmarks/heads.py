@@ -14,34 +14,42 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from typing import Callable
 
 import torch
 
 from tokenbridge.heads import DiffusionHead, DimensionwiseARHead
 
 
-def _time_ms(fn, device: torch.device, repeats: int, warmup: int, budget_s: float) -> tuple[float, float, int]:
-    """Median and spread (max - min) / 2 in ms of up to `repeats` timed calls after `warmup` untimed ones; stops
-    early (after at least one timed call) once the timed calls have used `budget_s` seconds."""
+def _time_interleaved(
+    fns: dict[str, Callable[[], object]], device: torch.device, repeats: int, warmup: int, budget_s: float
+) -> dict[str, list[float]]:
+    """Per-call times in ms of every fn, measured round-robin (one call of each per round) so that load changes
+    on a shared machine hit all methods alike. Up to `repeats` rounds after `warmup` untimed ones; stops early,
+    after at least one round, once the timed calls have used `budget_s` seconds per method."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     for _ in range(warmup):
-        fn()
+        for fn in fns.values():
+            fn()
     sync()
-    times = []
-    while len(times) < repeats and sum(times) < budget_s * 1e3:
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times), (max(times) - min(times)) / 2, len(times)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    spent = 0.0
+    while len(times[next(iter(fns))]) < repeats and spent < budget_s * 1e3 * len(fns):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            sync()
+            times[name].append((time.perf_counter() - start) * 1e3)
+            spent += times[name][-1]
+    return times
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--repeats", type=int, default=10, help="max timed calls per configuration (median)")
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--budget", type=float, default=20.0, help="seconds of timed calls per configuration")
+    parser.add_argument("--repeats", type=int, default=10, help="max timed rounds per batch size (median)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds per batch size")
+    parser.add_argument("--budget", type=float, default=20.0, help="timed seconds per method and batch size")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 256], help="tokens predicted per call")
     parser.add_argument("--diffusion-steps", type=int, default=100)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = leave torch's default)")
@@ -59,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(0)
     ar = DimensionwiseARHead(z_dim, channels, levels, width=width, depth=depth_ar, num_heads=heads)
     diff = DiffusionHead(z_dim, channels, width=width, depth=depth_diff)
-    # trained heads have non-zero AdaLN modulation; zero-initialised ones would skip no work, but be realistic
+    # move the zero-initialised AdaLN weights off zero as training would (the work done is the same either way)
     with torch.no_grad():
         for p in list(ar.parameters()) + list(diff.parameters()):
             p.add_(torch.randn_like(p) * 0.02)
@@ -68,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     n_diff = sum(p.numel() for p in diff.parameters()) / 1e6
     print(f"device={device} threads={torch.get_num_threads()} AR head {width}x{depth_ar} ({n_ar:.1f}M params, "
           f"{channels} channels, {levels} levels); diffusion head {width}x{depth_diff} ({n_diff:.1f}M params, "
-          f"{args.diffusion_steps} steps); repeats<={args.repeats}, budget {args.budget:g}s each")
+          f"{args.diffusion_steps} steps); <= {args.repeats} interleaved rounds, median; +- = half range")
 
     gen = torch.Generator(device=device)
     methods = {
@@ -80,13 +88,16 @@ def main(argv: list[str] | None = None) -> None:
     with torch.no_grad():
         for batch in args.batches:
             z = torch.randn(batch, z_dim, device=device)
-            base = None
-            for name, fn in methods.items():
-                gen.manual_seed(0)
-                ms, spread, runs = _time_ms(lambda: fn(z), device, args.repeats, args.warmup, args.budget)
-                base = ms if base is None else base
+            gen.manual_seed(0)
+            times = _time_interleaved(
+                {name: (lambda f=fn: f(z)) for name, fn in methods.items()}, device, args.repeats, args.warmup,
+                args.budget,
+            )
+            base = statistics.median(times["ar_cached"])
+            for name, ts in times.items():
+                ms = statistics.median(ts)
                 ratios[(name, batch)] = ms / base
-                rows.append((name, batch, ms, spread, runs, ms / batch, ms / base))
+                rows.append((name, batch, ms, (max(ts) - min(ts)) / 2, len(ts), ms / batch, ms / base))
 
     print(f"{'method':<12} {'batch':>5} {'ms/call':>12} {'+-':>8} {'runs':>4} {'ms/token':>10} {'x cached':>9}")
     for name, batch, ms, spread, runs, per_token, ratio in rows:

@@ -64,6 +64,8 @@ def test_forward_returns_finite_loss_near_uniform_at_init():
     assert abs(float(loss.detach()) - torch.log(torch.tensor(8.0)).item()) < 1.0
     loss.backward()
     assert all(p.grad is not None for p in model.backbone.parameters() if p.requires_grad)
+    # Cached token files store indices as uint8 / int16.
+    assert torch.isfinite(model(idx.to(torch.uint8), labels)) and torch.isfinite(model(idx.to(torch.int16), labels))
 
 
 def test_loss_is_taken_on_masked_positions_only():
@@ -331,6 +333,8 @@ def test_input_validation():
         model(idx, labels.float())
     with pytest.raises(ValueError, match="labels"):
         model.sample(torch.tensor([-1]))
+    with pytest.raises(ValueError, match="empty"):
+        model.sample(torch.zeros(0, dtype=torch.long))
     with pytest.raises(ValueError, match="order"):
         model.sample(torch.tensor([0]), order="raster")
     with pytest.raises(ValueError, match="cfg_schedule"):

@@ -24,8 +24,18 @@ TINY = AutoencoderKLConfig(
     ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=4, embed_dim=4, in_channels=3,
     resolution=16, norm_groups=4, scaling_factor=0.5,
 )
-# Fashion-MNIST test images must reconstruct at least this well with the shipped weights (measured: see vae.py).
-FMNIST_MIN_PSNR_DB = 24.0
+# The shipped weights give 28.86 dB mean per-image PSNR ([0, 1] scale) on the first 256 test images (see
+# FMNIST_TRAINING in vae.py); the bound leaves room for numerics across platforms.
+FMNIST_MIN_PSNR_DB = 27.5
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These small convs run several times faster on one thread when the CPU is shared with other jobs.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 def kl16_meta_state():
@@ -184,7 +194,9 @@ def test_shipped_fmnist_vae():
     assert psnr(recon, x) > FMNIST_MIN_PSNR_DB
     std = z.transpose(0, 1).flatten(1).std(1)
     assert torch.all(std > 0.4) and torch.all(std < 1.6), std  # every channel used, roughly unit scale
+    assert z.std() == pytest.approx(1.0, abs=0.1) and z.mean().abs() < 0.2
     assert z.abs().max() < 8
+    assert vae.training_info["steps"] == 1400
 
 
 def test_train_vae_smoke(tmp_path):

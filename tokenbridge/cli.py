@@ -125,10 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-vae", help="train the embedded Fashion-MNIST KL-VAE")
     p.add_argument("--out", default="tokenbridge/weights/fmnist_vae.safetensors")
-    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--steps", type=int, default=1400)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=1e-3)
+    p.add_argument("--kl-weight", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.set_defaults(func=cmd_train_vae)

@@ -264,7 +264,8 @@ class _ChannelARHead(nn.Module):
     # -- natural channel order <-> step classes ------------------------------------------------------------
 
     def _encode(self, indices: Tensor) -> Tensor:
-        """[N, C] natural-order indices -> [N, S] step classes (base-`levels` digits, first channel most significant)."""
+        """[N, C] natural-order indices -> [N, S] step classes (base-`levels` digits, first channel most
+        significant)."""
         q = indices.long()[:, self.order].view(indices.shape[0], self.steps, self.group_size)
         tokens = q[..., 0]
         for k in range(1, self.group_size):

@@ -16,7 +16,7 @@ import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -29,8 +29,14 @@ KL16_SCALING_FACTOR = 0.2325
 SD_SCALING_FACTOR = 0.18215
 _FORMAT = "tokenbridge-vae"
 
-# How the shipped weights were made (filled in from the actual run; see the README for the numbers).
-FMNIST_TRAINING = "not trained yet"
+# How the shipped weights/fmnist_vae.safetensors were made (also stored in the file's "training" metadata):
+FMNIST_TRAINING = (
+    "python -c \"import torch; torch.set_num_threads(1); from tokenbridge.vae import train_vae; "
+    "train_vae('tokenbridge/weights/fmnist_vae.safetensors', steps=1400, batch_size=64, lr=2e-3, kl_weight=2e-3, "
+    "seed=0)\"  # 1,324 s on one contended CPU core (~1.5 epochs). Test split (10,000 images): mean per-image PSNR "
+    "28.48 dB on the [0, 1] scale (26.76 dB from the pooled MSE); scaling_factor 1.0680; scaled posterior-mean "
+    "latents per channel mean [-0.13, -0.26, 0.25, -0.08], std [0.52, 1.28, 0.95, 1.02], |z| > 5: 1.6e-6, max 5.53."
+)
 
 
 class VAE(nn.Module):
@@ -418,6 +424,9 @@ def save_vae(vae: AutoencoderKL, path: str | os.PathLike, training: dict | None 
         meta["training"] = json.dumps(training)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; shipped weights must be readable by all
     os.replace(tmp, path)
     return path
 
@@ -543,10 +552,10 @@ def _eval_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) 
 
 def train_vae(
     out_path: str | os.PathLike = FMNIST_WEIGHTS,
-    steps: int = 6000,
+    steps: int = 1400,
     batch_size: int = 64,
     lr: float = 2e-3,
-    kl_weight: float = 1e-3,
+    kl_weight: float = 2e-3,
     seed: int = 0,
     device: str | torch.device = "cpu",
     log_every: int = 200,
@@ -557,7 +566,7 @@ def train_vae(
 
     Loss per image = sum of squared errors over pixels (images in [-1, 1]) + ``kl_weight`` * KL(q(z|x) || N(0, I))
     summed over latent elements, with reparameterised posterior samples. AdamW, 100-step warm-up, cosine decay.
-    Afterwards scaling_factor = 1 / std of posterior means over 5,000 training images (scaled latents have std 1,
+    The defaults reproduce the shipped weights (see FMNIST_TRAINING). Afterwards scaling_factor = 1 / std of posterior means over 5,000 training images (scaled latents have std 1,
     like 0.2325 for KL-16); test-split PSNR and latent statistics are printed and stored in the file's metadata.
     """
     from tqdm import tqdm
