@@ -186,8 +186,7 @@ class DimensionwiseQuantizer(nn.Module):
             values = values.expand(self.scale.numel(), -1)
         scale, shift = self.scale[:, None].double(), self.shift[:, None].double()
         latent_values = (values.double() - shift) / scale  # Eq. 5, one row per channel (or one shared row)
-        # +0.0 turns a -0.0 midpoint into +0.0, so that both lookups agree that -0.0 is not below it.
-        midpoints = (0.5 * (latent_values[:, 1:] + latent_values[:, :-1])).float() + 0.0
+        midpoints = (0.5 * (latent_values[:, 1:] + latent_values[:, :-1])).float()
         rows, device = latent_values.shape[0], values.device
         self._latent_values = latent_values.float().contiguous()  # [R, B]
         self._flat_latent_values = self._latent_values.reshape(-1)
@@ -238,7 +237,9 @@ class DimensionwiseQuantizer(nn.Module):
         self._check_finite(latents)
         x = latents.reshape(-1, latents.shape[-1]).double().cpu()
         if x.shape[0] < 2 * self.levels:
-            raise ValueError(f"fit needs at least {2 * self.levels} latent vectors for B={self.levels}, got {x.shape[0]}")
+            raise ValueError(
+                f"fit needs at least {2 * self.levels} latent vectors for B={self.levels}, got {x.shape[0]}"
+            )
         device = self.scale.device
         if self.calibration == "standardize":
             std = x.std(0).clamp_min(1e-8)
@@ -251,7 +252,7 @@ class DimensionwiseQuantizer(nn.Module):
             inner = torch.quantile(x_hat.T.contiguous()[:, : 2**24], probs, dim=1).T  # [C, B-1]
             bins = torch.searchsorted(inner.contiguous(), x_hat.T.contiguous())  # [C, N]
             sums = torch.zeros(channels, self.levels, dtype=torch.float64).scatter_add_(1, bins, x_hat.T)
-            counts = torch.zeros(channels, self.levels, dtype=torch.float64).scatter_add_(1, bins, torch.ones_like(x_hat.T))
+            counts = torch.zeros_like(sums).scatter_add_(1, bins, torch.ones_like(x_hat.T))
             edges = torch.cat([inner.new_full((channels, 1), -self.std_range), inner,
                                inner.new_full((channels, 1), self.std_range)], 1)
             centres = 0.5 * (edges[:, 1:] + edges[:, :-1])  # for bins that no sample fell in (ties)
@@ -318,7 +319,8 @@ class DimensionwiseQuantizer(nn.Module):
         return values.to(x.dtype), indices
 
     def _values_at(self, indices: torch.Tensor) -> torch.Tensor:
-        """Valid indices `[..., C]` -> float32 latents (Eq. 5). index_select is several times faster than [] here."""
+        """Valid indices `[..., C]` -> float32 latents (Eq. 5), by index_select (single-threaded it is ~3x faster
+        than [] indexing; on a large tensor with idle cores [] parallelizes a little better)."""
         flat = indices if indices.dtype in (torch.int32, torch.int64) else indices.long()
         if self._latent_values.shape[0] > 1:
             flat = flat + self._value_offsets
