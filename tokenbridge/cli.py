@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -57,8 +58,9 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
 def cmd_train_classifier(args: argparse.Namespace) -> None:
     from .metrics import train_classifier
 
-    train_classifier(out_path=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                     seed=args.seed, device=_device(args.device))
+    result = train_classifier(out_path=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                              seed=args.seed, device=_device(args.device), threads=args.threads)
+    print(f"test accuracy {result['test_accuracy']:.4f}, {result['train_seconds']:.0f} s -> {args.out}")
 
 
 # ---------------------------------------------------------------------------------------------- cache-latents
@@ -78,8 +80,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     from .train import load_config, train
 
     metrics = train(load_config(args.config, args.overrides), resume=not args.no_resume)
-    import os
-
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics))
 
@@ -104,6 +104,45 @@ def cmd_sample(args: argparse.Namespace) -> None:
         accuracy = class_accuracy(result["images"], torch.tensor(labels), classifier=load_classifier(device=device))
         print(f"classifier accuracy of the samples on their conditioning class: {accuracy:.3f} "
               f"({len(labels)} samples)")
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    path = Path(args.samples)
+    if not path.exists():
+        raise FileNotFoundError(f"samples file not found: {path} (write one with `tokenbridge sample --npz`)")
+    with np.load(path) as data:
+        if "images" not in data:
+            raise ValueError(f"{path} has no 'images' array (uint8 [N, H, W, C])")
+        images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        labels = torch.from_numpy(data["labels"]) if "labels" in data else None
+    device = _device(args.device)
+    if args.inception_weights:
+        from .metrics import InceptionFID, load_reference_stats
+
+        if not args.reference:
+            raise ValueError("--inception-weights needs --reference (an .npz with mu and sigma)")
+        fid = InceptionFID(weights_path=args.inception_weights, device=device)
+        fid.update(images, real=False)
+        fid.set_reference(*load_reference_stats(args.reference))
+        result = {"fid": fid.compute(), "is": fid.inception_score()}
+    else:
+        from .data import as_tensors
+        from .metrics import classifier_metrics
+
+        real, _ = as_tensors("test")
+        result = classifier_metrics(images, labels, real_images=real, device=device)
+    result["num_samples"] = len(images)
+    print(json.dumps(result, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- repro
+def cmd_repro(args: argparse.Namespace) -> None:
+    from .repro import run_repro
+
+    run_repro(args.name, out_dir=args.out, scale=args.scale, overrides=args.overrides, device=_device(args.device))
 
 
 # ---------------------------------------------------------------------------------------------- main
@@ -135,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-classifier", help="train the embedded evaluation classifier")
     p.add_argument("--out", default="tokenbridge/weights/fmnist_classifier.safetensors")
-    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device")
     p.set_defaults(func=cmd_train_classifier)
 
@@ -184,6 +224,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true", help="report the embedded classifier's accuracy")
     p.add_argument("--device")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="metrics of generated samples (.npz from `sample --npz`)")
+    p.add_argument("samples", help="an .npz with images uint8 [N, H, W, C] and optional labels [N]")
+    p.add_argument("--inception-weights", help="local FID Inception weights file (paper-scale FID/IS)")
+    p.add_argument("--reference", help="reference statistics .npz (mu, sigma), e.g. ADM's, with --inception-weights")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("repro", help="reproduce a paper table/figure at small scale into docs/results/")
+    p.add_argument("name", help="table1, table2a..table2e, table5, fig8 or all")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
+    p.add_argument("--scale", default="small", help="tiny (smoke test), small (2 CPU cores) or paper (GPUs)")
+    p.add_argument("--out", default="docs/results")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_repro)
     return parser
 
 

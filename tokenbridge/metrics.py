@@ -16,7 +16,6 @@ Two families of generation metrics live here, and their numbers must never be mi
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import math
@@ -715,29 +714,3 @@ class InceptionFID:
             raise ValueError("no generated images with logits: call update(images, real=False) first (the feature "
                              "extractor needs an `fc` layer)")
         return _inception_score_from_logits(torch.cat(self._fake_logits), splits)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> None:
-    """`python -m tokenbridge.metrics train-classifier [...]`: (re)train the shipped evaluation classifier."""
-    p = argparse.ArgumentParser(prog="python -m tokenbridge.metrics")
-    sub = p.add_subparsers(dest="cmd", required=True)
-    t = sub.add_parser("train-classifier", help="train the Fashion-MNIST evaluation classifier")
-    t.add_argument("--out", default=str(DEFAULT_CLASSIFIER_PATH))
-    t.add_argument("--epochs", type=int, default=4)
-    t.add_argument("--batch-size", type=int, default=128)
-    t.add_argument("--lr", type=float, default=3e-3)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--device", default="cpu")
-    t.add_argument("--threads", type=int, default=2)
-    args = p.parse_args(argv)
-    result = train_classifier(args.out, args.epochs, args.batch_size, args.lr, args.seed, args.device,
-                              threads=args.threads)
-    print(f"test_accuracy={result['test_accuracy']:.4f} train_seconds={result['train_seconds']:.1f} "
-          f"params={int(result['params'])} -> {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -585,6 +585,26 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, em
 # Trainer
 
 
+def _resolve_channel_order(model_cfg: dict, dataset: Dataset, quantizer: nn.Module | None,
+                           max_samples: int = 10000) -> None:
+    """Replace head.order "frequency" by the data-derived order (paper Sec. 3.2) of the training tokens.
+
+    Uses the cached continuous latents when the token file has them, else the dequantized indices (whose spectra
+    differ from the latents' only by the quantization noise)."""
+    head = model_cfg.get("head") or {}
+    if head.get("order") != "frequency":
+        return
+    if not isinstance(dataset, CachedTokens):
+        raise ValueError("model.head.order=frequency needs a cached token file (data.source=tokens)")
+    from tokenbridge.ordering import frequency_channel_order
+
+    if dataset.latents is not None:
+        latents = dataset.latents[:max_samples].float()
+    else:
+        latents = quantizer.dequantize(dataset.indices[:max_samples].long()).permute(0, 3, 1, 2)
+    head["order"] = frequency_channel_order(latents)[0].tolist()
+
+
 def _default_model_fn(model_cfg: dict, quantizer: nn.Module | None = None) -> nn.Module:
     from tokenbridge.model import build_generator
 
@@ -749,7 +769,10 @@ def train(
             quant = dataset.make_quantizer() if isinstance(dataset, CachedTokens) else None
             if prepare is not None and isinstance(prepare.quantizer, nn.Module):
                 quant = prepare.quantizer
+            _resolve_channel_order(model_cfg, dataset, quant)
             model = _default_model_fn(model_cfg, quant).to(device)
+            # record the fully resolved generator config (channel order, fitted quantizer settings) for rebuilding
+            config["model"] = model.config
         else:
             model = model_fn(model_cfg).to(device)
         optimizer = torch.optim.AdamW(

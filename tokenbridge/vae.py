@@ -522,13 +522,6 @@ def load_vae(spec: str, device: str | torch.device = "cpu") -> VAE:
 # Training the embedded Fashion-MNIST VAE
 
 
-def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
-    """Mean per-image PSNR in dB of [-1, 1] images. Equal to the PSNR on the [0, 1] scale (peak 1): both rescale
-    signal and noise alike."""
-    mse = ((images.clamp(-1, 1) - reference) / 2).pow(2).flatten(1).mean(1).clamp_min(1e-10)
-    return float((-10 * torch.log10(mse)).mean())
-
-
 @torch.no_grad()
 def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> dict:
     """Per-channel mean/std of scaled posterior-mean latents, the fraction beyond +-5, and the overall std."""
@@ -545,9 +538,11 @@ def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> dict:
 
 @torch.no_grad()
 def _eval_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> float:
-    vals = [psnr(vae.reconstruct(images[i : i + batch_size]), images[i : i + batch_size]) * len(images[i : i + batch_size])
-            for i in range(0, len(images), batch_size)]
-    return sum(vals) / len(images)
+    """Mean per-image PSNR (dB) of the reconstructions; on [-1, 1] images it equals the PSNR on the [0, 1] scale."""
+    from .metrics import psnr
+
+    return float(torch.cat([psnr(vae.reconstruct(images[i:i + batch_size]).clamp(-1, 1), images[i:i + batch_size])
+                            for i in range(0, len(images), batch_size)]).mean())
 
 
 def train_vae(
