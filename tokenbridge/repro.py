@@ -162,7 +162,7 @@ class Resources:
         self.device, self.vae_spec = device, vae_spec
         self._vae, self._classifier, self._dataset_fn, self._generator_fn = vae, classifier, dataset, generator
         self._datasets: dict[str, Any] = {}
-        self._fingerprint: str | None = None
+        self._fingerprints: dict[str, str] = {}
 
     @property
     def vae(self) -> nn.Module:
@@ -205,15 +205,16 @@ class Resources:
             return ds.images[:n]
         return torch.stack([ds[i][0] for i in range(n)])
 
-    def vae_fingerprint(self) -> str:
-        """Short hash of the VAE weights: token caches are reused only for the very VAE that made them."""
-        if self._fingerprint is None:
+    def fingerprint(self, which: str) -> str:
+        """Short hash of the weights of "vae" or "classifier": token caches and evaluations in work_dir are reused
+        only with the very networks that made them."""
+        if which not in self._fingerprints:
             digest = hashlib.sha1()
-            for name, tensor in sorted(self.vae.state_dict().items()):
+            for name, tensor in sorted(getattr(self, which).state_dict().items()):
                 digest.update(name.encode())
                 digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
-            self._fingerprint = digest.hexdigest()[:8]
-        return self._fingerprint
+            self._fingerprints[which] = digest.hexdigest()[:8]
+        return self._fingerprints[which]
 
 
 @dataclass
@@ -286,7 +287,7 @@ def token_file(ctx: _Ctx, model_cfg: dict, split: str) -> Path:
 
     quantizer = _quantizer_kwargs(model_cfg)
     limit = ctx.budget["data"][f"{split}_images"]
-    key = _short_hash({"vae": ctx.res.vae_fingerprint(), "quantizer": quantizer, "limit": limit})
+    key = _short_hash({"vae": ctx.res.fingerprint("vae"), "quantizer": quantizer, "limit": limit})
     path = ctx.work_dir / f"tokens_B{quantizer['levels']}_{split}_{limit or 'all'}_{key}.safetensors"
     if not path.is_file():
         cache_latents(ctx.res.vae_spec, path, split=split, quantizer=quantizer, device=ctx.device, limit=limit,
@@ -374,10 +375,12 @@ def run_variant(ctx: _Ctx, variant: Variant) -> VariantResult:
     b = ctx.budget
     model_cfg = apply_overrides(b["model"], [f"{k}={json.dumps(v)}" for k, v in variant.changes.items()])
     train_cfg = {k: v for k, v in b["train"].items() if k != "device"}
-    config = {"seed": ctx.seed, "data": {"source": "tokens", "tokens": str(token_file(ctx, model_cfg, "train"))},
-              "model": model_cfg, "train": train_cfg}
+    tokens = token_file(ctx, model_cfg, "train")
+    config = {"seed": ctx.seed, "data": {"source": "tokens", "tokens": str(tokens)}, "model": model_cfg,
+              "train": train_cfg}
     slug = re.sub(r"[^a-z0-9]+", "-", variant.label.lower()).strip("-")
-    run_dir = ctx.work_dir / "runs" / f"{slug}-{_short_hash(config)}"
+    # the token file's name already encodes the VAE, quantizer and image count
+    run_dir = ctx.work_dir / "runs" / f"{slug}-{_short_hash({**config, 'data': tokens.name})}"
     info_path = run_dir / "repro_train.json"
     if info_path.is_file():
         info = {**json.loads(info_path.read_text()), "reused": True}
@@ -390,7 +393,8 @@ def run_variant(ctx: _Ctx, variant: Variant) -> VariantResult:
 
     e = b["eval"]
     test_tokens = token_file(ctx, model_cfg, "test")
-    eval_key = _short_hash({"eval": e, "seed": ctx.seed, "tokens": str(test_tokens)})
+    eval_key = _short_hash({"eval": e, "seed": ctx.seed, "tokens": test_tokens.name,
+                            "classifier": ctx.res.fingerprint("classifier")})
     metrics_path, samples_path = run_dir / f"repro_eval_{eval_key}.json", run_dir / f"repro_eval_{eval_key}.safetensors"
     if metrics_path.is_file() and samples_path.is_file():
         metrics, samples = json.loads(metrics_path.read_text()), load_file(str(samples_path))["samples"]
@@ -416,6 +420,10 @@ def _fmt(x: Any, digits: int = 3) -> str:
     if isinstance(x, float):
         return f"{x:.{digits}f}"
     return str(x)
+
+
+def _paper(x: float | None) -> str:
+    return "-" if x is None else f"{x:g}"
 
 
 def _params(n: int) -> str:
@@ -449,7 +457,7 @@ def variant_table(results: list[VariantResult]) -> str:
     rows = []
     for r in results:
         m = r.metrics
-        rows.append([r.variant.label, r.variant.paper, _params(r.head_params), _params(r.total_params),
+        rows.append([r.variant.label, _paper(r.variant.paper), _params(r.head_params), _params(r.total_params),
                      _fmt(m["nll"], 4), _fmt(m["fd_cls"], 2), _fmt(m["is_cls"], 2), m["class_accuracy"],
                      m["precision"], m["recall"], _fmt(r.train["loss"], 4), _fmt(r.train["elapsed_s"] / 60, 1)])
     return markdown_table(header, rows)
@@ -508,13 +516,14 @@ def run_variants(ctx: _Ctx, variants: list[Variant]) -> str:
         "values are comparable only at the same B (more levels = more nats).",
         "Variants:",
     ]
+    reused = " (reused from an earlier run)"
     for r in results:
         h = r.model_config["head"]
         group = f", {h['group_size']} channels/group" if h["kind"] == "grouped" else ""
         ctx.notes.append(
             f"  - {r.variant.label}: head {h['kind']} width {h['width']} depth {h['depth']}{group}, channel order "
             f"{h['order'] if h['kind'] != 'parallel' else '-'}, B={r.model_config['levels']}; trained "
-            f"{r.train['step']} steps in {r.train['elapsed_s']:.0f} s{' (reused from an earlier run)' if r.train['reused'] else ''}; "
+            f"{r.train['step']} steps in {r.train['elapsed_s']:.0f} s{reused if r.train['reused'] else ''}; "
             f"evaluation {r.metrics.get('eval_s', 0):.0f} s; run dir `{r.run_dir}`")
     return variant_table(results)
 
@@ -550,7 +559,7 @@ def table1(ctx: _Ctx) -> str:
     base = rows[0].psnr
     table = markdown_table(
         ["setting", "paper rFID", "FD_cls", "PSNR (dB)", "PSNR vs VAE", "SSIM", "latent MSE"],
-        [[r.name, paper(r), _fmt(r.fd, 3), _fmt(r.psnr, 2), f"{100 * (r.psnr - base) / base:+.2f}%",
+        [[r.name, _paper(paper(r)), _fmt(r.fd, 3), _fmt(r.psnr, 2), f"{100 * (r.psnr - base) / base:+.2f}%",
           _fmt(r.ssim, 4), _fmt(r.latent_mse, 5)] for r in rows])
     save_reconstruction_grid(samples, rows, ctx.out_dir / "table1.png")
     save_histograms(samples["latents"], ctx.out_dir / "table1_histograms.png")
@@ -603,7 +612,9 @@ def table2e(ctx: _Ctx) -> str:
     return run_variants(ctx, variants)
 
 
-_BENCH_ROW = re.compile(r"^(ar_cached|ar_uncached|diffusion)\s+(\d+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)\s+([\d.]+)\s+([\d.]+)$")
+# a row of benchmarks/heads.py's table: method, batch, ms/call, +-, runs, ms/token, x cached
+_BENCH_ROW = re.compile(r"^(ar_cached|ar_uncached|diffusion)\s+(\d+)" + r"\s+([\d.]+)" * 2 + r"\s+(\d+)"
+                        + r"\s+([\d.]+)" * 2 + "$")
 
 
 def table5(ctx: _Ctx) -> str:
@@ -624,9 +635,9 @@ def table5(ctx: _Ctx) -> str:
     for name, batch, ms, spread, runs, per_token, _ in rows:
         batch, ms = int(batch), float(ms)
         paper = paper_ms.get(name) if batch == 1 else None
-        paper_speedup = f"{paper_ms['diffusion'] / paper:.2f}x" if paper else None
+        paper_speedup = f"{paper_ms['diffusion'] / paper:.2f}x" if paper else "-"
         table_rows.append([name, batch, _fmt(ms, 2), _fmt(float(spread), 2), runs, _fmt(float(per_token), 3),
-                           f"{diffusion_ms[batch] / ms:.2f}x", paper, paper_speedup])
+                           f"{diffusion_ms[batch] / ms:.2f}x", _paper(paper), paper_speedup])
     table = markdown_table(["method", "tokens per call", "ms per call (median)", "+-", "runs", "ms per token",
                             "speed-up vs diffusion", "paper ms (A100, batch 1)", "paper speed-up"], table_rows)
 
@@ -691,8 +702,9 @@ def fig8(ctx: _Ctx) -> str:
         f"{cfg.get('head', {}).get('width')}x{cfg.get('head', {}).get('depth')}.",
         f"Sampling: {10 * per_class} samples ({per_class} per class), {e['num_iter']} MAR steps, cfg {e['cfg']} "
         f"({e['cfg_schedule']}), temperature {e['temperature']}, seed {ctx.seed}, both orders with the same labels "
-        f"and seed. Confidence = the head's log-probability of each sampled token; 'mean token log-prob' averages "
-        f"it over all tokens. FD_cls / precision / recall against the first {e['real_images']} test images.",
+        f"and seed. Confidence = the head's log-probability of each sampled token (summed over its channels); "
+        f"'mean token log-prob' averages it over all tokens. FD_cls / precision / recall against the first "
+        f"{e['real_images']} test images.",
         "confidence order: at every step all masked positions are sampled and the most confident ones are kept; "
         "random order: a random permutation's next chunk is kept (MAR).",
     ]
