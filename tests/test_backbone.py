@@ -17,15 +17,6 @@ from tokenbridge.sampling import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP overhead, which dominates on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_mar(**kwargs) -> MAR:
     args = dict(
         grid_size=(4, 4), token_dim=3, num_classes=5, width=32, encoder_depth=1, decoder_depth=1, num_heads=2,

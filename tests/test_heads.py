@@ -10,16 +10,6 @@ Z_DIM, C, LEVELS = 16, 6, 10
 ORDER = [3, 1, 5, 0, 2, 4]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tiny models gain nothing from threads, and on a busy 2-core machine thread hand-offs make them ~20x
-    slower; restore the setting for the other test modules."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _randomise(module: torch.nn.Module, std: float = 0.2) -> torch.nn.Module:
     """Trained heads have non-zero AdaLN modulation; the zero init would make every block the identity."""
     torch.manual_seed(0)

@@ -17,14 +17,6 @@ from tokenbridge.model import (
 from tokenbridge.quantizer import DimensionwiseQuantizer
 from tokenbridge.sampling import mask_schedule_list
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """These models are tiny: one thread avoids OpenMP overhead, which dominates on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 TINY = {
     "grid_size": [4, 4],

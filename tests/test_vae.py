@@ -29,15 +29,6 @@ TINY = AutoencoderKLConfig(
 FMNIST_MIN_PSNR_DB = 27.5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These small convs run several times faster on one thread when the CPU is shared with other jobs.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def kl16_meta_state():
     with torch.device("meta"):
         model = AutoencoderKL(PRESETS["kl16"])
