@@ -84,6 +84,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         print(json.dumps(metrics))
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from .train import export_weights
+
+    print(f"wrote {export_weights(args.checkpoint, args.out, ema=not args.raw, half=args.half)}")
+
+
 # ---------------------------------------------------------------------------------------------- sample
 def cmd_sample(args: argparse.Namespace) -> None:
     from .generate import generate, save_samples
@@ -203,6 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     p.add_argument("--no-resume", action="store_true")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="checkpoint.pt -> shippable .safetensors (EMA weights + model config)")
+    p.add_argument("checkpoint")
+    p.add_argument("out")
+    p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
+    p.add_argument("--half", action="store_true", help="store float32 tensors as float16")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("sample", help="class-conditional samples from a generator")
     p.add_argument("--model", default="fmnist", help="fmnist (embedded), a checkpoint.pt or exported .safetensors")

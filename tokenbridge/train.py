@@ -563,12 +563,17 @@ def load_model_from_checkpoint(
     return model.to(device).eval()
 
 
-def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, ema: bool = True) -> Path:
-    """Write the EMA (or raw) weights of a checkpoint as safetensors with metadata {config: model config JSON, step}."""
+def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, ema: bool = True,
+                   half: bool = False) -> Path:
+    """Write the EMA (or raw) weights of a checkpoint as safetensors with metadata {config: model config JSON, step}.
+
+    half: store float32 tensors as float16 (half the file; they load back into float32 parameters). Float64
+    buffers such as the quantizer's tables stay exact."""
     from safetensors.torch import save_file
 
     ckpt = load_checkpoint(ckpt_path)
-    state = {k: v.contiguous() for k, v in ckpt["ema" if ema else "model"].items()}
+    state = {k: (v.half() if half and v.dtype == torch.float32 else v).contiguous()
+             for k, v in ckpt["ema" if ema else "model"].items()}
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp")
