@@ -33,7 +33,7 @@ test: install data
 
 demo: install data
 	$(TB) reconstruct --out $(OUT)/reconstruct
-	$(TB) sample --labels 0 1 2 3 4 5 6 7 8 9 --per-class 8 --out $(OUT)/samples --show-confidence --evaluate
+	$(TB) sample --labels 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out $(OUT)/samples --show-confidence --evaluate
 
 bench: install
 	$(PY) benchmarks/quantizer.py
