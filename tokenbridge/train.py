@@ -580,6 +580,7 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, em
     meta = {"config": json.dumps(ckpt["config"].get("model") or {}), "step": str(ckpt["step"]), "ema": str(ema)}
     try:
         save_file(state, str(tmp), metadata=meta)
+        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; shipped weights must be readable by all
         os.replace(tmp, out_path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -383,7 +383,7 @@ def load_kl16(
     config: AutoencoderKLConfig | None = None,
     scaling_factor: float = KL16_SCALING_FACTOR,
 ) -> AutoencoderKL:
-    """Load MAR's ``kl16.ckpt`` (``torch.load(path)["model"]``, CompVis key names) into an eval-mode AutoencoderKL.
+    """Load MAR's ``kl16.ckpt`` (its ``"model"`` entry, CompVis key names) into an eval-mode AutoencoderKL.
 
     ``config`` overrides the kl16 architecture (e.g. other CompVis KL checkpoints); a bare state dict is accepted
     too. Raises FileNotFoundError / ValueError naming the problem.
