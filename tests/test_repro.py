@@ -62,6 +62,12 @@ def test_table2a_trains_evaluates_and_reuses(tmp_path, resources, capsys):
     assert again == table
     assert (out / "table2a.md").read_text().count("reused from an earlier run") == 2
 
+    # table2b's frequency row is table2a's AR configuration: trained once; only the natural order is new
+    repro.run_repro("table2b", out_dir=out, scale="tiny", work_dir=work, resources=resources,
+                    overrides=["eval.per_class=2"])
+    assert (out / "table2b.md").read_text().count("reused from an earlier run") == 1
+    assert len(list((work / "runs").iterdir())) == 3
+
 
 def test_fig8_side_by_side(tmp_path, resources):
     out = tmp_path / "results"

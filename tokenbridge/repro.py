@@ -380,7 +380,11 @@ def run_variant(ctx: _Ctx, variant: Variant) -> VariantResult:
               "train": train_cfg}
     slug = re.sub(r"[^a-z0-9]+", "-", variant.label.lower()).strip("-")
     # the token file's name already encodes the VAE, quantizer and image count
-    run_dir = ctx.work_dir / "runs" / f"{slug}-{_short_hash({**config, 'data': tokens.name})}"
+    config_hash = _short_hash({**config, "data": tokens.name})
+    # a variant shared by two tables (the default head is table2a's AR row, table2b's frequency row and table2c's
+    # B=64 row) is trained once: any finished run with the same configuration is reused
+    finished = sorted((ctx.work_dir / "runs").glob(f"*-{config_hash}/repro_train.json"))
+    run_dir = finished[0].parent if finished else ctx.work_dir / "runs" / f"{slug}-{config_hash}"
     info_path = run_dir / "repro_train.json"
     if info_path.is_file():
         info = {**json.loads(info_path.read_text()), "reused": True}
