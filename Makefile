@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev]'
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev,fast]'
 	touch $@
 
 # The embedded dataset: Fashion-MNIST from Debian's dataset-fashion-mnist package (see docs/data.md).

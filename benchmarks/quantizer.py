@@ -5,6 +5,7 @@ Baselines:
                   any quantizer that returns a new tensor (ours writes an int64 index and a float value per input).
   argmin [N,C,B]  Eq. 1 then Eq. 4 literally: distances from every normalised value to all B reconstruction values,
                   argmin, then Eq. 5; in row chunks so that the [n, C, B] distance tensor stays about 64 MB.
+  torch-op lookup our CPU lookup without numba (a few torch ops per cache-sized chunk; same integers).
   binary search   our own exact fallback (searchsorted over the midpoints), used on devices other than the CPU.
   output floor    allocating and filling the two outputs (int64 indices + float32 values, 12 bytes per value):
                   what any quantizer with this interface pays before doing any work (not a baseline of RESULT).
@@ -20,12 +21,14 @@ Last line: `RESULT vs_copy=<ours speed / clamp+copy speed> vs_argmin=<ours speed
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import time
 
 import torch
 
+from tokenbridge import quantizer as quantizer_module
 from tokenbridge.quantizer import DimensionwiseQuantizer
 
 ARGMIN_CHUNK_BYTES = 64 * 2**20
@@ -92,8 +95,14 @@ def main() -> None:
         raise SystemExit("FAIL: lookup and binary search disagree")
     del values, ref_values, ref_indices, differ
 
+    fallback = copy.copy(quantizer)
+    fallback.use_fused_kernel = False
+    if not torch.equal(fallback(x)[1], indices):
+        raise SystemExit("FAIL: the fused kernel and the torch-op lookup disagree")
+
     methods = {
         "tokenbridge forward": lambda: quantizer(x),
+        "torch-op lookup": lambda: fallback(x),
         "clamp+copy": lambda: x.clamp(a_min, a_max),
         "argmin [N,C,B]": lambda: argmin_quantize(x, quantizer),
         "binary search": lambda: quantizer._values_at(quantizer._search(x)),
@@ -116,6 +125,8 @@ def main() -> None:
     ours = best["tokenbridge forward"]
     print(f"device {device}, threads {torch.get_num_threads()}, latents {list(x.shape)} channel-last "
           f"({n:,} values, std {args.std}), B={args.levels}, best of {args.repeats}")
+    fused = device.type == "cpu" and quantizer_module.numba is not None
+    print(f"tokenbridge forward: {'fused numba kernel' if fused else 'torch ops'}")
     print(f"argmin agreement: {n - ties} of {n} indices equal, {ties} float-rounding ties at midpoints")
     print(f"{'method':<22}{'best ms':>10}{'median ms':>11}{'Mvalues/s':>11}{'ours/this':>11}")
     for name, t in times.items():

@@ -11,6 +11,15 @@ from scipy import stats
 from tokenbridge.quantizer import DimensionwiseQuantizer, gaussian_bins, uniform_bins
 
 LEVELS = (2, 8, 16, 64, 256)
+
+
+@pytest.fixture(autouse=True, params=["numba kernel", "torch ops"])
+def cpu_lookup(request, monkeypatch):
+    """Every test runs on both CPU lookups: the fused numba kernel and the torch-op fallback."""
+    if request.param == "numba kernel":
+        pytest.importorskip("numba", reason="the fused kernel needs numba (pip install tokenbridge[fast])")
+    monkeypatch.setattr(DimensionwiseQuantizer, "use_fused_kernel", request.param == "numba kernel")
+    return request.param
 A_MIN, A_MAX, R = -5.0, 5.0, 3.0
 LATENT_PER_STD = (A_MAX - A_MIN) / (2 * R)  # latent units per normalised unit (Eq. 1)
 
@@ -106,15 +115,35 @@ def test_many_levels_need_several_comparisons_and_stay_exact():
         assert torch.equal(q.quantize(x[:, None])[:, 0], reference_bucketize(q, x))
 
 
-def test_large_input_uses_every_chunk_and_thread():
+@pytest.mark.parametrize("calibration", ["none", "quantile"])
+def test_large_input_uses_every_chunk_and_thread(calibration):
     torch.manual_seed(0)
-    q = DimensionwiseQuantizer(64)
-    x = torch.randn(3, 50_001, 4) * 1.6  # several 32768-element chunks plus a short last one
+    q = DimensionwiseQuantizer(64, calibration=calibration)
+    x = torch.randn(3, 50_001, 5) * 1.6  # several 32768-element chunks plus a short last one
+    if calibration != "none":
+        q.fit(x)
     x[1, 7, 2] = float(q._midpoints[0, 20])
-    values, indices = q(x)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)  # uneven slices per thread; channel 0 must stay at every slice's start
+    try:
+        values, indices = q(x)
+        assert torch.equal(q.quantize(x), indices)
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(indices, reference_bucketize(q, x))
-    assert torch.equal(values, q._latent_values[0][indices])
-    assert torch.equal(q.quantize(x), indices)
+    channel = torch.arange(x.shape[-1]).expand_as(indices)
+    assert torch.equal(values, q._latent_values[channel % q._latent_values.shape[0], indices])
+
+
+def test_concurrent_calls_from_python_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
+    q = DimensionwiseQuantizer(16)
+    inputs = [torch.randn(20_000, 4, generator=torch.Generator().manual_seed(i)) for i in range(8)]
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(q, inputs))
+    for x, (values, indices) in zip(inputs, results):
+        assert torch.equal(indices, reference_bucketize(q, x))
 
 
 # ---------------------------------------------------------------------------------------------- round trip
