@@ -202,3 +202,27 @@ def test_train_vae_smoke(tmp_path):
     loaded = load_vae(str(out))
     assert loaded.scaling_factor == pytest.approx(vae.scaling_factor) and loaded.scaling_factor != 1.0
     assert loaded.training_info["steps"] == 2 and len(loaded.training_info["test_latents"]["std"]) == 4
+
+
+def test_diffusers_folder_is_wrapped_with_its_scaling_factor(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="the diffusers wrapper needs diffusers (dev extra)")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5,
+    ).eval()
+    model.save_pretrained(tmp_path / "vae")
+
+    vae = load_vae(f"diffusers:{tmp_path / 'vae'}")
+    assert (vae.latent_channels, vae.stride, vae.scaling_factor) == (4, 2, 0.5)
+    images = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        latents = vae.encode(images)
+        assert latents.shape == (2, 4, 8, 8)
+        torch.testing.assert_close(latents, model.encode(images).latent_dist.mean * 0.5)
+        torch.testing.assert_close(vae.decode(latents), model.decode(latents / 0.5).sample)
+    with pytest.raises(ValueError):
+        vae.encode(torch.rand(2, 1, 16, 16))  # wrong channel count
+    with pytest.raises(FileNotFoundError, match="not found"):
+        load_vae(f"diffusers:{tmp_path / 'missing'}")
