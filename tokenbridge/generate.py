@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from .files import atomic_path
 from .images import save_image_grid
 from .model import TokenBridgeGenerator, build_generator
 
@@ -94,8 +95,8 @@ def save_samples(result: dict, out_dir: str | Path, nrow: int = 8, show_confiden
     if npz:
         path = out_dir / "samples.npz"
         array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        tmp = out_dir / "samples.tmp.npz"
-        np.savez(tmp, images=array, labels=result["labels"].numpy(), indices=result["indices"].numpy().astype(np.uint8 if result["indices"].max() < 256 else np.int32))
-        os.replace(tmp, path)
+        indices = result["indices"].numpy().astype(np.uint8 if result["indices"].max() < 256 else np.int32)
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, images=array, labels=result["labels"].numpy(), indices=indices)
         written.append(path)
     return written

@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .files import atomic_path
+
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "weights" / "fmnist_classifier.safetensors"
 # The FID Inception network (TF "inception-2015-12-05" graph, hash 6726825d) as torch-fidelity/torchmetrics load it;
 # pytorch-fid ships the same TF weights as pt_inception-2015-12-05-6726825d.pth (torchvision-style keys like these;
@@ -217,10 +219,8 @@ def save_reference_stats(
         raise ValueError(f"mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:  # a file object stops np.savez from appending ".npz" to the temporary name
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, mu=mu, sigma=sigma)
-    os.replace(tmp, path)
 
 
 def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
@@ -375,10 +375,8 @@ def _classifier_outputs(
 def _atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def train_classifier(

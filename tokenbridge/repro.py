@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .files import atomic_path
 from .model import DEFAULT_FMNIST_CONFIG
 from .train import apply_overrides
 
@@ -248,9 +249,8 @@ def _short_hash(obj: Any) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, default=str))
 
 
 def resolve_budget(scale: str, overrides: tuple[str, ...] | list[str] = ()) -> dict:

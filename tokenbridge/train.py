@@ -37,6 +37,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from tqdm.auto import tqdm
 
+from .files import atomic_path
+
 TOKENS_FORMAT = "tokenbridge-tokens"
 CKPT_FORMAT = "tokenbridge-train-checkpoint"
 FORMAT_VERSION = 1
@@ -288,13 +290,8 @@ def cache_latents(
         "sample_posterior": json.dumps(bool(sample_posterior)),
     }
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
-    try:
+    with atomic_path(out_path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 
@@ -515,15 +512,9 @@ def _seed_all(seed: int) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
-    """Atomic torch.save: write ``path.tmp`` in the same folder, then os.replace; a failure keeps the old file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
+    """Atomic torch.save: write a temporary file in the same folder, then os.replace; a failure keeps the old file."""
+    with atomic_path(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 _CKPT_KEYS = ("format", "version", "step", "epoch", "batch_in_epoch", "model", "ema", "optimizer", "rng", "config")
@@ -575,15 +566,9 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, em
     state = {k: (v.half() if half and v.dtype == torch.float32 else v).contiguous()
              for k, v in ckpt["ema" if ema else "model"].items()}
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.name + ".tmp")
     meta = {"config": json.dumps(ckpt["config"].get("model") or {}), "step": str(ckpt["step"]), "ema": str(ema)}
-    try:
+    with atomic_path(out_path) as tmp:
         save_file(state, str(tmp), metadata=meta)
-        os.chmod(tmp, 0o644)  # safetensors creates 0600 files; shipped weights must be readable by all
-        os.replace(tmp, out_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return out_path
 
 
@@ -668,9 +653,8 @@ class _Logger:
                         kept.append(line)
                 except json.JSONDecodeError:
                     continue
-            tmp = self.path.with_name(self.path.name + ".tmp")
-            tmp.write_text("".join(s + "\n" for s in kept))
-            os.replace(tmp, self.path)
+            with atomic_path(self.path) as tmp:
+                tmp.write_text("".join(s + "\n" for s in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .files import atomic_path
+
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FMNIST_WEIGHTS = WEIGHTS_DIR / "fmnist_vae.safetensors"
 KL16_SCALING_FACTOR = 0.2325
@@ -422,12 +424,8 @@ def save_vae(vae: AutoencoderKL, path: str | os.PathLike, training: dict | None 
     meta = {"format": _FORMAT, "config": json.dumps(asdict(vae.config))}
     if training:
         meta["training"] = json.dumps(training)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates files 0600; shipped weights must be readable by all
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
     return path
 
 
