@@ -68,6 +68,13 @@ def test_table2a_trains_evaluates_and_reuses(tmp_path, resources, capsys):
     assert (out / "table2b.md").read_text().count("reused from an earlier run") == 1
     assert len(list((work / "runs").iterdir())) == 3
 
+    # another evaluation seed re-evaluates the same generators (no training) with new samples
+    reseeded = repro.run_repro("table2a", out_dir=tmp_path / "seed1", scale="tiny", work_dir=work,
+                               resources=resources, overrides=["eval.per_class=2", "eval.seed=1"])
+    md = (tmp_path / "seed1" / "table2a.md").read_text()
+    assert md.count("reused from an earlier run") == 2 and "seed 1;" in md
+    assert reseeded != table and len(list((work / "runs").iterdir())) == 3
+
 
 def test_fig8_side_by_side(tmp_path, resources):
     out = tmp_path / "results"

@@ -88,7 +88,8 @@ _PAPER_MODEL["backbone"].update(width=1024, encoder_depth=16, decoder_depth=16, 
 _PAPER_MODEL["head"].update(width=1024, depth=4, num_heads=8, dropout=0.1)
 
 # One place for every budget. train: tokenbridge.train keys; model: tokenbridge.model.build_generator config;
-# eval: sampling + metrics settings shared by table2* and fig8. head_width_to_paper maps our head widths onto the
+# eval: sampling + metrics settings shared by table2* and fig8 (eval.seed: sampling and NLL-mask seed, None = the
+# run's seed; another value re-evaluates the same trained generators, which measures the evaluation's own noise). head_width_to_paper maps our head widths onto the
 # paper's Table 2e widths (our sweep is the paper's with widths divided by that factor).
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -98,7 +99,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "train": {"steps": 2, "global_batch": 32, "lr": 1e-3, "min_lr": 0.0, "warmup_steps": 0, "ema": 0.9,
                   "grad_clip": 3.0, "ckpt_every": 0, "log_every": 1},
         "eval": {"per_class": 2, "num_iter": 4, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
-                 "real_images": 64, "nll_images": 64, "nll_mask_ratio": 0.875, "batch_size": 64},
+                 "real_images": 64, "nll_images": 64, "nll_mask_ratio": 0.875, "batch_size": 64, "seed": None},
         "table1": {"images": 32, "fit_images": 32, "levels": [8, 64], "ranges": [3, 5]},
         "table2c": {"levels": [16, 64]},
         "table2d": {"levels": 16, "group_sizes": [1, 2]},
@@ -115,7 +116,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "train": {"steps": 400, "global_batch": 128, "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 80, "ema": 0.995,
                   "grad_clip": 3.0, "ckpt_every": 200, "log_every": 20},
         "eval": {"per_class": 100, "num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
-                 "real_images": 10000, "nll_images": 10000, "nll_mask_ratio": 0.875, "batch_size": 100},
+                 "real_images": 10000, "nll_images": 10000, "nll_mask_ratio": 0.875, "batch_size": 100, "seed": None},
         "table1": {"images": 10000, "fit_images": 2000, "levels": [8, 16, 32, 64], "ranges": [2, 3, 4, 5]},
         "table2c": {"levels": [16, 32, 64]},
         # g = 4 at B = 16 is one 65,536-way output per token: ~10 s per step on 2 cores, hence half the steps
@@ -133,7 +134,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "train": {"steps": 12000, "global_batch": 2048, "lr": None, "blr": 1e-4, "min_lr": 0.0, "warmup_steps": 1000,
                   "ema": 0.9999, "grad_clip": 1.0, "bf16": True, "ckpt_every": 1000, "log_every": 50},
         "eval": {"per_class": 1000, "num_iter": 64, "cfg": 3.1, "cfg_schedule": "linear", "temperature": 0.97,
-                 "real_images": 10000, "nll_images": 10000, "nll_mask_ratio": 0.875, "batch_size": 500},
+                 "real_images": 10000, "nll_images": 10000, "nll_mask_ratio": 0.875, "batch_size": 500, "seed": None},
         "table1": {"images": 10000, "fit_images": 10000, "levels": [8, 16, 32, 64], "ranges": [2, 3, 4, 5]},
         "table2c": {"levels": [16, 32, 64]},
         "table2d": {"levels": 16, "group_sizes": [1, 2, 4]},
@@ -234,6 +235,11 @@ class _Ctx:
     @property
     def seed(self) -> int:
         return int(self.budget["seed"])
+
+    @property
+    def eval_seed(self) -> int:
+        seed = self.budget["eval"].get("seed")
+        return self.seed if seed is None else int(seed)
 
     def command(self) -> str:
         parts = ["tokenbridge", "repro", self.name, "--scale", self.scale]
@@ -355,7 +361,7 @@ def evaluate_samples(ctx: _Ctx, model: nn.Module, order: str = "random") -> tupl
     e = ctx.budget["eval"]
     labels = class_labels(e["per_class"])
     result = generate(model, ctx.res.vae, labels.tolist(), num_iter=e["num_iter"], cfg=e["cfg"],
-                      cfg_schedule=e["cfg_schedule"], temperature=e["temperature"], order=order, seed=ctx.seed,
+                      cfg_schedule=e["cfg_schedule"], temperature=e["temperature"], order=order, seed=ctx.eval_seed,
                       device=ctx.device, batch_size=e["batch_size"])
     metrics = classifier_metrics(result["images"], labels, real_images=ctx.res.images("test", e["real_images"]),
                                  classifier=ctx.res.classifier, device=ctx.device)
@@ -398,7 +404,7 @@ def run_variant(ctx: _Ctx, variant: Variant) -> VariantResult:
 
     e = b["eval"]
     test_tokens = token_file(ctx, model_cfg, "test")
-    eval_key = _short_hash({"eval": e, "seed": ctx.seed, "tokens": test_tokens.name,
+    eval_key = _short_hash({"eval": {k: v for k, v in e.items() if v is not None}, "seed": ctx.seed, "tokens": test_tokens.name,
                             "classifier": ctx.res.fingerprint("classifier")})
     metrics_path, samples_path = run_dir / f"repro_eval_{eval_key}.json", run_dir / f"repro_eval_{eval_key}.safetensors"
     if metrics_path.is_file() and samples_path.is_file():
@@ -406,7 +412,7 @@ def run_variant(ctx: _Ctx, variant: Variant) -> VariantResult:
     else:
         start = time.time()
         metrics, result = evaluate_samples(ctx, model)
-        metrics["nll"] = heldout_nll(model, CachedTokens(test_tokens), e["nll_mask_ratio"], ctx.seed,
+        metrics["nll"] = heldout_nll(model, CachedTokens(test_tokens), e["nll_mask_ratio"], ctx.eval_seed,
                                      e["batch_size"], e["nll_images"], ctx.device)
         metrics["eval_s"] = time.time() - start
         samples = result["images"][::int(e["per_class"])].contiguous()
@@ -516,8 +522,8 @@ def run_variants(ctx: _Ctx, variants: list[Variant]) -> str:
         f"{bb['buffer_size']}.",
         f"Evaluation: {10 * e['per_class']} class-conditional samples ({e['per_class']} per class), {e['num_iter']} "
         f"MAR steps, random order, cfg {e['cfg']} ({e['cfg_schedule']}), temperature {e['temperature']}, seed "
-        f"{ctx.seed}; FD_cls / precision / recall against the first {e['real_images']} test images. Held-out NLL: "
-        f"first {e['nll_images']} test token grids, mask ratio {e['nll_mask_ratio']}, mask seed {ctx.seed}; NLL "
+        f"{ctx.eval_seed}; FD_cls / precision / recall against the first {e['real_images']} test images. Held-out NLL: "
+        f"first {e['nll_images']} test token grids, mask ratio {e['nll_mask_ratio']}, mask seed {ctx.eval_seed}; NLL "
         "values are comparable only at the same B (more levels = more nats).",
         "Variants:",
     ]
@@ -708,7 +714,7 @@ def fig8(ctx: _Ctx) -> str:
         f"backbone {cfg.get('backbone', {}).get('width')} wide, head {cfg.get('head', {}).get('kind')} "
         f"{cfg.get('head', {}).get('width')}x{cfg.get('head', {}).get('depth')}.",
         f"Sampling: {10 * per_class} samples ({per_class} per class), {e['num_iter']} MAR steps, cfg {e['cfg']} "
-        f"({e['cfg_schedule']}), temperature {e['temperature']}, seed {ctx.seed}, both orders with the same labels "
+        f"({e['cfg_schedule']}), temperature {e['temperature']}, seed {ctx.eval_seed}, both orders with the same labels "
         f"and seed. Confidence = the head's log-probability of each sampled token (summed over its channels); "
         f"'mean token log-prob' averages it over all tokens. FD_cls / precision / recall against the first "
         f"{e['real_images']} test images.",
