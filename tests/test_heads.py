@@ -217,9 +217,33 @@ def test_grouped_parameter_count_grows_with_group_size():
         sum(p.numel() for p in GroupedHead(64, 4, 16, group_size=g, width=256, depth=3).parameters())
         for g in (1, 2, 4)
     ]
-    assert counts == [2_958_912, 3_126_272, 36_548_608]  # the numbers quoted in the GroupedHead docstring
+    # the numbers quoted in the GroupedHead docstring; g = 4 = C has one step, so no class embedding table
+    assert counts == [2_958_912, 3_126_272, 19_771_392]
     ar = DimensionwiseARHead(64, 4, 16, width=256, depth=3)
     assert sum(p.numel() for p in ar.parameters()) == counts[0]
+
+
+@pytest.mark.parametrize("group_size", [1, 2, 4])
+def test_fused_loss_equals_the_plain_loss_and_gradients(monkeypatch, group_size):
+    torch.manual_seed(group_size)
+    head = GroupedHead(12, 4, 6, group_size=group_size, width=16, depth=1, num_heads=2, order=[2, 0, 3, 1])
+    with torch.no_grad():  # non-zero output weights, so that every gradient is exercised
+        head.out_w.normal_(0, 0.3)
+        head.out_b.normal_(0, 0.3)
+    z, indices = torch.randn(37, 12), torch.randint(0, 6, (37, 4))
+    results = []
+    for min_vocab in (10**9, 1):  # plain, then fused (in chunks of a few rows)
+        monkeypatch.setattr(GroupedHead, "fused_loss_min_vocab", min_vocab)
+        monkeypatch.setattr(heads._LinearCrossEntropy, "chunk_elements", 5 * head.vocab)
+        head.zero_grad()
+        loss = head.loss(z, indices)
+        (3.0 * loss).backward()  # a non-unit upstream gradient
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in head.named_parameters() if p.grad is not None}))
+    (plain, plain_grads), (fused, fused_grads) = results
+    torch.testing.assert_close(fused, plain)
+    assert plain_grads.keys() == fused_grads.keys()
+    for name in plain_grads:
+        torch.testing.assert_close(fused_grads[name], plain_grads[name], msg=name)
 
 
 def test_paper_head_size():
