@@ -27,6 +27,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shlex
@@ -463,13 +464,13 @@ def _save_figure(fig, path: Path) -> None:
 
 
 def variant_table(results: list[VariantResult]) -> str:
-    header = ["variant", "paper gFID", "head params", "total params", "held-out NLL", "FD_cls", "IS_cls",
-              "class acc", "precision", "recall", "train loss", "train min"]
+    header = ["variant", "paper gFID", "head params", "total params", "held-out NLL", "NLL - ln B", "FD_cls",
+              "IS_cls", "class acc", "precision", "recall", "train loss", "train min"]
     rows = []
     for r in results:
         m = r.metrics
         rows.append([r.variant.label, _paper(r.variant.paper), _params(r.head_params), _params(r.total_params),
-                     _fmt(m["nll"], 4), _fmt(m["fd_cls"], 2), _fmt(m["is_cls"], 2), m["class_accuracy"],
+                     _fmt(m["nll"], 4), _fmt(m["nll"] - math.log(r.model_config["levels"]), 4), _fmt(m["fd_cls"], 2), _fmt(m["is_cls"], 2), m["class_accuracy"],
                      m["precision"], m["recall"], _fmt(r.train["loss"], 4), _fmt(r.train["elapsed_s"] / 60, 1)])
     return markdown_table(header, rows)
 
@@ -524,7 +525,9 @@ def run_variants(ctx: _Ctx, variants: list[Variant]) -> str:
         f"MAR steps, random order, cfg {e['cfg']} ({e['cfg_schedule']}), temperature {e['temperature']}, seed "
         f"{ctx.eval_seed}; FD_cls / precision / recall against the first {e['real_images']} test images. Held-out NLL: "
         f"first {e['nll_images']} test token grids, mask ratio {e['nll_mask_ratio']}, mask seed {ctx.eval_seed}; NLL "
-        "values are comparable only at the same B (more levels = more nats).",
+        "values are comparable only at the same B (more levels = more nats); NLL - ln B removes the ln B that B "
+        "equal-probability bins add, leaving (for fine bins) the NLL of the latents relative to the reference "
+        "Gaussian of Eq. 2, which is comparable across B.",
         "Variants:",
     ]
     reused = " (reused from an earlier run)"
