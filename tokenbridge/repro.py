@@ -539,6 +539,11 @@ def run_variants(ctx: _Ctx, variants: list[Variant]) -> str:
             f"{h['order'] if h['kind'] != 'parallel' else '-'}, B={r.model_config['levels']}; trained "
             f"{r.train['step']} steps in {r.train['elapsed_s']:.0f} s{reused if r.train['reused'] else ''}; "
             f"evaluation {r.metrics.get('eval_s', 0):.0f} s; run dir `{r.run_dir}`")
+    train_s = sum(r.train["elapsed_s"] for r in results)
+    eval_s = sum(r.metrics.get("eval_s", 0) for r in results)
+    ctx.notes.append(f"Compute of all rows, measured when each was made: training {train_s / 60:.1f} min + evaluation "
+                     f"{eval_s / 60:.1f} min (wall time; 'train min' and these depend on what else the machine ran, "
+                     "so they are not a speed comparison between rows).")
     return variant_table(results)
 
 
