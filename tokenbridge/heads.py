@@ -328,12 +328,16 @@ class _ChannelARHead(nn.Module):
     def _classify(self, h: Tensor, mod: Tensor, step: int | None = None) -> Tensor:
         """Final AdaLN + per-step classifier: h [N, L, W], mod = ada_out(cond) [N, L, 2W] -> logits [N, L, vocab]
         for steps 0..L-1, or for the single step `step` (L = 1)."""
-        scale, shift = mod.chunk(2, dim=-1)
-        h = _modulate(self.norm_out(h), shift, scale)
+        h = self._out_features(h, mod)
         if step is not None:
             return torch.addmm(self.out_b[step], h[:, 0], self.out_w[step])[:, None]
         length = h.shape[1]
         return torch.baddbmm(self.out_b[:length, None], h.transpose(0, 1), self.out_w[:length]).transpose(0, 1)
+
+    def _out_features(self, h: Tensor, mod: Tensor) -> Tensor:
+        """The final AdaLN: what the per-step classifiers read, [N, L, W]."""
+        scale, shift = mod.chunk(2, dim=-1)
+        return _modulate(self.norm_out(h), shift, scale)
 
     def _prefix_logits(self, z: Tensor, tokens: Tensor) -> Tensor:
         """Teacher forcing: logits [N, L, vocab] of steps 0..L-1 given the classes of steps 0..L-2 ([N, L-1])."""
@@ -377,8 +381,7 @@ class _ChannelARHead(nn.Module):
         _check_indices(indices, z.shape[0], self.num_channels, self.levels)
         classes = self._encode(indices)  # [N, S]
         x, cond = self._prefix_hidden(z, classes[:, :-1])
-        scale, shift = self.ada_out(cond).chunk(2, dim=-1)
-        h = _modulate(self.norm_out(x), shift, scale)
+        h = self._out_features(x, self.ada_out(cond))
         total = sum(_LinearCrossEntropy.apply(h[:, s], self.out_w[s], self.out_b[s], classes[:, s])
                     for s in range(self.steps))
         return total / (self.num_channels * z.shape[0])

@@ -436,7 +436,7 @@ class DimensionwiseQuantizer(nn.Module):
         else:
             finite = run(slices[0])
         if not finite:
-            raise ValueError("latents contain NaN or inf; the quantizer needs finite values")
+            self._check_finite(flat)
 
     def _lookup_chunks(self, jobs: list, step: int) -> None:
         """Fill (indices, values, sum) of each (x, indices, values or None, sum) chunk of at most `step` elements."""
