@@ -90,8 +90,9 @@ _PAPER_MODEL["head"].update(width=1024, depth=4, num_heads=8, dropout=0.1)
 
 # One place for every budget. train: tokenbridge.train keys; model: tokenbridge.model.build_generator config;
 # eval: sampling + metrics settings shared by table2* and fig8 (eval.seed: sampling and NLL-mask seed, None = the
-# run's seed; another value re-evaluates the same trained generators, which measures the evaluation's own noise). head_width_to_paper maps our head widths onto the
-# paper's Table 2e widths (our sweep is the paper's with widths divided by that factor).
+# run's seed; another value re-evaluates the same trained generators, which measures the evaluation's own noise).
+# head_width_to_paper maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths
+# divided by that factor).
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {
         "seed": 0,
@@ -405,7 +406,8 @@ def run_variant(ctx: _Ctx, variant: Variant) -> VariantResult:
 
     e = b["eval"]
     test_tokens = token_file(ctx, model_cfg, "test")
-    eval_key = _short_hash({"eval": {k: v for k, v in e.items() if v is not None}, "seed": ctx.seed, "tokens": test_tokens.name,
+    eval_settings = {k: v for k, v in e.items() if v is not None}  # eval.seed=None: the key it had before
+    eval_key = _short_hash({"eval": eval_settings, "seed": ctx.seed, "tokens": test_tokens.name,
                             "classifier": ctx.res.fingerprint("classifier")})
     metrics_path, samples_path = run_dir / f"repro_eval_{eval_key}.json", run_dir / f"repro_eval_{eval_key}.safetensors"
     if metrics_path.is_file() and samples_path.is_file():
@@ -470,7 +472,8 @@ def variant_table(results: list[VariantResult]) -> str:
     for r in results:
         m = r.metrics
         rows.append([r.variant.label, _paper(r.variant.paper), _params(r.head_params), _params(r.total_params),
-                     _fmt(m["nll"], 4), _fmt(m["nll"] - math.log(r.model_config["levels"]), 4), _fmt(m["fd_cls"], 2), _fmt(m["is_cls"], 2), m["class_accuracy"],
+                     _fmt(m["nll"], 4), _fmt(m["nll"] - math.log(r.model_config["levels"]), 4),
+                     _fmt(m["fd_cls"], 2), _fmt(m["is_cls"], 2), m["class_accuracy"],
                      m["precision"], m["recall"], _fmt(r.train["loss"], 4), _fmt(r.train["elapsed_s"] / 60, 1)])
     return markdown_table(header, rows)
 
@@ -722,8 +725,8 @@ def fig8(ctx: _Ctx) -> str:
         f"backbone {cfg.get('backbone', {}).get('width')} wide, head {cfg.get('head', {}).get('kind')} "
         f"{cfg.get('head', {}).get('width')}x{cfg.get('head', {}).get('depth')}.",
         f"Sampling: {10 * per_class} samples ({per_class} per class), {e['num_iter']} MAR steps, cfg {e['cfg']} "
-        f"({e['cfg_schedule']}), temperature {e['temperature']}, seed {ctx.eval_seed}, both orders with the same labels "
-        f"and seed. Confidence = the head's log-probability of each sampled token (summed over its channels); "
+        f"({e['cfg_schedule']}), temperature {e['temperature']}, seed {ctx.eval_seed}, both orders with the same "
+        f"labels and seed. Confidence = the head's log-probability of each sampled token (summed over its channels); "
         f"'mean token log-prob' averages it over all tokens. FD_cls / precision / recall against the first "
         f"{e['real_images']} test images.",
         "confidence order: at every step all masked positions are sampled and the most confident ones are kept; "
