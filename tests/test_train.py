@@ -18,6 +18,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from tokenbridge import train as T
+from tokenbridge.quantizer import DimensionwiseQuantizer
 
 # The tiny model lives in a string so that torchrun workers (separate processes) build exactly the same module.
 TINY_SOURCE = textwrap.dedent(
@@ -431,24 +432,14 @@ def test_shipped_fmnist_config_parses():
 
 
 # ------------------------------------------------------------------------------------------------------------------
-# Integration with the real quantizer and generator (skipped while those modules are unavailable)
-
-
-def _real_modules():
-    try:
-        from tokenbridge.model import build_generator  # noqa: F401
-        from tokenbridge.quantizer import DimensionwiseQuantizer
-    except ImportError as e:
-        pytest.skip(f"real modules unavailable: {e}")
-    return DimensionwiseQuantizer
+# Integration with the real quantizer and generator
 
 
 @pytest.mark.parametrize("calibration", ["none", "quantile"])
 def test_real_generator_trains_from_token_file(tmp_path, calibration):
-    Quantizer = _real_modules()
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(64, 1, 8, 8, generator=g).clamp(-1, 1), torch.arange(64) % 10)
-    quant = Quantizer(levels=16, calibration=calibration)
+    quant = DimensionwiseQuantizer(levels=16, calibration=calibration)
     out = T.cache_latents("fake", tmp_path / "tok.safetensors", quantizer=quant, vae=FakeVAE(), dataset=ds,
                           batch_size=32, fit_samples=40)
     tok = T.CachedTokens(out)
