@@ -18,6 +18,18 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def from_uint8(array: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 images `[N, H, W, C]` (or `[N, H, W]`) in [0, 255] -> float32 `[N, C, H, W]` in [-1, 1]."""
+    x = torch.as_tensor(np.asarray(array))
+    if x.dtype != torch.uint8:
+        raise ValueError(f"images must be uint8 in [0, 255], got {x.dtype}")
+    if x.dim() == 3:
+        x = x.unsqueeze(-1)
+    if x.dim() != 4:
+        raise ValueError(f"images must be [N, H, W, C] or [N, H, W], got shape {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, scale: int = 1) -> Image.Image:
     """Tile `[N, C, H, W]` images in [-1, 1] into one PIL image, `nrow` images per row, upscaled by `scale`."""
     arr = to_uint8(images)
