@@ -18,7 +18,8 @@ from typing import Callable
 
 import torch
 
-from tokenbridge.heads import DiffusionHead, DimensionwiseARHead
+from tokenbridge.diffusion import DiffusionHead
+from tokenbridge.heads import DimensionwiseARHead
 
 
 def _time_interleaved(

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 import tokenbridge.heads as heads
-from tokenbridge.heads import DiffusionHead, DimensionwiseARHead, GroupedHead, ParallelHead, build_head
+from tokenbridge.diffusion import DiffusionHead, DiffusionSchedule
+from tokenbridge.heads import DimensionwiseARHead, GroupedHead, ParallelHead, build_head
 
 Z_DIM, C, LEVELS = 16, 6, 10
 ORDER = [3, 1, 5, 0, 2, 4]
@@ -289,13 +290,26 @@ def test_diffusion_head_samples_and_learns():
 
 
 def test_diffusion_respacing():
-    s = heads._DiffusionSchedule.cosine(1000)
+    s = DiffusionSchedule.cosine(1000)
     r = s.respaced(100)
     assert r.timesteps[0] == 0 and r.timesteps[-1] == 999 and len(r.timesteps) == 100
     torch.testing.assert_close(r.sqrt_ac[-1], s.sqrt_ac[-1])
     assert (r.betas > 0).all() and (r.betas < 1).all()
     with pytest.raises(ValueError, match="num_steps"):
         s.respaced(0)
+
+
+def test_diffusion_schedule_model_posterior_with_true_noise_is_the_true_posterior():
+    s = DiffusionSchedule.cosine(50).respaced(20)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(5, 3, generator=g, dtype=torch.float64), torch.randn(5, 3, generator=g, dtype=torch.float64)
+    i = torch.tensor([0, 3, 7, 12, 19])
+    x = s.q_sample(x0, i, noise)
+    mean, logvar = s.p_mean_logvar(x, i, noise, -torch.ones_like(x))  # v = -1: the posterior's variance
+    true_mean, true_logvar = s.q_posterior(x0, x, i)
+    torch.testing.assert_close(mean, true_mean)
+    torch.testing.assert_close(logvar, true_logvar.expand_as(logvar))
+    assert len(s) == 20
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -14,11 +14,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import TensorDataset
 
+from tokenbridge import checkpoint as C
 from tokenbridge import train as T
+from tokenbridge.config import ConfigError, DataConfig, apply_overrides, read_yaml
+from tokenbridge.generate import generate
+from tokenbridge.tokens import TOKENS_FORMAT, CachedTokens, cache_latents
 from tokenbridge.quantizer import DimensionwiseQuantizer
+from tokenbridge.vae import vae_fingerprint
 
 # The tiny model lives in a string so that torchrun workers (separate processes) build exactly the same module.
 TINY_SOURCE = textwrap.dedent(
@@ -27,24 +33,49 @@ TINY_SOURCE = textwrap.dedent(
     import numpy as np
     import torch
     from torch import nn
+    from tokenbridge.config import Section, validate
+    from tokenbridge.generators import register_family
 
 
-    class TinyModel(nn.Module):
-        """indices [B, H, W, C] long, labels [B] -> scalar cross-entropy of a channel-shifted copy of the tokens.
-        Uses torch (dropout), numpy and python randomness so that exact resume checks every RNG."""
+    class ToyConfig(Section):
+        levels: int = 8
+        width: int = 16
+        dropout: float = 0.0
+        random_shift: bool = False
 
-        def __init__(self, cfg):
+
+    @register_family
+    class ToyGenerator(nn.Module):
+        """A generator family that lives in the tests: trained, checkpointed, resumed and sampled through the same
+        trainer and sampler as the TokenBridge generator. Batches are (indices [B, H, W, C] long, labels [B]); the
+        loss is the cross-entropy of a channel-shifted copy of the tokens. Uses torch (dropout), numpy and python
+        randomness so that exact resume checks every RNG."""
+
+        family = "toy"
+        presets = {"narrow": {"width": 8}}
+
+        @classmethod
+        def resolve_config(cls, config, data=None):
+            return validate(ToyConfig, config, "model").model_dump(mode="json")
+
+        @classmethod
+        def from_config(cls, config, data=None):
+            return cls(cls.resolve_config(config))
+
+        def __init__(self, config):
             super().__init__()
-            levels, width = cfg.get("levels", 8), cfg.get("width", 16)
+            self.config = config
+            levels, width = config["levels"], config["width"]
             self.emb = nn.Embedding(levels, width)
             self.cls = nn.Embedding(10, width)
             self.norm = nn.LayerNorm(width)
             self.hidden = nn.Linear(width, width)
             self.out = nn.Linear(width, levels)
-            self.drop = nn.Dropout(cfg.get("dropout", 0.0))
-            self.random_shift = cfg.get("random_shift", False)
+            self.drop = nn.Dropout(config["dropout"])
+            self.random_shift = config["random_shift"]
 
-        def forward(self, idx, labels):
+        def loss(self, batch):
+            idx, labels = batch
             h = self.emb(idx) + self.cls(labels)[:, None, None, None]
             h = self.drop(torch.nn.functional.gelu(self.hidden(self.norm(h))))
             shift = 1
@@ -52,11 +83,18 @@ TINY_SOURCE = textwrap.dedent(
                 shift = int(np.random.randint(1, idx.shape[-1])) if random.random() < 0.5 else 1
             target = idx.roll(shift, dims=-1)
             return torch.nn.functional.cross_entropy(self.out(h).flatten(0, -2), target.flatten())
+
+        @torch.no_grad()
+        def sample(self, labels, temperature: float = 1.0, generator=None):
+            """latents [N, width, 2, 2]: the class embedding plus temperature-scaled noise."""
+            z = self.cls(labels)[:, :, None, None].expand(-1, -1, 2, 2)
+            noise = torch.randn(z.shape, generator=generator, device=z.device)
+            return {"latents": z + temperature * noise}
     '''
 )
 _ns: dict = {}
 exec(TINY_SOURCE, _ns)
-TinyModel = _ns["TinyModel"]
+ToyGenerator = _ns["ToyGenerator"]
 
 N, GRID, LEVELS = 64, (2, 2, 3), 8
 
@@ -79,15 +117,16 @@ def tiny_config(out_dir: Path, **train) -> dict:
         "device": "cpu",
     }
     base.update(train)
-    return {"out_dir": str(out_dir), "seed": 7, "model": {"levels": LEVELS, "width": 16}, "train": base}
+    return {"out_dir": str(out_dir), "seed": 7, "family": "toy", "model": {"levels": LEVELS, "width": 16},
+            "train": base}
 
 
 def run_tiny(cfg: dict, **kw) -> dict:
-    return T.train(cfg, model_fn=TinyModel, dataset=tiny_dataset(), **kw)
+    return T.train(cfg, dataset=tiny_dataset(), **kw)
 
 
 def ckpt_of(out_dir: Path) -> dict:
-    return T.load_checkpoint(Path(out_dir) / T.CHECKPOINT_NAME)
+    return C.load_checkpoint(Path(out_dir) / C.CHECKPOINT_NAME)
 
 
 def assert_states_equal(a: dict, b: dict, exact: bool = True) -> None:
@@ -119,10 +158,10 @@ DDP_SCRIPT = TINY_SOURCE + textwrap.dedent(
     out_dir, n = sys.argv[1], 64
     g = torch.Generator().manual_seed(123)
     ds = TensorDataset(torch.randint(0, 8, (n, 2, 2, 3), generator=g), torch.randint(0, 10, (n,), generator=g))
-    cfg = {"out_dir": out_dir, "seed": 7, "model": {"levels": 8, "width": 16},
+    cfg = {"out_dir": out_dir, "seed": 7, "family": "toy", "model": {"levels": 8, "width": 16},
            "train": {"steps": 6, "global_batch": 16, "lr": 3e-3, "warmup_steps": 2, "ema": 0.9,
                      "ckpt_every": 4, "log_every": 1, "device": "cpu"}}
-    train(cfg, model_fn=TinyModel, dataset=ds)
+    train(cfg, dataset=ds)
     '''
 )
 
@@ -194,9 +233,9 @@ def test_resume_mid_epoch_is_exact(tmp_path):
 def test_checkpoint_atomic_and_weights_only(tmp_path, monkeypatch):
     cfg = tiny_config(tmp_path)
     run_tiny(cfg, stop_at=2)
-    path = tmp_path / T.CHECKPOINT_NAME
+    path = tmp_path / C.CHECKPOINT_NAME
     raw = torch.load(path, weights_only=True)
-    assert raw["format"] == T.CKPT_FORMAT and isinstance(raw["config"], str)
+    assert raw["format"] == C.CKPT_FORMAT and isinstance(raw["config"], str)
     assert json.loads(raw["config"])["train"]["global_batch"] == 16
     assert {"torch", "numpy_keys", "python_state"} <= set(raw["rng"][0])
     before = path.read_bytes()
@@ -213,12 +252,12 @@ def test_checkpoint_atomic_and_weights_only(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "save", real_save)
     assert path.read_bytes() == before
     assert not list(tmp_path.glob("*.tmp"))
-    assert T.load_checkpoint(path)["step"] == 2
+    assert C.load_checkpoint(path)["step"] == 2
 
 
 def test_bad_checkpoint_errors(tmp_path):
     cfg = tiny_config(tmp_path)
-    path = tmp_path / T.CHECKPOINT_NAME
+    path = tmp_path / C.CHECKPOINT_NAME
     path.write_bytes(b"definitely not a checkpoint")
     with pytest.raises(ValueError, match="corrupt"):
         run_tiny(cfg)
@@ -226,7 +265,7 @@ def test_bad_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="not a tokenbridge training checkpoint"):
         run_tiny(cfg)
     with pytest.raises(FileNotFoundError):
-        T.load_checkpoint(tmp_path / "missing.pt")
+        C.load_checkpoint(tmp_path / "missing.pt")
     path.unlink()
     run_tiny(cfg, stop_at=1)
     other = tiny_config(tmp_path)
@@ -235,18 +274,35 @@ def test_bad_checkpoint_errors(tmp_path):
         run_tiny(other)
 
 
-def test_load_model_and_export(tmp_path):
-    run_tiny(tiny_config(tmp_path, steps=3))
-    model = T.load_model_from_checkpoint(tmp_path / T.CHECKPOINT_NAME, model_fn=TinyModel)
-    assert not model.training
-    ema = ckpt_of(tmp_path)["ema"]
-    assert torch.equal(model.out.weight, ema["out.weight"])
-    from safetensors import safe_open
-
-    out = T.export_weights(tmp_path / T.CHECKPOINT_NAME, tmp_path / "w.safetensors")
-    with safe_open(str(out), framework="pt") as f:
-        assert json.loads(f.metadata()["config"]) == {"levels": LEVELS, "width": 16}
-        assert torch.equal(f.get_tensor("out.weight"), ema["out.weight"])
+def test_toy_family_through_the_seam(tmp_path):
+    """A family defined in the tests trains, checkpoints, resumes, exports and samples through the same trainer,
+    checkpoint loader and sampler as the TokenBridge generator."""
+    cfg = tiny_config(tmp_path, steps=3)
+    cfg["model"] = {"preset": "narrow", "levels": LEVELS}
+    run_tiny(cfg, stop_at=2)
+    assert run_tiny(cfg)["step"] == 3  # resumed
+    ckpt = ckpt_of(tmp_path)
+    assert ckpt["config"]["family"] == "toy" and ckpt["config"]["model"]["width"] == 8  # the preset was applied
+    model = C.load_generator(tmp_path / C.CHECKPOINT_NAME)
+    assert isinstance(model, ToyGenerator) and not model.training
+    assert torch.equal(model.out.weight, ckpt["ema"]["out.weight"])
+    out = C.export_weights(tmp_path / C.CHECKPOINT_NAME, tmp_path / "w.safetensors")
+    exported = C.load_generator(out)
+    assert exported.provenance["family"] == "toy" and exported.provenance["step"] == 3
+    assert torch.equal(exported.out.weight, ckpt["ema"]["out.weight"])
+    with pytest.raises(ValueError, match="does not record its VAE"):
+        generate(out, [0, 1])
+    result = generate(out, [0, 1, 2], vae=FakeVAE(), seed=5, temperature=0.0)
+    assert result["images"].shape == (3, 1, 2, 2)
+    expected = FakeVAE().decode(exported.cls.weight[:3, :, None, None].expand(-1, -1, 2, 2))
+    torch.testing.assert_close(result["images"], expected.clamp(-1, 1))
+    with pytest.raises(ConfigError, match="unknown config key 'sampling option.cfg'"):
+        generate(out, [0], vae=FakeVAE(), cfg=3.0)  # the toy family has no cfg option
+    other = tiny_config(tmp_path, steps=3)
+    other["family"] = "tokenbridge"
+    other["model"] = {"preset": "tiny"}
+    with pytest.raises(ValueError, match="holds a 'toy' generator"):
+        T.train(other, dataset=tiny_dataset())
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -254,7 +310,7 @@ def test_load_model_and_export(tmp_path):
 
 
 def test_no_weight_decay_on_1d_params(tmp_path):
-    model = TinyModel({"levels": LEVELS})
+    model = ToyGenerator.from_config({"levels": LEVELS})
     decay, no_decay = T.param_groups(model, 0.02)
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
@@ -295,11 +351,14 @@ def test_lr_in_training_log_and_blr_rule(tmp_path):
 def test_epochs_and_bad_train_config(tmp_path):
     m = run_tiny(tiny_config(tmp_path, steps=None, epochs=1.5, warmup_steps=None, warmup_epochs=0.5))
     assert m["step"] == m["total_steps"] == 6  # 64 samples / batch 16 = 4 steps per epoch
-    with pytest.raises(ValueError, match="unknown train config keys"):
+    with pytest.raises(ConfigError, match="unknown config key 'train.learning_rate'"):
         run_tiny(tiny_config(tmp_path / "x", learning_rate=1.0))
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ConfigError, match="exactly one"):
         run_tiny(tiny_config(tmp_path / "y", epochs=2))
-    with pytest.raises(ValueError, match="smaller than global_batch"):
+    with pytest.raises(ConfigError, match="'train.ema' = 1.0"):
+        run_tiny(tiny_config(tmp_path / "y", ema=1.0))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # refused before any work
+    with pytest.raises(ValueError, match="smaller than train.global_batch"):
         run_tiny(tiny_config(tmp_path / "z", global_batch=128))
 
 
@@ -309,7 +368,7 @@ def test_grad_clip_and_ema(tmp_path):
     run_tiny(cfg)
     ck = ckpt_of(tmp_path)
     torch.manual_seed(7)
-    init = TinyModel(cfg["model"]).state_dict()
+    init = ToyGenerator.from_config(cfg["model"]).state_dict()
     for k in init:
         torch.testing.assert_close(ck["ema"][k], 0.5 * init[k] + 0.5 * ck["model"][k])
     assert json.loads((tmp_path / "log.jsonl").read_text())["grad_norm"] > 1e-3
@@ -326,13 +385,8 @@ class FakeVAE(nn.Module):
         z = torch.nn.functional.pixel_unshuffle(x, 2) * 2.0  # [B, 1, 8, 8] -> [B, 4, 4, 4]
         return z + torch.randn_like(z) * 0.1 if sample else z
 
-
-class FakeQuantizer:
-    def __init__(self, levels):
-        self.levels, self.kind = levels, "uniform"
-
-    def quantize(self, x):
-        return ((x.clamp(-1, 1) + 1) / 2 * (self.levels - 1)).round().long()
+    def decode(self, z):
+        return z.mean(1, keepdim=True).tanh()
 
 
 def fake_images(n=10):
@@ -340,95 +394,121 @@ def fake_images(n=10):
     return TensorDataset(torch.rand(n, 1, 8, 8, generator=g) * 2 - 1, torch.arange(n) % 3)
 
 
+UNIFORM = {"levels": 64, "kind": "uniform", "value_range": (-1.0, 1.0)}
+
+
 def test_cache_latents_round_trip(tmp_path):
     ds = fake_images()
-    out = T.cache_latents("fake", tmp_path / "tok.safetensors", data="fake", quantizer=FakeQuantizer(64),
-                          batch_size=4, vae=FakeVAE(), dataset=ds, store_latents=True)
+    data = DataConfig(vae="fake", encode_batch=4)
+    out = cache_latents(data, tmp_path / "tok.safetensors", quantizer=UNIFORM, vae=FakeVAE(), dataset=ds)
     assert not list(tmp_path.glob("*.tmp"))
-    tok = T.CachedTokens(out)
+    tok = CachedTokens(out)
     assert tok.indices.dtype == torch.uint8 and tok.indices.shape == (10, 4, 4, 4) and tok.grid_shape == (4, 4, 4)
     images, labels = ds.tensors
-    expected = FakeQuantizer(64).quantize(FakeVAE().encode(images).permute(0, 2, 3, 1))
+    expected = DimensionwiseQuantizer(**UNIFORM).quantize(FakeVAE().encode(images).permute(0, 2, 3, 1))
     assert torch.equal(tok.indices.long(), expected)
     assert torch.equal(tok.labels, labels)
     assert tok.latents.shape == (10, 4, 4, 4) and torch.allclose(tok.latents, FakeVAE().encode(images))
     assert tok.levels == 64 and tok.scaling_factor == 0.5 and tok.num_classes == 3
-    assert tok.metadata["vae"] == "fake" and tok.quantizer_config["kind"] == "uniform"
+    assert tok.vae == "fake" and tok.quantizer_config["kind"] == "uniform"
+    assert tok.vae_fingerprint == vae_fingerprint(FakeVAE())  # the VAE that made the tokens is recorded
     x, y = tok[3]
     assert x.dtype == torch.long and x.shape == (4, 4, 4) and int(y) == 0
 
     # more than 256 levels -> int16; posterior sampling is reproducible from the seed
-    big = T.cache_latents("fake", tmp_path / "big.safetensors", quantizer=FakeQuantizer(300), vae=FakeVAE(),
-                          dataset=ds, sample_posterior=True, limit=6)
-    s1 = T.CachedTokens(big)
-    assert s1.indices.dtype == torch.int16 and len(s1) == 6 and s1.latents is None
-    again = T.cache_latents("fake", tmp_path / "big2.safetensors", quantizer=FakeQuantizer(300), vae=FakeVAE(),
-                            dataset=ds, sample_posterior=True, limit=6)
-    assert torch.equal(T.CachedTokens(again).indices, s1.indices)
+    big_q = {**UNIFORM, "levels": 300}
+    data = DataConfig(vae="fake", sample_posterior=True, store_latents=False)
+    big = cache_latents(data, tmp_path / "big.safetensors", quantizer=big_q, vae=FakeVAE(), dataset=ds)
+    s1 = CachedTokens(big)
+    assert s1.indices.dtype == torch.int16 and len(s1) == 10 and s1.latents is None
+    again = cache_latents(data, tmp_path / "big2.safetensors", quantizer=big_q, vae=FakeVAE(), dataset=ds)
+    assert torch.equal(CachedTokens(again).indices, s1.indices)
 
-    # the trainer reads the token file through the data section
+    # the trainer reads the token file through the data section and records where it came from
     cfg = tiny_config(tmp_path / "run", steps=2, global_batch=4)
     cfg["model"] = {"levels": 64}
     cfg["data"] = {"source": "tokens", "tokens": str(out)}
-    assert T.train(cfg, model_fn=TinyModel)["step"] == 2
+    assert T.train(cfg)["step"] == 2
+    provenance = ckpt_of(tmp_path / "run")["provenance"]
+    assert provenance == {"tokens": str(out), "vae": "fake", "vae_fingerprint": vae_fingerprint(FakeVAE())}
 
 
 def test_cached_tokens_bad_files(tmp_path):
-    from safetensors.torch import save_file
-
-    out = T.cache_latents("fake", tmp_path / "tok.safetensors", quantizer=FakeQuantizer(16), vae=FakeVAE(),
-                          dataset=fake_images())
+    out = cache_latents(DataConfig(), tmp_path / "tok.safetensors", quantizer={**UNIFORM, "levels": 16},
+                        vae=FakeVAE(), dataset=fake_images())
     data = out.read_bytes()
     (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="corrupt"):
-        T.CachedTokens(tmp_path / "cut.safetensors")
+        CachedTokens(tmp_path / "cut.safetensors")
     (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 5)
     with pytest.raises(ValueError, match="corrupt"):
-        T.CachedTokens(tmp_path / "junk.safetensors")
+        CachedTokens(tmp_path / "junk.safetensors")
     save_file({"indices": torch.zeros(2, 1, 1, 1, dtype=torch.uint8)}, str(tmp_path / "plain.safetensors"))
     with pytest.raises(ValueError, match="not a tokenbridge token file"):
-        T.CachedTokens(tmp_path / "plain.safetensors")
-    meta = {"format": T.TOKENS_FORMAT, "levels": "4", "quantizer": "{}"}
+        CachedTokens(tmp_path / "plain.safetensors")
+    meta = {"format": TOKENS_FORMAT, "levels": "4", "quantizer": "{}"}
     save_file({"indices": torch.zeros(2, 3, dtype=torch.uint8), "labels": torch.zeros(2, dtype=torch.int64)},
               str(tmp_path / "shape.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="indices must be"):
-        T.CachedTokens(tmp_path / "shape.safetensors")
+        CachedTokens(tmp_path / "shape.safetensors")
     save_file({"indices": torch.full((2, 1, 1, 1), 9, dtype=torch.uint8), "labels": torch.zeros(2, dtype=torch.int64)},
               str(tmp_path / "range.safetensors"), metadata=meta)
     with pytest.raises(ValueError, match="outside"):
-        T.CachedTokens(tmp_path / "range.safetensors")
+        CachedTokens(tmp_path / "range.safetensors")
     with pytest.raises(FileNotFoundError):
-        T.CachedTokens(tmp_path / "missing.safetensors")
+        CachedTokens(tmp_path / "missing.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # (g) config loading and overrides
 
 
-def test_load_config_overrides(tmp_path):
+def test_overrides_and_yaml(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("out_dir: runs/x\nmodel:\n  depth: 2\ntrain:\n  lr: 1e-4\n  betas: [0.9, 0.95]\n")
-    cfg = T.load_config(path, ["train.lr=3e-4", "model.depth=4", "train.betas=[0.8, 0.9]", "new.sub.key=abc",
-                               "data.tokens=null", "train.bf16=false", "seed=3"])
+    cfg = apply_overrides(read_yaml(path), ["train.lr=3e-4", "model.depth=4", "train.betas=[0.8, 0.9]",
+                                            "new.sub.key=abc", "data.tokens=null", "train.bf16=false", "seed=3"])
     assert cfg["train"]["lr"] == 3e-4 and isinstance(cfg["train"]["lr"], float)
     assert cfg["model"]["depth"] == 4 and cfg["train"]["betas"] == [0.8, 0.9]
     assert cfg["new"]["sub"]["key"] == "abc" and cfg["data"]["tokens"] is None
     assert cfg["train"]["bf16"] is False and cfg["seed"] == 3
-    assert T.load_config(path)["train"]["lr"] == 1e-4  # YAML "1e-4" is a float here
-    with pytest.raises(ValueError, match="key.sub=value"):
-        T.load_config(path, ["train.lr"])
-    with pytest.raises(ValueError, match="not a section"):
-        T.load_config(path, ["out_dir.x=1"])
+    assert read_yaml(path)["train"]["lr"] == 1e-4  # YAML "1e-4" is a float here
+    with pytest.raises(ConfigError, match="key.sub=value"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"out_dir": "x"}, ["out_dir.x=1"])
     with pytest.raises(FileNotFoundError):
-        T.load_config(tmp_path / "nope.yaml")
+        read_yaml(tmp_path / "nope.yaml")
+
+
+SHIPPED_CONFIG = Path(T.__file__).parents[1] / "configs" / "fmnist.yaml"
 
 
 def test_shipped_fmnist_config_parses():
-    cfg = T.load_config(Path(T.__file__).parents[1] / "configs" / "fmnist.yaml")
-    train = T._section(cfg, "train", T.DEFAULT_TRAIN)
-    T._section(cfg, "data", T.DEFAULT_DATA)
-    assert train["grad_clip"] == 3.0 and train["betas"] == [0.9, 0.95] and cfg["seed"] == 0
-    assert cfg["data"]["source"] == "tokens" and cfg["data"]["tokens"].startswith("runs/")
+    run = T.load_run_config(SHIPPED_CONFIG)
+    assert run == T.load_run_config("fmnist")  # the package ships its configs; the repository links to them
+    assert run.train.grad_clip == 3.0 and run.train.betas == (0.9, 0.95) and run.seed == 0
+    assert run.data.source == "tokens" and run.data.tokens.startswith("runs/")
+    assert run.model["backbone"]["width"] == 192 and run.model["head"]["order"] == "frequency"
+    assert run.sample == {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"}
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trian.steps=5", "unknown config key 'trian'"),
+    ("train.steps=abc", "'train.steps' = 'abc': Input should be a valid integer"),
+    ("train.steps=2.7", "'train.steps' = 2.7: Input should be a valid integer"),
+    ("model.backbone.widht=3", "unknown config key 'model.backbone.widht' \\(known here: attn_dropout"),
+    ("model.head.kind=vq", "'model.head.kind' = 'vq'"),
+    ("model.quantizer.levels=1", "levels \\(B\\) must be an integer >= 2"),
+    ("model.preset=huge", "unknown tokenbridge preset"),
+    ("sample.temperature=nan", "'sample.temperature' = 'nan': Input should be a finite number"),
+    ("sample.order=rnd", "'sample.order' = 'rnd': Input should be 'random' or 'confidence'"),
+    ("data.limit=-5", "'data.limit' = -5: Input should be greater than 0"),
+    ("family=gan", "unknown generator family"),
+])
+def test_bad_config_names_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        T.load_run_config(SHIPPED_CONFIG, [override])
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -439,26 +519,35 @@ def test_shipped_fmnist_config_parses():
 def test_real_generator_trains_from_token_file(tmp_path, calibration):
     g = torch.Generator().manual_seed(0)
     ds = TensorDataset(torch.randn(64, 1, 8, 8, generator=g).clamp(-1, 1), torch.arange(64) % 10)
-    quant = DimensionwiseQuantizer(levels=16, calibration=calibration)
-    out = T.cache_latents("fake", tmp_path / "tok.safetensors", quantizer=quant, vae=FakeVAE(), dataset=ds,
-                          batch_size=32, fit_samples=40)
-    tok = T.CachedTokens(out)
+    quantizer = {"levels": 16, "calibration": calibration}
+    out = cache_latents(DataConfig(encode_batch=32), tmp_path / "tok.safetensors", quantizer=quantizer,
+                        vae=FakeVAE(), dataset=ds, fit_samples=40)
+    tok = CachedTokens(out)
     assert tok.quantizer_config["calibration"] == calibration and tok.grid_shape == (4, 4, 4)
-    rebuilt = tok.make_quantizer()
+    quant = tok.make_quantizer()
+    assert quant.fitted
     x = FakeVAE().encode(ds.tensors[0][:4]).permute(0, 2, 3, 1).contiguous()
-    assert torch.equal(rebuilt.quantize(x), quant.quantize(x))
+    if calibration != "none":  # fitted on the data: not the plain N(0, 1) bins
+        assert not torch.equal(quant.quantize(x), DimensionwiseQuantizer(levels=16).quantize(x))
 
-    model = {"grid_size": [4, 4], "channels": 4, "num_classes": 10, "levels": 16, "quantizer_calibration": calibration,
-             "backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2, "buffer_size": 2},
-             "head": {"width": 16, "depth": 1, "num_heads": 2}}
+    model = {"preset": "tiny", "quantizer": quantizer,
+             "backbone": {"grad_checkpointing": True}, "head": {"order": "frequency"}}
     cfg = {"out_dir": str(tmp_path / "run"), "model": model, "data": {"tokens": str(out)},
-           "train": {"steps": 3, "global_batch": 16, "lr": 1e-3, "ckpt_every": 2, "device": "cpu",
-                     "grad_checkpointing": True}}
+           "train": {"steps": 3, "global_batch": 16, "lr": 1e-3, "ckpt_every": 2, "device": "cpu"}}
+    with pytest.raises(ConfigError, match="'model.grid_size' = \\[8, 8\\] but the token file"):
+        T.train(cfg)  # the tiny preset is sized for the fmnist VAE's 8x8 grid
+    model.update(grid_size=[4, 4], channels=4)
     metrics = T.train(cfg)
     assert metrics["step"] == 3 and math.isfinite(metrics["loss"])
-    gen = T.load_model_from_checkpoint(tmp_path / "run" / T.CHECKPOINT_NAME)
+    gen = C.load_generator(tmp_path / "run" / C.CHECKPOINT_NAME)
     assert torch.equal(gen.quantizer.quantize(x), quant.quantize(x))  # the fitted calibration travels with the model
+    assert sorted(gen.config["head"]["order"]) == [0, 1, 2, 3]  # "frequency" resolved from the cached latents
+    # cache_latents got a VAE object: the spec recorded is the data section's, the fingerprint that object's
+    assert gen.provenance["vae"] == "fmnist" and gen.provenance["vae_fingerprint"] == vae_fingerprint(FakeVAE())
+    with pytest.raises(ValueError, match="trained on the VAE 'fmnist' .* but the VAE 'fmnist' has fingerprint"):
+        generate(gen, [0])  # the real fmnist VAE is not the one that made these tokens
+    assert generate(gen, [0], vae=FakeVAE(), num_iter=2)["images"].shape == (1, 1, 4, 4)
 
-    bad = {**cfg, "out_dir": str(tmp_path / "bad"), "model": {**model, "levels": 32}}
-    with pytest.raises(ValueError, match="disagree"):
+    bad = {**cfg, "out_dir": str(tmp_path / "bad"), "model": {**model, "quantizer": {"levels": 32}}}
+    with pytest.raises(ConfigError, match="disagrees with the token file"):
         T.train(bad)

@@ -1,23 +1,24 @@
 import gzip
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from tokenbridge.data import fashion_mnist_root
+from tokenbridge.autoencoder import PRESETS, AutoencoderKL, AutoencoderKLConfig, build_vae
+from tokenbridge.data import as_tensors, fashion_mnist_root
 from tokenbridge.metrics import psnr
 from tokenbridge.vae import (
     FMNIST_WEIGHTS,
-    PRESETS,
-    AutoencoderKL,
-    AutoencoderKLConfig,
-    build_vae,
     load_kl16,
     load_vae,
     read_vae_metadata,
     save_vae,
     train_vae,
+    vae_fingerprint,
 )
 
 TINY = AutoencoderKLConfig(
@@ -170,8 +171,6 @@ def test_sampling_uses_posterior():
 @pytest.mark.skipif(not FMNIST_WEIGHTS.is_file(), reason="shipped fmnist weights not trained yet")
 @pytest.mark.skipif(not (fashion_mnist_root() / "t10k-images-idx3-ubyte.gz").is_file(), reason="no Fashion-MNIST")
 def test_shipped_fmnist_vae():
-    from tokenbridge.data import as_tensors
-
     vae = load_vae("fmnist")
     assert (vae.latent_channels, vae.stride, vae.image_channels) == (4, 4, 1)
     assert FMNIST_WEIGHTS.stat().st_size < 5e6
@@ -226,3 +225,91 @@ def test_diffusers_folder_is_wrapped_with_its_scaling_factor(tmp_path):
         vae.encode(torch.rand(2, 1, 16, 16))  # wrong channel count
     with pytest.raises(FileNotFoundError, match="not found"):
         load_vae(f"diffusers:{tmp_path / 'missing'}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# vae_fingerprint
+
+
+def _tiny_vae(seed: int = 0) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    return build_vae("fmnist", ch=4, ch_mult=(1, 2), norm_groups=2, resolution=8).eval()
+
+
+def test_fingerprint_format_and_golden_value():
+    vae = _tiny_vae()
+    with torch.no_grad():  # weights independent of torch's RNG and kernels
+        for i, t in enumerate(vae.state_dict().values()):
+            t.copy_(((torch.arange(t.numel()) % 17 - 8) * (i + 1)).reshape(t.shape) / 64)  # exact in float32
+    fp = vae_fingerprint(vae)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert fp == vae_fingerprint(vae)
+    assert fp == "25209163b2a96169"  # changing the definition invalidates fingerprints stored with trained generators
+
+
+def test_fingerprint_changes_with_any_weight():
+    vae = _tiny_vae()
+    base = vae_fingerprint(vae)
+    state = vae.state_dict()
+    seen = {base}
+    with torch.no_grad():
+        for key, tensor in state.items():
+            flat = tensor.view(-1)
+            old = flat[-1].clone()
+            flat[-1] += 1e-3
+            fp = vae_fingerprint(vae)
+            assert fp not in seen, key
+            seen.add(fp)
+            flat[-1] = old
+    assert vae_fingerprint(vae) == base
+    assert vae_fingerprint(_tiny_vae(seed=1)) != base
+    assert vae_fingerprint(_tiny_vae().to(torch.bfloat16)) != base  # same weights, other storage dtype
+
+
+def test_fingerprint_stable_across_loads_and_processes(tmp_path):
+    vae = _tiny_vae()
+    path = save_vae(vae, tmp_path / "tiny.safetensors")
+    fp = vae_fingerprint(vae)
+    assert vae_fingerprint(load_vae(str(path))) == fp == vae_fingerprint(load_vae(str(path)))
+    ckpt = tmp_path / "tiny.ckpt"
+    torch.save({"model": vae.state_dict()}, ckpt)
+    same = load_kl16(ckpt, config=vae.config, scaling_factor=vae.scaling_factor)
+    assert vae_fingerprint(same) == fp  # same weights and scale through the kl16 loader
+    assert vae_fingerprint(load_kl16(ckpt, config=vae.config, scaling_factor=0.5)) != fp  # another latent scale
+    code = f"from tokenbridge.vae import load_vae, vae_fingerprint; print(vae_fingerprint(load_vae({str(path)!r})))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.strip() == fp
+
+
+def test_fingerprint_rejects_meta_weights():
+    with torch.device("meta"):
+        vae = AutoencoderKL(TINY)
+    with pytest.raises(ValueError, match="meta"):
+        vae_fingerprint(vae)
+
+
+@pytest.mark.skipif(not FMNIST_WEIGHTS.is_file(), reason="shipped fmnist weights not trained yet")
+def test_fingerprint_of_shipped_fmnist_vae():
+    first, second = load_vae("fmnist"), load_vae("fmnist")
+    assert vae_fingerprint(first) == vae_fingerprint(second)
+    assert vae_fingerprint(first) != vae_fingerprint(build_vae("fmnist"))
+
+
+def test_fingerprint_of_diffusers_wrapper_hashes_the_wrapped_model(tmp_path):
+    diffusers = pytest.importorskip("diffusers", reason="the diffusers wrapper needs diffusers (dev extra)")
+    torch.manual_seed(0)
+    model = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
+        latent_channels=4, norm_num_groups=4, sample_size=16,
+    ).eval()
+    model.save_pretrained(tmp_path / "vae")
+    vae = load_vae(f"diffusers:{tmp_path / 'vae'}")
+    keys = vae.state_dict().keys()
+    assert set(keys) == {f"model.{k}" for k in model.state_dict()}
+    fp = vae_fingerprint(vae)
+    assert fp == vae_fingerprint(load_vae(f"diffusers:{tmp_path / 'vae'}"))
+    with torch.no_grad():
+        next(vae.model.parameters()).view(-1)[0] += 1e-3
+    assert vae_fingerprint(vae) != fp

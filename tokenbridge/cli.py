@@ -1,4 +1,7 @@
-"""`tokenbridge` command line: one subcommand per job; each one is a thin wrapper over the library."""
+"""`tokenbridge` command line: one subcommand per job; each one is a thin wrapper over the library.
+
+Options left out take the library's defaults (the function each command calls holds them); `--help` says which.
+"""
 from __future__ import annotations
 
 import argparse
@@ -6,128 +9,137 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
+
+from .checkpoint import export_weights, load_generator
+from .classifier import class_accuracy, classifier_metrics, load_classifier, train_classifier
+from .config import ConfigError, DataConfig, RunConfig, apply_overrides, validate
+from .data import ImageFolder, as_tensors
+from .generate import generate, save_samples
+from .images import from_uint8
+from .inception import InceptionFID
+from .metrics import load_reference_stats
+from .reconstruct import run_reconstruct
+from .repro import run_repro
+from .tokens import cache_latents
+from .train import load_run_config, train
+from .vae import load_vae, train_vae
 
 
 def _device(name: str | None) -> str:
-    if name:
-        return name
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
+    """{keyword: value} for the options that were given (not None); names maps keyword -> argparse dest."""
+    return {key: getattr(args, dest) for key, dest in names.items() if getattr(args, dest) is not None}
 
 
 # ---------------------------------------------------------------------------------------------- reconstruct
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    from .data import ImageFolder, as_tensors
-    from .reconstruct import run_reconstruct
-    from .vae import load_vae
-
     device = _device(args.device)
     vae = load_vae(args.vae, device=device).eval()
     features, fd_name, fit_latents = None, "FD", None
     if args.images:
         folder = ImageFolder(args.images, resolution=args.resolution, channels=vae.image_channels)
-        count = min(args.num_images, len(folder))
-        images = torch.stack([folder[i][0] for i in range(count)])
+        images = torch.stack([folder[i][0] for i in range(min(args.num_images, len(folder)))])
     else:
-        from .metrics import load_classifier
-
         images, _ = as_tensors("test", limit=args.num_images)
-        classifier = load_classifier(device=device)
-        features, fd_name = classifier.features, "FD (classifier features)"
+        features, fd_name = load_classifier(device=device).features, "FD (classifier features)"
         with torch.no_grad():  # calibrated quantizers are fitted on training images, not the evaluated ones
             train_images, _ = as_tensors("train", limit=2000)
             fit_latents = torch.cat([vae.encode(train_images[i:i + 500].to(device)).cpu()
                                      for i in range(0, len(train_images), 500)])
-    rows, table = run_reconstruct(vae, images, args.out, features=features, fd_name=fd_name,
-                                  fit_latents=fit_latents, levels=args.levels, ranges=args.ranges,
-                                  batch_size=args.batch_size, device=device)
+    _, table = run_reconstruct(vae, images, args.out, features=features, fd_name=fd_name, fit_latents=fit_latents,
+                               device=device, **_given(args, levels="levels", ranges="ranges", batch_size="batch_size"))
     print(table)
     print(f"\nwrote {args.out}/table1.md, reconstruction_grid.png, latent_histograms.png")
 
 
-# ---------------------------------------------------------------------------------------------- train-vae
+# ---------------------------------------------------------------------------------------------- train-vae / classifier
 def cmd_train_vae(args: argparse.Namespace) -> None:
-    from .vae import train_vae
+    train_vae(args.out, device=_device(args.device),
+              **_given(args, steps="steps", batch_size="batch_size", lr="lr", kl_weight="kl_weight", seed="seed"))
+    print(f"wrote {args.out}")
 
-    train_vae(out_path=args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-              kl_weight=args.kl_weight, seed=args.seed, device=_device(args.device))
 
-
-# ---------------------------------------------------------------------------------------------- train-classifier
 def cmd_train_classifier(args: argparse.Namespace) -> None:
-    from .metrics import train_classifier
-
-    result = train_classifier(out_path=args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                              seed=args.seed, device=_device(args.device), threads=args.threads)
+    result = train_classifier(args.out, device=_device(args.device),
+                              **_given(args, epochs="epochs", batch_size="batch_size", lr="lr", seed="seed",
+                                       threads="threads"))
     print(f"test accuracy {result['test_accuracy']:.4f}, {result['train_seconds']:.0f} s -> {args.out}")
 
 
 # ---------------------------------------------------------------------------------------------- cache-latents
+def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
+    """(data section, quantizer kwargs, output path) from a run config (--config) or from the options alone."""
+    if args.config:
+        run = load_run_config(args.config, args.overrides)
+        out = args.out or run.data.tokens
+        if not out:
+            raise ConfigError(f"{args.config} sets no data.tokens: give --out")
+        return run.data, run.model["quantizer"], out
+    if args.overrides:
+        raise ConfigError(f"key=value overrides {args.overrides} need --config")
+    if not args.out:
+        raise ConfigError("give --out (or --config, whose data.tokens names the file)")
+    data = validate(DataConfig, _given(args, vae="vae", dataset="data", split="split", limit="limit",
+                                       resolution="resolution", encode_batch="batch_size"), "data")
+    quantizer = _given(args, levels="levels", std_range="std_range", kind="kind")
+    if args.range is not None:
+        quantizer["value_range"] = (-args.range, args.range)
+    return data, quantizer, args.out
+
+
 def cmd_cache_latents(args: argparse.Namespace) -> None:
-    from .train import cache_latents
-
-    quantizer = dict(levels=args.levels, value_range=(-args.range, args.range), std_range=args.std_range,
-                     kind=args.kind)
-    path = cache_latents(args.vae, args.out, data=args.data, split=args.split, quantizer=quantizer,
-                         batch_size=args.batch_size, device=_device(args.device), resolution=args.resolution,
-                         limit=args.limit, store_latents=args.store_latents)
-    print(f"wrote {path}")
+    data, quantizer, out = _cache_job(args)
+    print(f"wrote {cache_latents(data, out, quantizer=quantizer, device=_device(args.device))}")
 
 
-# ---------------------------------------------------------------------------------------------- train
+# ---------------------------------------------------------------------------------------------- train / export
 def cmd_train(args: argparse.Namespace) -> None:
-    from .train import load_config, train
-
-    metrics = train(load_config(args.config, args.overrides), resume=not args.no_resume)
+    metrics = train(load_run_config(args.config, args.overrides), resume=not args.no_resume)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .train import export_weights
-
     print(f"wrote {export_weights(args.checkpoint, args.out, ema=not args.raw, half=args.half)}")
 
 
-# ---------------------------------------------------------------------------------------------- sample
+# ---------------------------------------------------------------------------------------------- sample / evaluate
 def cmd_sample(args: argparse.Namespace) -> None:
-    from .generate import generate, save_samples
-
     device = _device(args.device)
+    model = load_generator(device=device, **_given(args, spec="model"))
+    options = _given(args, num_iter="num_iter", cfg="cfg", cfg_schedule="cfg_schedule", temperature="temperature",
+                     top_k="top_k", top_p="top_p", order="order")
     labels = [label for label in args.labels for _ in range(args.per_class)]
-    result = generate(args.model, args.vae, labels, num_iter=args.num_iter, cfg=args.cfg,
-                      cfg_schedule=args.cfg_schedule, temperature=args.temperature, top_k=args.top_k,
-                      top_p=args.top_p, order=args.order, seed=args.seed, device=device,
-                      batch_size=args.batch_size)
+    result = generate(model, labels, vae=args.vae, seed=args.seed, device=device, allow_other_vae=args.allow_other_vae,
+                      **_given(args, batch_size="batch_size"), **options)
     written = save_samples(result, args.out, nrow=args.per_class if args.per_class > 1 else 10,
                            show_confidence=args.show_confidence, npz=args.npz)
     for path in written:
         print(f"wrote {path}")
     if args.evaluate:
-        from .metrics import class_accuracy, load_classifier
-
         accuracy = class_accuracy(result["images"], torch.tensor(labels), classifier=load_classifier(device=device))
         print(f"classifier accuracy of the samples on their conditioning class: {accuracy:.3f} "
               f"({len(labels)} samples)")
 
 
-# ---------------------------------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    import numpy as np
-
     path = Path(args.samples)
     if not path.exists():
         raise FileNotFoundError(f"samples file not found: {path} (write one with `tokenbridge sample --npz`)")
     with np.load(path) as data:
         if "images" not in data:
             raise ValueError(f"{path} has no 'images' array (uint8 [N, H, W, C])")
-        images = torch.from_numpy(data["images"]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        images = from_uint8(data["images"])
         labels = torch.from_numpy(data["labels"]) if "labels" in data else None
     device = _device(args.device)
     if args.inception_weights:
-        from .metrics import InceptionFID, load_reference_stats
-
         if not args.reference:
             raise ValueError("--inception-weights needs --reference (an .npz with mu and sigma)")
         fid = InceptionFID(weights_path=args.inception_weights, device=device)
@@ -135,9 +147,6 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         fid.set_reference(*load_reference_stats(args.reference))
         result = {"fid": fid.compute(), "is": fid.inception_score()}
     else:
-        from .data import as_tensors
-        from .metrics import classifier_metrics
-
         real, _ = as_tensors("test")
         result = classifier_metrics(images, labels, real_images=real, device=device)
     result["num_samples"] = len(images)
@@ -146,91 +155,88 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- repro
 def cmd_repro(args: argparse.Namespace) -> None:
-    from .repro import run_repro
+    run_repro(args.name, device=_device(args.device), overrides=args.overrides,
+              **_given(args, out_dir="out", scale="scale"))
 
-    run_repro(args.name, out_dir=args.out, scale=args.scale, overrides=args.overrides, device=_device(args.device))
 
-
-# ---------------------------------------------------------------------------------------------- main
+# ---------------------------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenbridge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    lib = "(default: the library's)"
 
     p = sub.add_parser("reconstruct", help="paper Table 1: continuous VAE vs quantized at several B and ranges")
     p.add_argument("--vae", default="fmnist", help="fmnist (embedded), kl16:PATH, diffusers:FOLDER or a .safetensors")
     p.add_argument("--images", help="folder of your images (default: Fashion-MNIST test split)")
     p.add_argument("--resolution", type=int, default=256, help="crop/resize size for --images")
     p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--levels", type=int, nargs="+", default=[8, 16, 32, 64])
-    p.add_argument("--ranges", type=float, nargs="+", default=[2, 3, 4, 5])
-    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--levels", type=int, nargs="+", help=f"quantization levels B of the rows {lib}")
+    p.add_argument("--ranges", type=float, nargs="+", help=f"value ranges +-a of the rows {lib}")
+    p.add_argument("--batch-size", type=int, help=lib)
     p.add_argument("--out", default="out/reconstruct")
     p.add_argument("--device")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("train-vae", help="train the embedded Fashion-MNIST KL-VAE")
-    p.add_argument("--out", default="tokenbridge/weights/fmnist_vae.safetensors")
-    p.add_argument("--steps", type=int, default=1400)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--kl-weight", type=float, default=2e-3)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
+    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--kl-weight", float),
+                       ("--seed", int)):
+        p.add_argument(flag, type=kind, help=lib)
     p.add_argument("--device")
     p.set_defaults(func=cmd_train_vae)
 
     p = sub.add_parser("train-classifier", help="train the embedded evaluation classifier")
-    p.add_argument("--out", default="tokenbridge/weights/fmnist_classifier.safetensors")
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
+    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--seed", int), ("--threads", int)):
+        p.add_argument(flag, type=kind, help=lib)
     p.add_argument("--device")
     p.set_defaults(func=cmd_train_classifier)
 
-    p = sub.add_parser("cache-latents", help="encode + quantize a dataset once; indices stored as uint8")
-    p.add_argument("--vae", default="fmnist")
-    p.add_argument("--data", default="fmnist", help="fmnist or folder:PATH")
-    p.add_argument("--split", default="train")
-    p.add_argument("--out", default="runs/fmnist_tokens.safetensors")
-    p.add_argument("--levels", type=int, default=64)
-    p.add_argument("--range", type=float, default=5.0)
-    p.add_argument("--std-range", type=float, default=3.0)
-    p.add_argument("--kind", default="gaussian", choices=["gaussian", "uniform"])
-    p.add_argument("--resolution", type=int, default=32)
+    p = sub.add_parser("cache-latents", help="encode + quantize a dataset once (where `train --config` reads it)")
+    p.add_argument("--config", help="a run config: its data section and model.quantizer; writes data.tokens")
+    p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config")
+    p.add_argument("--out", help="token file to write (default with --config: data.tokens)")
+    p.add_argument("--vae", help="without --config: fmnist | kl16:PATH | diffusers:FOLDER | a .safetensors")
+    p.add_argument("--data", help="without --config: fmnist or folder:PATH")
+    p.add_argument("--split")
+    p.add_argument("--levels", type=int, help="quantization levels B")
+    p.add_argument("--range", type=float, help="value range +-a")
+    p.add_argument("--std-range", type=float)
+    p.add_argument("--kind", help="gaussian or uniform bins")
+    p.add_argument("--resolution", type=int)
     p.add_argument("--limit", type=int)
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--store-latents", action="store_true", help="also keep continuous latents (channel order)")
+    p.add_argument("--batch-size", type=int)
     p.add_argument("--device")
     p.set_defaults(func=cmd_cache_latents)
 
-    p = sub.add_parser("train", help="train the generator (works under torchrun for DDP)")
+    p = sub.add_parser("train", help="train a generator (works under torchrun for DDP)")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
     p.add_argument("--no-resume", action="store_true")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("export", help="checkpoint.pt -> shippable .safetensors (EMA weights + model config)")
+    p = sub.add_parser("export", help="checkpoint.pt -> self-describing .safetensors (EMA weights, config, VAE)")
     p.add_argument("checkpoint")
     p.add_argument("out")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--half", action="store_true", help="store float32 tensors as float16")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("sample", help="class-conditional samples from a generator")
-    p.add_argument("--model", default="fmnist", help="fmnist (embedded), a checkpoint.pt or exported .safetensors")
-    p.add_argument("--vae", default="fmnist")
+    p = sub.add_parser("sample", help="class-conditional samples from a generator of any family")
+    p.add_argument("--model", help="fmnist (embedded, the default), a checkpoint.pt or an exported .safetensors")
+    p.add_argument("--vae", help="default: the VAE the generator was trained on")
+    p.add_argument("--allow-other-vae", action="store_true", help="decode with a VAE other than the recorded one")
     p.add_argument("--labels", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--num-iter", type=int, default=16)
-    p.add_argument("--cfg", type=float, default=3.0)
-    p.add_argument("--cfg-schedule", default="linear", choices=["linear", "constant"])
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--order", default="random", choices=["random", "confidence"])
+    p.add_argument("--num-iter", type=int, help="sampling options: default the generator's recorded ones")
+    p.add_argument("--cfg", type=float)
+    p.add_argument("--cfg-schedule", help="linear or constant")
+    p.add_argument("--temperature", type=float)
+    p.add_argument("--top-k", type=int)
+    p.add_argument("--top-p", type=float)
+    p.add_argument("--order", help="random or confidence")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--batch-size", type=int, help=lib)
     p.add_argument("--out", default="out/samples")
     p.add_argument("--show-confidence", action="store_true", help="also write the per-token confidence maps")
     p.add_argument("--npz", action="store_true", help="also write the images as a uint8 .npz")
@@ -248,8 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("repro", help="reproduce a paper table/figure at small scale into docs/results/")
     p.add_argument("name", help="table1, table2a..table2e, table5, fig8 or all")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
-    p.add_argument("--scale", default="small", help="tiny (smoke test), small (2 CPU cores) or paper (GPUs)")
-    p.add_argument("--out", default="docs/results")
+    p.add_argument("--scale", help=f"tiny (smoke test), small (2 CPU cores) or paper (GPUs) {lib}")
+    p.add_argument("--out", help=f"results folder {lib}")
     p.add_argument("--device")
     p.set_defaults(func=cmd_repro)
     return parser

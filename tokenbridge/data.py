@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from .images import from_uint8
+
 DEFAULT_FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_ENV = "TOKENBRIDGE_FASHION_MNIST"
 FASHION_MNIST_CLASSES = (
@@ -91,7 +93,7 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike | None = No
 
 def to_model_images(images: np.ndarray | torch.Tensor, pad_to: int = 32) -> torch.Tensor:
     """uint8 [N, H, W] -> float [N, 1, pad_to, pad_to] in [-1, 1], padded with -1 (the black background)."""
-    x = torch.as_tensor(np.asarray(images)).float().div_(127.5).sub_(1.0).unsqueeze(1)
+    x = from_uint8(images)
     h, w = x.shape[-2:]
     if h > pad_to or w > pad_to:
         raise ValueError(f"images {h}x{w} are larger than pad_to={pad_to}")
@@ -162,7 +164,5 @@ class ImageFolder(Dataset):
             s = min(w, h)
             left, top = (w - s) // 2, (h - s) // 2
             im = im.crop((left, top, left + s, top + s)).resize((self.resolution,) * 2, Image.BICUBIC)
-            arr = np.asarray(im, dtype=np.float32)
-        x = torch.from_numpy(arr / 127.5 - 1.0).clamp_(-1.0, 1.0)
-        x = x.unsqueeze(0) if x.ndim == 2 else x.permute(2, 0, 1)
-        return x.contiguous(), label
+            arr = np.array(im)[None]  # uint8 [1, R, R] ("L") or [1, R, R, 3] ("RGB"), writable
+        return from_uint8(arr)[0], label

@@ -1,73 +1,76 @@
-"""Engine for `tokenbridge sample`: load a generator and a VAE, sample token grids, decode, write files."""
+"""The sampling entry point for every generator family: load a generator and the VAE it was trained on, sample,
+decode, write files.
+
+    result = generate("fmnist", labels=[0, 1, 2], cfg=3.0)   # images [3, 3, 32, 32] in [-1, 1]
+"""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
+from .checkpoint import load_generator
 from .files import atomic_path
-from .images import save_image_grid
-from .model import TokenBridgeGenerator, build_generator
-
-WEIGHTS = Path(__file__).parent / "weights"
-FMNIST_GENERATOR = WEIGHTS / "fmnist_generator.safetensors"
+from .generators import check_sample_options
+from .images import save_image_grid, to_uint8
+from .vae import VAE, load_vae, vae_fingerprint
 
 
-def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.device = "cpu") -> TokenBridgeGenerator:
-    """Load a generator in eval mode from "fmnist" (the shipped embedded model), an exported `.safetensors`
-    (model config in its metadata) or a training `checkpoint.pt` (its EMA weights)."""
-    path = FMNIST_GENERATOR if str(spec) == "fmnist" else Path(spec)
-    if not path.exists():
-        raise FileNotFoundError(f"generator weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+def sampling_defaults(model: nn.Module) -> dict[str, Any]:
+    """The sampling options a generator records (its run config's ``sample`` section), validated."""
+    return check_sample_options(type(model), getattr(model, "provenance", {}).get("sample") or {})
 
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if "config" not in metadata:
-            raise ValueError(f"{path} has no 'config' metadata; export it with tokenbridge.train.export_weights")
-        model = build_generator(json.loads(metadata["config"]))
-        model.load_state_dict(load_file(str(path)))
-        return model.to(device).eval()
-    from .train import load_model_from_checkpoint
 
-    return load_model_from_checkpoint(path, ema=True, device=device)
+def resolve_vae(model: nn.Module, vae: str | VAE | None = None, device: str | torch.device = "cpu",
+                allow_other_vae: bool = False) -> VAE:
+    """The VAE to decode ``model``'s latents: the recorded one when ``vae`` is None. A VAE whose weights differ
+    from the recorded fingerprint is refused (its latents mean something else) unless ``allow_other_vae``."""
+    record = getattr(model, "provenance", {})
+    recorded, fingerprint = record.get("vae"), record.get("vae_fingerprint")
+    if vae is None:
+        if recorded is None:
+            raise ValueError("this generator does not record its VAE: name one (--vae / vae=)")
+        vae = recorded
+    name = vae if isinstance(vae, str) else type(vae).__name__
+    vae = load_vae(vae, device=device) if isinstance(vae, str) else vae.to(device)
+    if fingerprint and not allow_other_vae:
+        found = vae_fingerprint(vae)
+        if found != fingerprint:
+            raise ValueError(f"the generator was trained on the VAE {recorded!r} (weights fingerprint {fingerprint}), "
+                             f"but the VAE {name!r} has fingerprint {found}: its latents would decode to garbage. "
+                             "Use the recorded VAE, or pass --allow-other-vae (allow_other_vae=True) to insist")
+    return vae.eval()
 
 
 @torch.no_grad()
-def generate(model: str | TokenBridgeGenerator, vae, labels: Sequence[int], num_iter: int = 16, cfg: float = 3.0,
-             cfg_schedule: str = "linear", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             order: str = "random", seed: int = 0, device: str | torch.device = "cpu",
-             batch_size: int = 256) -> dict[str, torch.Tensor]:
-    """Sample class-conditional images.
+def generate(model: str | os.PathLike | nn.Module, labels: Sequence[int], vae: str | VAE | None = None,
+             seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 256,
+             allow_other_vae: bool = False, **options: Any) -> dict[str, torch.Tensor]:
+    """Sample class-conditional images from a generator of any family.
 
-    Args:
-        model: a generator or a spec for `load_generator`; vae: a VAE or a spec for `tokenbridge.vae.load_vae`.
-        labels: one class index per image.
-    Returns:
-        dict(images [N, Ci, H, W] in [-1, 1], indices [N, h, w, C], confidence [N, h, w], labels [N]), on CPU.
+    model: a generator or a spec for `load_generator` ("fmnist", a checkpoint.pt, an exported .safetensors).
+    labels: one class index per image. vae: None = the VAE the generator was trained on (`resolve_vae`).
+    options: the family's sampling options (e.g. num_iter, cfg, temperature); unset ones take the generator's
+    recorded defaults, then its ``sample`` signature's. Returns dict(images [N, Ci, H, W] in [-1, 1], labels [N],
+    plus the family's per-sample outputs such as indices and confidence), on the CPU.
     """
-    from .vae import load_vae
-
-    model = load_generator(model, device) if not isinstance(model, torch.nn.Module) else model.to(device).eval()
-    vae = load_vae(vae, device=device) if isinstance(vae, str) else vae.to(device).eval()
+    model = load_generator(model, device) if not isinstance(model, nn.Module) else model.to(device).eval()
+    options = {**sampling_defaults(model), **check_sample_options(type(model), options, prefix="sampling option")}
+    vae = resolve_vae(model, vae, device, allow_other_vae)
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     if labels.numel() == 0:
         raise ValueError("no labels given: pass at least one class index")
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = []
     for start in range(0, len(labels), batch_size):
-        out = model.sample(labels[start:start + batch_size].to(device), num_iter=num_iter, cfg=cfg,
-                           cfg_schedule=cfg_schedule, temperature=temperature, top_k=top_k, top_p=top_p,
-                           order=order, generator=generator)
-        out["images"] = vae.decode(out["latents"]).clamp(-1, 1)
+        out = model.sample(labels[start:start + batch_size].to(device), generator=generator, **options)
+        out["images"] = vae.decode(out.pop("latents")).clamp(-1, 1)
         chunks.append({k: v.cpu() for k, v in out.items()})
-    result = {k: torch.cat([c[k] for c in chunks]) for k in ("images", "indices", "confidence")}
+    result = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     result["labels"] = labels
     return result
 
@@ -83,20 +86,21 @@ def confidence_images(confidence: torch.Tensor, size: int) -> torch.Tensor:
 
 def save_samples(result: dict, out_dir: str | Path, nrow: int = 8, show_confidence: bool = False,
                  npz: bool = False) -> list[Path]:
-    """Write samples.png (and confidence.png, samples.npz); returns the written paths."""
+    """Write samples.png (and confidence.png when the family reports confidence, samples.npz); returns the paths."""
     out_dir = Path(out_dir)
     images = result["images"]
     written = [save_image_grid(images, out_dir / "samples.png", nrow=nrow, scale=3)]
-    if show_confidence:
+    if show_confidence and "confidence" in result:
         maps = confidence_images(result["confidence"], images.shape[-1])
         if images.shape[1] == 3:
             maps = maps.expand(-1, 3, -1, -1)
         written.append(save_image_grid(maps, out_dir / "confidence.png", nrow=nrow, scale=3))
     if npz:
         path = out_dir / "samples.npz"
-        array = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        indices = result["indices"].numpy().astype(np.uint8 if result["indices"].max() < 256 else np.int32)
+        arrays = {"images": to_uint8(images), "labels": result["labels"].numpy()}
+        if "indices" in result:
+            arrays["indices"] = result["indices"].numpy().astype(np.uint8 if result["indices"].max() < 256 else np.int32)
         with atomic_path(path) as tmp, open(tmp, "wb") as f:
-            np.savez(f, images=array, labels=result["labels"].numpy(), indices=indices)
+            np.savez(f, **arrays)
         written.append(path)
     return written

@@ -5,7 +5,8 @@
 - GroupedHead: the same transformer over C/g groups of g channels, each group one levels**g-way classification
   (paper Table 2d).
 - ParallelHead: C independent classifiers from z, no inter-channel dependency (paper Table 2a).
-- DiffusionHead: MAR's continuous-token diffusion MLP (the speed baseline of paper Table 5).
+- DiffusionHead (in `diffusion.py`, built here by `build_head("diffusion", ...)`): MAR's continuous-token
+  diffusion MLP (the speed baseline of paper Table 5).
 
 Shapes: z [N, z_dim] float; indices [N, C] long in [0, levels), always in natural channel order.
 Classifier-free guidance: `sample(z, cfg=...)` takes 2N rows of z (first N conditional, last N unconditional)
@@ -14,27 +15,21 @@ and returns N rows.
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["DimensionwiseARHead", "GroupedHead", "ParallelHead", "DiffusionHead", "build_head"]
+from .diffusion import DiffusionHead
+from .layers import AdaLNBlock, KVCache, cfg_rows, check_z, guide, modulate
+
+__all__ = ["DimensionwiseARHead", "GroupedHead", "ParallelHead", "build_head"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # input checks and sampling helpers
-
-
-def _check_z(z: Tensor, z_dim: int) -> None:
-    if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[1] != z_dim:
-        shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-        raise ValueError(f"z must have shape [N, z_dim={z_dim}], got {shape}")
-    if not z.is_floating_point():
-        raise ValueError(f"z must be a float tensor, got dtype {z.dtype}")
 
 
 def _check_indices(indices: Tensor, num_rows: int, num_channels: int, levels: int) -> None:
@@ -47,21 +42,6 @@ def _check_indices(indices: Tensor, num_rows: int, num_channels: int, levels: in
         raise ValueError(
             f"indices must lie in [0, levels={levels}), got range [{int(indices.min())}, {int(indices.max())}]"
         )
-
-
-def _cfg_rows(z: Tensor, cfg: float | Tensor | None) -> tuple[int, Tensor | None]:
-    """Number of output rows and the guidance scale as a [N, 1] tensor (None without guidance)."""
-    if cfg is None:
-        return z.shape[0], None
-    if z.shape[0] % 2:
-        raise ValueError(f"with cfg, z must stack N conditional and N unconditional rows; got {z.shape[0]} rows")
-    n = z.shape[0] // 2
-    scale = torch.as_tensor(cfg, dtype=z.dtype, device=z.device)
-    if scale.dim() == 0:
-        scale = scale.expand(n)
-    if scale.shape != (n,):
-        raise ValueError(f"cfg must be a float or a tensor of shape [N={n}], got shape {tuple(scale.shape)}")
-    return n, scale[:, None]
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
@@ -111,83 +91,62 @@ def _pick(
     return tokens, logp.gather(-1, tokens[..., None])[..., 0]
 
 
-def _guide(logits: Tensor, scale: Tensor | None) -> Tensor:
-    """Classifier-free guidance on stacked [cond; uncond] rows: l_u + cfg * (l_c - l_u)."""
-    if scale is None:
-        return logits
-    cond, uncond = logits.chunk(2)
-    scale = scale.view(-1, *([1] * (logits.dim() - 1)))
-    return uncond + scale * (cond - uncond)
+def _check_reduction(reduction: str) -> None:
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
 
 
-def _modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return torch.addcmul(shift, x, 1 + scale)
+# ----------------------------------------------------------------------------------------------------------------
+# the sampling contract shared by the discrete heads
+
+
+class _DiscreteHead(nn.Module):
+    """What the discrete heads share: the contract of `sample` (checks, guidance, filtering). A subclass sets
+    z_dim and implements `_sample`."""
+
+    z_dim: int
+
+    @torch.no_grad()
+    def sample(
+        self,
+        z: Tensor,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        cfg: float | Tensor | None = None,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+    ) -> tuple[Tensor, Tensor]:
+        """Sample one token per row of z.
+
+        z: [N, z_dim], or [2N, z_dim] (conditional rows then unconditional rows) when cfg is given; cfg: float or
+        [N] tensor, logits = l_u + cfg * (l_c - l_u) at every step, both halves in one batched pass. temperature 0
+        = greedy; top_k 0 / top_p 1 = no filtering.
+        Returns (indices [N, C] long in natural channel order, log_prob [N] float32: summed log-prob of the
+        sampled classes under the distribution sampled from, a per-token confidence).
+        use_cache=True runs one new step per layer against a KV cache; False re-runs the whole prefix every step
+        (the reference path; same tokens for the same generator seed). Heads without steps ignore it.
+        """
+        check_z(z, self.z_dim)
+        _check_sampling(temperature, top_k, top_p)
+        n, scale = cfg_rows(z, cfg)
+
+        def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
+            """Logits [rows of z, ..., V] -> guided and sampled: (classes [N, ...], their log-probs [N, ...])."""
+            return _pick(guide(logits, scale), temperature, top_k, top_p, generator)
+
+        return self._sample(z, n, scale, pick, use_cache)
+
+    def _sample(
+        self, z: Tensor, n: int, scale: Tensor | None, pick: Callable[[Tensor], tuple[Tensor, Tensor]], use_cache: bool
+    ) -> tuple[Tensor, Tensor]:
+        """`sample` after its checks: n output rows, scale [n, 1] or None (no guidance), pick(logits) samples from
+        the logits of all rows of z. Returns (indices [n, C], log_prob [n])."""
+        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # causal transformer over the channels (or channel groups) of one token
-
-
-class _KVCache:
-    """One layer's keys and values for sampling, preallocated at the first write: [N, H, size, head_dim] each
-    (dtype taken from the first keys/values, so autocast works)."""
-
-    def __init__(self, size: int):
-        self.size, self.k, self.v = size, None, None
-
-    def update(self, k: Tensor, v: Tensor, start: int) -> tuple[Tensor, Tensor]:
-        """Write k, v [N, H, L, head_dim] at positions start..start+L-1; return everything cached so far."""
-        if self.k is None:
-            self.k = k.new_empty(*k.shape[:2], self.size, k.shape[3])
-            self.v = v.new_empty(*v.shape[:2], self.size, v.shape[3])
-        end = start + k.shape[2]
-        self.k[:, :, start:end] = k
-        self.v[:, :, start:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]
-
-
-class _AdaLNBlock(nn.Module):
-    """Pre-LN causal self-attention (qk-norm) + MLP, DiT-style AdaLN (shift/scale/gate for each), per position."""
-
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float, attn_dropout: float):
-        super().__init__()
-        if width % num_heads:
-            raise ValueError(f"width={width} must be divisible by num_heads={num_heads}")
-        self.num_heads, self.head_dim = num_heads, width // num_heads
-        self.attn_dropout = attn_dropout
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
-        self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
-        self.drop = nn.Dropout(dropout)
-        self.ada = nn.Linear(width, 6 * width)  # applied to silu(cond)
-
-    def forward(self, x: Tensor, mod: Tensor, cache: _KVCache | None = None, start: int = 0) -> Tensor:
-        """x [N, L, W]; mod = self.ada(silu(conditioning)) [N, L, 6W] (the caller decides when to compute it).
-
-        Without `cache`, L positions attend causally to each other (teacher forcing). With `cache`, x holds
-        positions start..start+L-1 (L = 1 unless start = 0): their keys/values are added to the cache and they
-        attend to everything cached so far.
-        """
-        shift1, scale1, gate1, shift2, scale2, gate2 = mod.chunk(6, dim=-1)
-        x = x + gate1 * self.drop(self._attention(_modulate(self.norm1(x), shift1, scale1), cache, start))
-        return x + gate2 * self.drop(self.mlp(_modulate(self.norm2(x), shift2, scale2)))
-
-    def _attention(self, h: Tensor, cache: _KVCache | None, start: int) -> Tensor:
-        n, length, width = h.shape
-        q, k, v = self.qkv(h).view(n, length, 3, self.num_heads, self.head_dim).unbind(2)
-        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-        causal = length > 1
-        if cache is not None:
-            k, v = cache.update(k, v, start)
-            causal = causal and start == 0  # a single new query may see every cached key
-        p = self.attn_dropout if self.training else 0.0
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=causal)
-        return self.proj(out.transpose(1, 2).reshape(n, length, width))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -222,12 +181,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_total: Tensor):
+    def backward(ctx, grad_total: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
         grad_h, grad_w, grad_b = ctx.saved_tensors
         return grad_h * grad_total, grad_w * grad_total, grad_b * grad_total, None
 
 
-class _ChannelARHead(nn.Module):
+class _ChannelARHead(_DiscreteHead):
     """Shared machinery of DimensionwiseARHead and GroupedHead: a causal transformer over the S = C / g steps of
     one token, step j a levels**g-way classification of the g channels order[j*g:(j+1)*g], conditioned on z.
 
@@ -235,6 +194,10 @@ class _ChannelARHead(nn.Module):
     learned position embedding. AdaLN conditioning cond_j = Linear(z) + e_j (learned per step). Each step has its
     own output Linear(width, vocab), stored as one [S, width, vocab] weight so teacher forcing is one batched
     matmul and a sampling step touches only its own slice.
+
+    The options both public heads take (keyword-only, defaults here): width, depth, num_heads of the transformer;
+    order, the prediction order (a permutation of range(C); channel order[0] first; None = natural order);
+    dropout, attn_dropout; mlp_ratio, the MLP hidden width over `width`.
     """
 
     # sample() modulates all steps at once when N * S <= this (see there); a speed knob, same result either way
@@ -248,13 +211,14 @@ class _ChannelARHead(nn.Module):
         num_channels: int,
         levels: int,
         group_size: int,
-        width: int,
-        depth: int,
-        num_heads: int,
-        order: Sequence[int] | Tensor | None,
-        dropout: float,
-        attn_dropout: float,
-        mlp_ratio: float,
+        *,
+        width: int = 256,
+        depth: int = 3,
+        num_heads: int = 4,
+        order: Sequence[int] | Tensor | None = None,
+        dropout: float = 0.0,
+        attn_dropout: float = 0.0,
+        mlp_ratio: float = 2.0,
     ):
         super().__init__()
         if min(z_dim, num_channels, width, depth, num_heads) < 1 or levels < 2:
@@ -264,8 +228,10 @@ class _ChannelARHead(nn.Module):
             )
         if group_size < 1 or num_channels % group_size:
             raise ValueError(f"num_channels={num_channels} must be divisible by group_size={group_size} >= 1")
-        order = torch.arange(num_channels) if order is None else torch.as_tensor(order).long().flatten().cpu()
-        if order.numel() != num_channels or not torch.equal(order.sort().values, torch.arange(num_channels)):
+        # checked on the CPU even when the module is built under torch.device("meta") (config checks)
+        natural = torch.arange(num_channels, device="cpu")
+        order = natural if order is None else torch.as_tensor(order, device="cpu").long().flatten()
+        if order.numel() != num_channels or not torch.equal(order.sort().values, natural):
             raise ValueError(f"order must be a permutation of range({num_channels}), got {order.tolist()}")
         self.z_dim, self.num_channels, self.levels, self.group_size = z_dim, num_channels, levels, group_size
         self.steps, self.vocab = num_channels // group_size, levels**group_size
@@ -282,7 +248,7 @@ class _ChannelARHead(nn.Module):
         self.cond_pos = nn.Parameter(torch.zeros(self.steps, width))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            _AdaLNBlock(width, num_heads, mlp_ratio, dropout, attn_dropout) for _ in range(depth)
+            AdaLNBlock(width, num_heads, mlp_ratio, dropout, attn_dropout) for _ in range(depth)
         )
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(width, 2 * width)
@@ -337,7 +303,7 @@ class _ChannelARHead(nn.Module):
     def _out_features(self, h: Tensor, mod: Tensor) -> Tensor:
         """The final AdaLN: what the per-step classifiers read, [N, L, W]."""
         scale, shift = mod.chunk(2, dim=-1)
-        return _modulate(self.norm_out(h), shift, scale)
+        return modulate(self.norm_out(h), shift, scale)
 
     def _prefix_logits(self, z: Tensor, tokens: Tensor) -> Tensor:
         """Teacher forcing: logits [N, L, vocab] of steps 0..L-1 given the classes of steps 0..L-2 ([N, L-1])."""
@@ -360,14 +326,13 @@ class _ChannelARHead(nn.Module):
 
     def step_logits(self, z: Tensor, indices: Tensor) -> Tensor:
         """Teacher-forced logits in prediction (step) order: [N, S, vocab] (S = C / g, vocab = levels ** g)."""
-        _check_z(z, self.z_dim)
+        check_z(z, self.z_dim)
         _check_indices(indices, z.shape[0], self.num_channels, self.levels)
         return self._prefix_logits(z, self._encode(indices)[:, :-1])
 
     def loss(self, z: Tensor, indices: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy in nats per channel. reduction: "mean" (scalar) or "none" ([N], mean over channels)."""
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        _check_reduction(reduction)
         if reduction == "mean" and self.vocab >= self.fused_loss_min_vocab and torch.is_grad_enabled():
             return self._fused_mean_loss(z, indices)
         logits = self.step_logits(z, indices)
@@ -377,7 +342,7 @@ class _ChannelARHead(nn.Module):
 
     def _fused_mean_loss(self, z: Tensor, indices: Tensor) -> Tensor:
         """loss(reduction="mean") through `_LinearCrossEntropy`: the same value and gradients, less memory."""
-        _check_z(z, self.z_dim)
+        check_z(z, self.z_dim)
         _check_indices(indices, z.shape[0], self.num_channels, self.levels)
         classes = self._encode(indices)  # [N, S]
         x, cond = self._prefix_hidden(z, classes[:, :-1])
@@ -386,30 +351,9 @@ class _ChannelARHead(nn.Module):
                     for s in range(self.steps))
         return total / (self.num_channels * z.shape[0])
 
-    @torch.no_grad()
-    def sample(
-        self,
-        z: Tensor,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        cfg: float | Tensor | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
+    def _sample(
+        self, z: Tensor, n: int, scale: Tensor | None, pick: Callable[[Tensor], tuple[Tensor, Tensor]], use_cache: bool
     ) -> tuple[Tensor, Tensor]:
-        """Sample one token per row of z.
-
-        z: [N, z_dim], or [2N, z_dim] (conditional rows then unconditional rows) when cfg is given; cfg: float or
-        [N] tensor, logits = l_u + cfg * (l_c - l_u) at every step, both halves in one batched pass. temperature 0
-        = greedy; top_k 0 / top_p 1 = no filtering.
-        Returns (indices [N, C] long in natural channel order, log_prob [N] float32: summed log-prob of the
-        sampled classes under the distribution sampled from, a per-token confidence).
-        use_cache=True runs one new step per layer against a KV cache; False re-runs the whole prefix every step
-        (the reference path; same tokens for the same generator seed).
-        """
-        _check_z(z, self.z_dim)
-        _check_sampling(temperature, top_k, top_p)
-        n, scale = _cfg_rows(z, cfg)
         tokens = torch.zeros(n, self.steps, dtype=torch.long, device=z.device)
         log_prob = torch.zeros(n, dtype=torch.float32, device=z.device)
         if use_cache:
@@ -418,7 +362,7 @@ class _ChannelARHead(nn.Module):
             # Small batches are weight-bandwidth bound: modulate all steps in one matmul per layer (weights read
             # once, not once per step). Large batches are compute bound and would hold N*S*(6*depth+2)*W floats.
             mods = [f(cond) for f in ada] if z.shape[0] * self.steps <= self.precompute_max_rows else None
-            cache = [_KVCache(self.steps) for _ in self.blocks]
+            cache = [KVCache(self.steps) for _ in self.blocks]
             x = self.z_in(z)[:, None] + self.pos_emb[0]
         for t in range(self.steps):
             if use_cache:
@@ -429,7 +373,7 @@ class _ChannelARHead(nn.Module):
             else:
                 prefix = tokens[:, :t] if scale is None else tokens[:, :t].repeat(2, 1)
                 logits = self._prefix_logits(z, prefix)[:, t]
-            tok, lp = _pick(_guide(logits, scale), temperature, top_k, top_p, generator)
+            tok, lp = pick(logits)
             tokens[:, t] = tok
             log_prob += lp
             if use_cache and t + 1 < self.steps:
@@ -442,28 +386,15 @@ class DimensionwiseARHead(_ChannelARHead):
     """The paper's dimension-wise autoregressive head: p(q | z) = prod_c p(q^c | q^<c, z) over the C channels of
     one token, each a `levels`-way classification.
 
-    order: prediction order (e.g. from `frequency_channel_order`): channel order[0] is predicted first. Inputs and
-    outputs are always in natural channel order. Paper sizes: L width 1024, depth 4, 8 heads; H 1024 x 6.
-    mlp_ratio 2 reproduces the paper's parameter counts (z_dim 1024, C 16, levels 64: 1024 x 4 65.0M, 1024 x 6
-    94.4M; paper 65M / 94M).
+    options (keyword-only): width, depth, num_heads, order, dropout, attn_dropout, mlp_ratio; their meaning and
+    defaults are in `_ChannelARHead`. order: prediction order (e.g. from `frequency_channel_order`): channel
+    order[0] is predicted first. Inputs and outputs are always in natural channel order. Paper sizes: L width
+    1024, depth 4, 8 heads; H 1024 x 6. mlp_ratio 2 reproduces the paper's parameter counts (z_dim 1024, C 16,
+    levels 64: 1024 x 4 65.0M, 1024 x 6 94.4M; paper 65M / 94M).
     """
 
-    def __init__(
-        self,
-        z_dim: int,
-        num_channels: int,
-        levels: int,
-        width: int = 256,
-        depth: int = 3,
-        num_heads: int = 4,
-        order: Sequence[int] | Tensor | None = None,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        mlp_ratio: float = 2.0,
-    ):
-        super().__init__(
-            z_dim, num_channels, levels, 1, width, depth, num_heads, order, dropout, attn_dropout, mlp_ratio
-        )
+    def __init__(self, z_dim: int, num_channels: int, levels: int, **options: Any):
+        super().__init__(z_dim, num_channels, levels, 1, **options)
 
     def forward(self, z: Tensor, indices: Tensor) -> Tensor:
         """Teacher-forced logits [N, C, levels] in natural channel order, all channels in one pass."""
@@ -478,26 +409,11 @@ class GroupedHead(_ChannelARHead):
     indices as base-`levels` digits, first channel most significant). `loss` is in nats per channel, comparable
     with the other heads. Per-group input embeddings and classifiers make parameters grow like
     2 * (C / g) * levels**g * width: with z_dim 64, C 4, levels 16, width 256, depth 3: g=1 2.96M, g=2 3.13M,
-    g=4 19.8M parameters (see tests/test_heads.py).
+    g=4 19.8M parameters (see tests/test_heads.py). options: as DimensionwiseARHead.
     """
 
-    def __init__(
-        self,
-        z_dim: int,
-        num_channels: int,
-        levels: int,
-        group_size: int = 2,
-        width: int = 256,
-        depth: int = 3,
-        num_heads: int = 4,
-        order: Sequence[int] | Tensor | None = None,
-        dropout: float = 0.0,
-        attn_dropout: float = 0.0,
-        mlp_ratio: float = 2.0,
-    ):
-        super().__init__(
-            z_dim, num_channels, levels, group_size, width, depth, num_heads, order, dropout, attn_dropout, mlp_ratio
-        )
+    def __init__(self, z_dim: int, num_channels: int, levels: int, group_size: int = 2, **options: Any):
+        super().__init__(z_dim, num_channels, levels, group_size, **options)
 
     def forward(self, z: Tensor, indices: Tensor) -> Tensor:
         """Teacher-forced logits [N, C / g, levels ** g] (groups in prediction order)."""
@@ -508,7 +424,7 @@ class GroupedHead(_ChannelARHead):
 # parallel baseline
 
 
-class ParallelHead(nn.Module):
+class ParallelHead(_DiscreteHead):
     """C independent `levels`-way classifiers on a shared MLP trunk of z (no inter-channel dependency)."""
 
     def __init__(
@@ -530,7 +446,7 @@ class ParallelHead(nn.Module):
         self.out_b = nn.Parameter(torch.zeros(num_channels, levels))
 
     def _logits(self, z: Tensor) -> Tensor:
-        _check_z(z, self.z_dim)
+        check_z(z, self.z_dim)
         h = self.z_in(z)
         for block in self.blocks:
             h = h + block(h)
@@ -544,197 +460,22 @@ class ParallelHead(nn.Module):
 
     def loss(self, z: Tensor, indices: Tensor, reduction: str = "mean") -> Tensor:
         """Cross-entropy in nats per channel; reduction "mean" (scalar) or "none" ([N])."""
-        if reduction not in ("mean", "none"):
-            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        _check_reduction(reduction)
         logits = self.forward(z, indices)
         ce = F.cross_entropy(logits.transpose(1, 2).float(), indices.long(), reduction="none").mean(1)
         return ce.mean() if reduction == "mean" else ce
 
-    @torch.no_grad()
-    def sample(
-        self,
-        z: Tensor,
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        cfg: float | Tensor | None = None,
-        generator: torch.Generator | None = None,
-        use_cache: bool = True,
+    def _sample(
+        self, z: Tensor, n: int, scale: Tensor | None, pick: Callable[[Tensor], tuple[Tensor, Tensor]], use_cache: bool
     ) -> tuple[Tensor, Tensor]:
-        """Same contract as DimensionwiseARHead.sample (use_cache is accepted and irrelevant)."""
-        _check_z(z, self.z_dim)
-        _check_sampling(temperature, top_k, top_p)
-        _, scale = _cfg_rows(z, cfg)
-        tokens, lp = _pick(_guide(self._logits(z), scale), temperature, top_k, top_p, generator)
+        tokens, lp = pick(self._logits(z))
         return tokens, lp.sum(1)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# MAR-style diffusion head (continuous tokens; speed baseline)
 
 
-def _timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
-    args = t.float()[:, None] * freqs
-    return torch.cat([torch.cos(args), torch.sin(args)], -1)
-
-
-def _normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
-    return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
-
-
-class _DiffusionSchedule:
-    """DDPM quantities (float64) for a cosine schedule, optionally respaced to a subset of the training steps."""
-
-    def __init__(self, alphas_cumprod: Tensor, timesteps: Tensor):
-        self.timesteps = timesteps  # training-step index of every (respaced) step, fed to the model
-        ac = alphas_cumprod
-        ac_prev = torch.cat([ac.new_ones(1), ac[:-1]])
-        self.betas = 1 - ac / ac_prev
-        self.sqrt_ac, self.sqrt_1m_ac = ac.sqrt(), (1 - ac).sqrt()
-        self.post_var = self.betas * (1 - ac_prev) / (1 - ac)
-        # the first posterior variance is 0; reuse the second one so its log stays finite (improved DDPM)
-        self.post_logvar = torch.log(torch.cat([self.post_var[1:2], self.post_var[1:]]))
-        self.log_betas = torch.log(self.betas)
-        self.coef_x0 = self.betas * ac_prev.sqrt() / (1 - ac)
-        self.coef_xt = (1 - ac_prev) * (1 - self.betas).sqrt() / (1 - ac)
-
-    @classmethod
-    def cosine(cls, steps: int, s: float = 0.008) -> "_DiffusionSchedule":
-        f = torch.cos((torch.arange(steps + 1, dtype=torch.float64) / steps + s) / (1 + s) * math.pi / 2) ** 2
-        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
-        return cls(torch.cumprod(1 - betas, 0), torch.arange(steps))
-
-    def respaced(self, num_steps: int) -> "_DiffusionSchedule":
-        total = len(self.timesteps)
-        if not 1 <= num_steps <= total:
-            raise ValueError(f"num_steps must be in [1, {total}], got {num_steps}")
-        keep = torch.linspace(0, total - 1, num_steps, dtype=torch.float64).round().long()
-        return _DiffusionSchedule(self.sqrt_ac[keep] ** 2, self.timesteps[keep])
-
-    def at(self, name: str, i: Tensor | int, like: Tensor) -> Tensor:
-        """Value(s) of a schedule vector at step(s) i, shaped to broadcast against `like` [N, D]."""
-        v = getattr(self, name)[i]
-        return v.to(like.device, like.dtype).reshape(-1, 1)
-
-
-class _DiffusionBlock(nn.Module):
-    def __init__(self, width: int):
-        super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
-        self.ada = nn.Linear(width, 3 * width)
-
-    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
-        shift, scale, gate = self.ada(cond).chunk(3, dim=-1)
-        return x + gate * self.mlp(_modulate(self.norm(x), shift, scale))
-
-
-class DiffusionHead(nn.Module):
-    """MAR's diffusion head: an AdaLN MLP denoiser of one continuous token x [N, token_dim] given z.
-
-    eps-prediction with learned-range variance (improved DDPM), cosine schedule with `train_steps` steps;
-    sampling is DDPM respaced to `num_steps`. MAR-L: width 1024, depth 3, token_dim 16.
-    """
-
-    def __init__(self, z_dim: int, token_dim: int, width: int = 1024, depth: int = 3, train_steps: int = 1000):
-        super().__init__()
-        if min(z_dim, token_dim, width, depth, train_steps) < 1:
-            raise ValueError(f"bad DiffusionHead sizes: z_dim={z_dim} token_dim={token_dim} width={width}")
-        self.z_dim, self.token_dim = z_dim, token_dim
-        self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
-        self.z_cond = nn.Linear(z_dim, width)
-        self.x_in = nn.Linear(token_dim, width)
-        self.blocks = nn.ModuleList(_DiffusionBlock(width) for _ in range(depth))
-        self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
-        self.ada_out = nn.Linear(width, 2 * width)
-        self.out = nn.Linear(width, 2 * token_dim)
-        self.schedule = _DiffusionSchedule.cosine(train_steps)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
-        for m in [b.ada for b in self.blocks] + [self.ada_out, self.out]:
-            nn.init.zeros_(m.weight)
-            nn.init.zeros_(m.bias)
-
-    def denoise(self, x: Tensor, t: Tensor, z_cond: Tensor) -> tuple[Tensor, Tensor]:
-        """x [N, D] noisy token, t [N] or [1] training-step indices, z_cond = self.z_cond(z) [N, W].
-        Returns (eps [N, D], v [N, D]): v in [-1, 1] interpolates log-variance between beta~ and beta."""
-        cond = F.silu(self.time_mlp(_timestep_embedding(t)) + z_cond)
-        h = self.x_in(x)
-        for block in self.blocks:
-            h = block(h, cond)
-        scale, shift = self.ada_out(cond).chunk(2, dim=-1)
-        eps, v = self.out(_modulate(self.norm_out(h), shift, scale)).chunk(2, dim=-1)
-        return eps, v
-
-    def _posterior(self, s: _DiffusionSchedule, i, x: Tensor, eps: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Model mean and log-variance of x_{i-1} given x_i."""
-        x0 = (x - s.at("sqrt_1m_ac", i, x) * eps) / s.at("sqrt_ac", i, x)
-        mean = s.at("coef_x0", i, x) * x0 + s.at("coef_xt", i, x) * x
-        frac = (v + 1) / 2
-        logvar = frac * s.at("log_betas", i, x) + (1 - frac) * s.at("post_logvar", i, x)
-        return mean, logvar
-
-    def loss(self, z: Tensor, target: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """eps-MSE + variational bound term for the variance (mean detached); target [N, token_dim]."""
-        _check_z(z, self.z_dim)
-        if target.shape != (z.shape[0], self.token_dim):
-            raise ValueError(f"target must have shape [N={z.shape[0]}, token_dim={self.token_dim}], got "
-                             f"{tuple(target.shape)}")
-        s, n = self.schedule, z.shape[0]
-        t = torch.randint(0, len(s.timesteps), (n,), device=z.device, generator=generator)
-        noise = torch.randn(target.shape, device=z.device, dtype=target.dtype, generator=generator)
-        x_t = s.at("sqrt_ac", t.cpu(), target) * target + s.at("sqrt_1m_ac", t.cpu(), target) * noise
-        eps, v = self.denoise(x_t, t, self.z_cond(z))
-        mse = ((eps - noise) ** 2).mean(1)
-        mean, logvar = self._posterior(s, t.cpu(), x_t, eps.detach(), v)
-        true_mean = s.at("coef_x0", t.cpu(), target) * target + s.at("coef_xt", t.cpu(), target) * x_t
-        true_logvar = s.at("post_logvar", t.cpu(), target)
-        kl = _normal_kl(true_mean, true_logvar, mean, logvar).mean(1)
-        # at t = 0 the bound term is the negative log-likelihood of x0 itself
-        nll = 0.5 * (math.log(2 * math.pi) + logvar + (target - mean) ** 2 * torch.exp(-logvar)).mean(1)
-        vb = torch.where(t == 0, nll, kl)
-        return (mse + vb).mean()
-
-    @torch.no_grad()
-    def sample(
-        self,
-        z: Tensor,
-        num_steps: int = 100,
-        temperature: float = 1.0,
-        cfg: float | Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
-        """Token [N, token_dim] by DDPM respaced to num_steps; temperature scales the per-step noise.
-        With cfg, z stacks N conditional then N unconditional rows and eps = e_u + cfg * (e_c - e_u)."""
-        _check_z(z, self.z_dim)
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        n, scale = _cfg_rows(z, cfg)
-        s = self.schedule.respaced(num_steps)
-        z_cond = self.z_cond(z)
-        x = torch.randn(n, self.token_dim, device=z.device, dtype=z.dtype, generator=generator)
-        for i in reversed(range(num_steps)):
-            t = s.timesteps[i : i + 1].to(z.device)  # same step for every row: embed it once
-            eps, v = self.denoise(x if scale is None else x.repeat(2, 1), t, z_cond)
-            if scale is not None:
-                eps, v = _guide(eps, scale), v[:n]
-            mean, logvar = self._posterior(s, i, x, eps, v)
-            if i > 0:
-                noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
-                x = mean + temperature * torch.exp(0.5 * logvar) * noise
-            else:
-                x = mean
-        return x
-
-
-# ----------------------------------------------------------------------------------------------------------------
-
-
-def build_head(kind: str, **kwargs) -> nn.Module:
+def build_head(kind: str, **kwargs: Any) -> nn.Module:
     """kind: "ar" (DimensionwiseARHead), "parallel", "grouped" or "diffusion"; kwargs go to the constructor."""
     heads = {"ar": DimensionwiseARHead, "parallel": ParallelHead, "grouped": GroupedHead, "diffusion": DiffusionHead}
     if kind not in heads:

@@ -27,7 +27,8 @@ def from_uint8(array: np.ndarray | torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(-1)
     if x.dim() != 4:
         raise ValueError(f"images must be [N, H, W, C] or [N, H, W], got shape {tuple(x.shape)}")
-    return x.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+    # a contiguous NCHW copy: the permuted view would look channels-last to convolutions (another kernel)
+    return x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1.0)
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, scale: int = 1) -> Image.Image:

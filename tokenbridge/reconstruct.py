@@ -154,12 +154,15 @@ def save_histograms(latents: torch.Tensor, path: str | Path, levels: int = 64,
 
 
 def run_reconstruct(vae, images: torch.Tensor, out_dir: str | Path, features=None, fd_name: str = "FD",
-                    fit_latents: torch.Tensor | None = None, levels=(8, 16, 32, 64), ranges=(2, 3, 4, 5),
-                    batch_size: int = 256, device="cpu") -> tuple[list[Row], str]:
-    """Table + grid + histograms into `out_dir`; returns (rows, markdown table)."""
+                    fit_latents: torch.Tensor | None = None, levels: tuple[int, ...] | None = None,
+                    ranges: tuple[float, ...] | None = None, batch_size: int = 256,
+                    device="cpu") -> tuple[list[Row], str]:
+    """Table + grid + histograms into `out_dir`; returns (rows, markdown table). levels / ranges: the Table 1
+    rows (None: `quantizer_settings`' defaults)."""
     out_dir = Path(out_dir)
     start = time.time()
-    rows, samples = reconstruction_table(vae, images, quantizer_settings(tuple(levels), tuple(ranges)),
+    chosen = {k: tuple(v) for k, v in {"levels": levels, "ranges": ranges}.items() if v is not None}
+    rows, samples = reconstruction_table(vae, images, quantizer_settings(**chosen),
                                          features=features, batch_size=batch_size, device=device,
                                          fit_latents=fit_latents)
     table = format_table(rows, fd_name)

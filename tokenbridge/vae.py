@@ -1,33 +1,35 @@
-"""Continuous VAEs that TokenBridge quantizes after training.
+"""Loading, saving, fingerprinting and training the continuous VAEs that TokenBridge quantizes.
 
-- ``VAE``: the interface the rest of the package uses. ``encode`` gives latents [B, C, h, w] already multiplied by
-  ``scaling_factor`` (so they are roughly unit-variance, ready for the quantizer's [-5, 5] range); ``decode`` takes
-  such latents back to images [B, image_channels, H, W] in [-1, 1].
-- ``AutoencoderKL``: the LDM/CompVis KL autoencoder, configurable. Preset ``kl16`` has exactly the state-dict layout
-  of MAR's ``kl16.ckpt`` (256x256x3 -> 16x16x16); preset ``fmnist`` is the small embedded f4 VAE
-  (32x32x1 -> 8x8x4) trained by ``train_vae`` and shipped in ``tokenbridge/weights/fmnist_vae.safetensors``.
-- ``load_vae(spec)``: "fmnist", "kl16:/path/kl16.ckpt", "diffusers:/local/folder", or a .safetensors file written
-  by ``save_vae``.
+The architecture (the ``VAE`` interface, ``AutoencoderKL`` and its presets) lives in ``tokenbridge.autoencoder``.
+
+- ``load_vae(spec)``: "fmnist" (the shipped f4 VAE, 32x32x1 -> 8x8x4, in
+  ``tokenbridge/weights/fmnist_vae.safetensors``), "kl16:/path/kl16.ckpt" (MAR's KL-16), "diffusers:/local/folder",
+  or a .safetensors file written by ``save_vae``.
+- ``vae_fingerprint(vae)``: a short hash of a VAE's weights, to check that a generator is sampled with its VAE.
+- ``train_vae``: trains the embedded Fashion-MNIST VAE.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .autoencoder import KL16_SCALING_FACTOR, PRESETS, VAE, AutoencoderKL, AutoencoderKLConfig, build_vae
+from .data import as_tensors
 from .files import atomic_path
+from .metrics import psnr
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FMNIST_WEIGHTS = WEIGHTS_DIR / "fmnist_vae.safetensors"
-KL16_SCALING_FACTOR = 0.2325
 SD_SCALING_FACTOR = 0.18215
 _FORMAT = "tokenbridge-vae"
 
@@ -39,322 +41,6 @@ FMNIST_TRAINING = (
     "28.48 dB on the [0, 1] scale (26.76 dB from the pooled MSE); scaling_factor 1.0680; scaled posterior-mean "
     "latents per channel mean [-0.13, -0.26, 0.25, -0.08], std [0.52, 1.28, 0.95, 1.02], |z| > 5: 1.6e-6, max 5.53."
 )
-
-
-class VAE(nn.Module):
-    """Interface: images [B, image_channels, H, W] in [-1, 1] <-> scaled latents [B, latent_channels, H/stride, W/stride].
-
-    Subclasses set ``latent_channels``, ``stride``, ``scaling_factor``, ``image_channels`` and implement
-    ``encode`` / ``decode``.
-    """
-
-    latent_channels: int
-    stride: int
-    scaling_factor: float
-    image_channels: int
-
-    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        raise NotImplementedError
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def reconstruct(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
-        """decode(encode(images)), clamped to [-1, 1]."""
-        return self.decode(self.encode(images, sample=sample)).clamp(-1, 1)
-
-    def _check_images(self, images: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor) or images.ndim != 4:
-            raise ValueError(f"images must be a tensor [B, C, H, W], got {getattr(images, 'shape', type(images))}")
-        b, c, h, w = images.shape
-        if c != self.image_channels:
-            raise ValueError(f"images have {c} channels, this VAE expects {self.image_channels}")
-        if h % self.stride or w % self.stride:
-            raise ValueError(f"image size {h}x{w} is not divisible by the VAE stride {self.stride}")
-        if not images.is_floating_point():
-            raise ValueError(f"images must be float in [-1, 1], got dtype {images.dtype}")
-        if images.numel() and images.device.type != "meta":
-            lo, hi = images.aminmax()
-            if not (torch.isfinite(lo) and torch.isfinite(hi)):
-                raise ValueError("images contain NaN or inf")
-            if lo < -1.5 or hi > 1.5:
-                raise ValueError(f"images must be in [-1, 1], got range [{lo.item():.3g}, {hi.item():.3g}]")
-
-    def _check_latents(self, latents: torch.Tensor) -> None:
-        if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
-            raise ValueError(f"latents must be a tensor [B, C, h, w], got {getattr(latents, 'shape', type(latents))}")
-        if latents.shape[1] != self.latent_channels:
-            raise ValueError(f"latents have {latents.shape[1]} channels, this VAE expects {self.latent_channels}")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# LDM / CompVis AutoencoderKL (own implementation; key names match the CompVis checkpoints)
-
-
-def _norm(channels: int, groups: int) -> nn.GroupNorm:
-    # Small models have fewer channels than 32: use the largest group count <= `groups` that divides them.
-    g = min(groups, channels)
-    while channels % g:
-        g -= 1
-    return nn.GroupNorm(g, channels, eps=1e-6, affine=True)
-
-
-class ResnetBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, groups: int, dropout: float = 0.0):
-        super().__init__()
-        self.norm1 = _norm(in_channels, groups)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = _norm(out_channels, groups)
-        self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        if in_channels != out_channels:
-            self.nin_shortcut = nn.Conv2d(in_channels, out_channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
-        if hasattr(self, "nin_shortcut"):
-            x = self.nin_shortcut(x)
-        return x + h
-
-
-class AttnBlock(nn.Module):
-    """Single-head spatial self-attention with 1x1-conv q/k/v/proj_out (CompVis layout)."""
-
-    def __init__(self, channels: int, groups: int):
-        super().__init__()
-        self.norm = _norm(channels, groups)
-        self.q = nn.Conv2d(channels, channels, 1)
-        self.k = nn.Conv2d(channels, channels, 1)
-        self.v = nn.Conv2d(channels, channels, 1)
-        self.proj_out = nn.Conv2d(channels, channels, 1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
-        y = self.norm(x)
-        q, k, v = (m(y).reshape(b, 1, c, h * w).transpose(-1, -2) for m in (self.q, self.k, self.v))
-        o = F.scaled_dot_product_attention(q, k, v)
-        return x + self.proj_out(o.transpose(-1, -2).reshape(b, c, h, w))
-
-
-class Downsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Asymmetric padding (right/bottom only) as in the CompVis models, so pretrained weights behave identically.
-        return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
-
-
-class _Level(nn.Module):
-    """One resolution level: ``block`` (ResnetBlocks), ``attn`` (maybe empty), optional ``downsample``/``upsample``."""
-
-    def __init__(self, blocks: list[nn.Module], attns: list[nn.Module]):
-        super().__init__()
-        self.block = nn.ModuleList(blocks)
-        self.attn = nn.ModuleList(attns)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for i, blk in enumerate(self.block):
-            x = blk(x)
-            if len(self.attn):
-                x = self.attn[i](x)
-        return x
-
-
-class _Mid(nn.Module):
-    def __init__(self, channels: int, groups: int, dropout: float):
-        super().__init__()
-        self.block_1 = ResnetBlock(channels, channels, groups, dropout)
-        self.attn_1 = AttnBlock(channels, groups)
-        self.block_2 = ResnetBlock(channels, channels, groups, dropout)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.block_2(self.attn_1(self.block_1(x)))
-
-
-@dataclass
-class AutoencoderKLConfig:
-    """LDM AutoencoderKL hyper-parameters. ``attn_resolutions``: encoder levels (in pixels) with attention;
-    ``decoder_attn_resolutions``: the same for the decoder (MAR's KL-16 has none besides the middle block)."""
-
-    ch: int = 128
-    ch_mult: tuple[int, ...] = (1, 1, 2, 2, 4)
-    num_res_blocks: int = 2
-    attn_resolutions: tuple[int, ...] = (16,)
-    decoder_attn_resolutions: tuple[int, ...] = ()
-    z_channels: int = 16
-    embed_dim: int = 16
-    in_channels: int = 3
-    resolution: int = 256
-    dropout: float = 0.0
-    norm_groups: int = 32
-    scaling_factor: float = KL16_SCALING_FACTOR
-
-    def __post_init__(self) -> None:
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
-        self.decoder_attn_resolutions = tuple(int(r) for r in self.decoder_attn_resolutions)
-        if not self.ch_mult or self.ch <= 0 or self.num_res_blocks < 1 or self.z_channels < 1 or self.embed_dim < 1:
-            raise ValueError(f"invalid AutoencoderKL config: {self}")
-        if not (self.scaling_factor > 0 and math.isfinite(self.scaling_factor)):
-            raise ValueError(f"scaling_factor must be positive and finite, got {self.scaling_factor}")
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderKLConfig":
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown AutoencoderKL config keys: {sorted(unknown)}")
-        return cls(**d)
-
-
-PRESETS: dict[str, AutoencoderKLConfig] = {
-    # MAR's KL-16 (https://github.com/LTH14/mar): 256x256x3 -> 16x16x16, ~66.5M parameters.
-    "kl16": AutoencoderKLConfig(),
-    # Embedded Fashion-MNIST VAE: 32x32x1 -> 8x8x4 (f4). scaling_factor is replaced by train_vae.
-    "fmnist": AutoencoderKLConfig(
-        ch=16, ch_mult=(1, 2, 4), num_res_blocks=1, attn_resolutions=(), decoder_attn_resolutions=(),
-        z_channels=4, embed_dim=4, in_channels=1, resolution=32, norm_groups=8, scaling_factor=1.0,
-    ),
-}
-
-
-class Encoder(nn.Module):
-    def __init__(self, cfg: AutoencoderKLConfig):
-        super().__init__()
-        g = cfg.norm_groups
-        self.conv_in = nn.Conv2d(cfg.in_channels, cfg.ch, 3, padding=1)
-        res, block_in = cfg.resolution, cfg.ch
-        self.down = nn.ModuleList()
-        for i, mult in enumerate(cfg.ch_mult):
-            block_out = cfg.ch * mult
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks):
-                blocks.append(ResnetBlock(block_in, block_out, g, cfg.dropout))
-                block_in = block_out
-                if res in cfg.attn_resolutions:
-                    attns.append(AttnBlock(block_in, g))
-            level = _Level(blocks, attns)
-            if i != len(cfg.ch_mult) - 1:
-                level.downsample = Downsample(block_in)
-                res //= 2
-            self.down.append(level)
-        self.mid = _Mid(block_in, g, cfg.dropout)
-        self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, 2 * cfg.z_channels, 3, padding=1)  # double_z: mean and logvar
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(x)
-        for level in self.down:
-            h = level(h)
-            if hasattr(level, "downsample"):
-                h = level.downsample(h)
-        h = self.mid(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class Decoder(nn.Module):
-    def __init__(self, cfg: AutoencoderKLConfig):
-        super().__init__()
-        g = cfg.norm_groups
-        block_in = cfg.ch * cfg.ch_mult[-1]
-        res = cfg.resolution // 2 ** (len(cfg.ch_mult) - 1)
-        self.conv_in = nn.Conv2d(cfg.z_channels, block_in, 3, padding=1)
-        self.mid = _Mid(block_in, g, cfg.dropout)
-        levels: list[_Level] = []
-        for i in reversed(range(len(cfg.ch_mult))):
-            block_out = cfg.ch * cfg.ch_mult[i]
-            blocks, attns = [], []
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks.append(ResnetBlock(block_in, block_out, g, cfg.dropout))
-                block_in = block_out
-                if res in cfg.decoder_attn_resolutions:
-                    attns.append(AttnBlock(block_in, g))
-            level = _Level(blocks, attns)
-            if i != 0:
-                level.upsample = Upsample(block_in)
-                res *= 2
-            levels.insert(0, level)  # keep CompVis indexing: up.0 is the full-resolution level
-        self.up = nn.ModuleList(levels)
-        self.norm_out = _norm(block_in, g)
-        self.conv_out = nn.Conv2d(block_in, cfg.in_channels, 3, padding=1)
-
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.mid(self.conv_in(z))
-        for level in reversed(self.up):
-            h = level(h)
-            if hasattr(level, "upsample"):
-                h = level.upsample(h)
-        return self.conv_out(F.silu(self.norm_out(h)))
-
-
-class AutoencoderKL(VAE):
-    """LDM KL autoencoder. ``encode`` returns latents scaled by ``scaling_factor`` (posterior mean, or a posterior
-    sample with ``sample=True``); ``decode`` undoes the scaling. ``forward`` is the training pass."""
-
-    def __init__(self, config: AutoencoderKLConfig | None = None, **overrides):
-        super().__init__()
-        cfg = config or AutoencoderKLConfig()
-        if overrides:
-            cfg = AutoencoderKLConfig.from_dict({**asdict(cfg), **overrides})
-        self.config = cfg
-        self.encoder = Encoder(cfg)
-        self.decoder = Decoder(cfg)
-        self.quant_conv = nn.Conv2d(2 * cfg.z_channels, 2 * cfg.embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(cfg.embed_dim, cfg.z_channels, 1)
-        self.latent_channels = cfg.embed_dim
-        self.stride = 2 ** (len(cfg.ch_mult) - 1)
-        self.image_channels = cfg.in_channels
-
-    @property
-    def scaling_factor(self) -> float:
-        return self.config.scaling_factor
-
-    @scaling_factor.setter
-    def scaling_factor(self, value: float) -> None:
-        self.config.scaling_factor = float(value)
-
-    def encode_moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Unscaled posterior (mean, logvar), each [B, embed_dim, H/stride, W/stride]; logvar clamped to [-30, 20]."""
-        self._check_images(images)
-        mean, logvar = self.quant_conv(self.encoder(images)).chunk(2, dim=1)
-        return mean, logvar.clamp(-30.0, 20.0)
-
-    def encode(self, images: torch.Tensor, sample: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-        mean, logvar = self.encode_moments(images)
-        if sample:
-            noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-            mean = mean + torch.exp(0.5 * logvar) * noise
-        return mean * self.scaling_factor
-
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        self._check_latents(latents)
-        return self.decoder(self.post_quant_conv(latents / self.scaling_factor))
-
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Training pass: (reconstruction from a reparameterised posterior sample, mean, logvar) (all unscaled)."""
-        mean, logvar = self.encode_moments(images)
-        z = mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
-        return self.decoder(self.post_quant_conv(z)), mean, logvar
-
-
-def build_vae(preset: str = "fmnist", **overrides) -> AutoencoderKL:
-    """Fresh (randomly initialised) AutoencoderKL from a preset name in PRESETS, with optional config overrides."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown VAE preset {preset!r}; choose from {sorted(PRESETS)}")
-    return AutoencoderKL(AutoencoderKLConfig.from_dict({**asdict(PRESETS[preset]), **overrides}))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,14 +202,46 @@ def load_vae(spec: str, device: str | torch.device = "cpu") -> VAE:
     )
 
 
+def vae_fingerprint(vae: nn.Module) -> str:
+    """A short, stable identity of a VAE's weights: 16 hex characters of a sha256 over its state dict.
+
+    Entries are hashed in sorted key order, each as its key, dtype string, shape and the raw bytes of the tensor in
+    its own dtype (so the same weights stored as float32 and bfloat16 differ). Deterministic across processes and
+    loads of the same file; any changed weight or buffer changes it, and so does the latent ``scaling_factor``
+    (the same weights with another scale give latents on another scale). A ``DiffusersVAE`` hashes the wrapped
+    diffusers model (keys ``model.*``).
+    """
+    state = vae.state_dict()
+    digest = hashlib.sha256(f"scaling_factor={getattr(vae, 'scaling_factor', None)!r}|".encode())
+    for key in sorted(state):
+        value = state[key]
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f"vae_fingerprint: state-dict entry {key!r} is a {type(value).__name__}, not a tensor")
+        if value.device.type == "meta":
+            raise ValueError(f"vae_fingerprint: {key!r} is on the meta device (weights not loaded)")
+        tensor = value.detach().to("cpu").contiguous().reshape(-1)
+        digest.update(f"{key}|{tensor.dtype}|{tuple(value.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Training the embedded Fashion-MNIST VAE
 
 
+def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """torch.cat of ``fn`` applied to consecutive slices of ``images`` [N, ...] of at most ``batch_size`` rows."""
+    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+
+
 @torch.no_grad()
 def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> dict:
-    """Per-channel mean/std of scaled posterior-mean latents, the fraction beyond +-5, and the overall std."""
-    z = torch.cat([vae.encode(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
+    """Statistics of the scaled posterior-mean latents of ``images`` [N, C, H, W] in [-1, 1], encoded in batches.
+
+    Returns {"mean", "std"}: per-channel lists (length latent_channels), "std_all": overall std, "frac_beyond_5":
+    fraction of elements with |z| > 5 (outside the quantizer's default range), "max_abs": the largest |z|.
+    """
+    z = _in_batches(vae.encode, images, batch_size)
     per = z.transpose(0, 1).flatten(1)
     return {
         "mean": [round(float(m), 4) for m in per.mean(1)],
@@ -537,14 +255,11 @@ def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> dict:
 @torch.no_grad()
 def _eval_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> float:
     """Mean per-image PSNR (dB) of the reconstructions; on [-1, 1] images it equals the PSNR on the [0, 1] scale."""
-    from .metrics import psnr
-
-    return float(torch.cat([psnr(vae.reconstruct(images[i:i + batch_size]).clamp(-1, 1), images[i:i + batch_size])
-                            for i in range(0, len(images), batch_size)]).mean())
+    return float(_in_batches(lambda x: psnr(vae.reconstruct(x), x), images, batch_size).mean())
 
 
 def train_vae(
-    out_path: str | os.PathLike = FMNIST_WEIGHTS,
+    out_path: str | os.PathLike,
     steps: int = 1400,
     batch_size: int = 64,
     lr: float = 2e-3,
@@ -563,8 +278,6 @@ def train_vae(
     like 0.2325 for KL-16); test-split PSNR and latent statistics are printed and stored in the file's metadata.
     """
     from tqdm import tqdm
-
-    from .data import as_tensors
 
     if steps < 1 or batch_size < 1 or lr <= 0 or kl_weight < 0:
         raise ValueError(f"need steps >= 1, batch_size >= 1, lr > 0, kl_weight >= 0; got {steps}, {batch_size}, {lr}, {kl_weight}")
@@ -601,7 +314,7 @@ def train_vae(
     vae.eval()
     with torch.no_grad():
         calib = train_x[:5000].to(device)
-        means = torch.cat([vae.encode_moments(calib[i : i + 500])[0] for i in range(0, len(calib), 500)])
+        means = _in_batches(lambda x: vae.encode_moments(x)[0], calib, 500)
         vae.scaling_factor = 1.0 / float(means.std())
     test = test_x.to(device)
     test_psnr = _eval_psnr(vae, test)

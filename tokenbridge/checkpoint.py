@@ -1,0 +1,127 @@
+"""Checkpoints and exported generators, each recording what made it.
+
+A training checkpoint (``checkpoint.pt``, torch.save of plain tensors and strings, loadable with
+weights_only=True) holds the step, model / EMA / optimizer state, RNG states and the full run config. An exported
+generator (``.safetensors``) holds the EMA (or raw) weights and, as metadata, everything needed to rebuild and use
+it: the family, the resolved model config, the sampling defaults and the provenance (the VAE spec and a fingerprint
+of its weights, the token file, the step). `load_generator` reads either and returns a generator of the recorded
+family with ``generator.provenance`` set.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .files import atomic_path
+from .generators import get_family
+
+CKPT_FORMAT = "tokenbridge-train-checkpoint"
+EXPORT_FORMAT = "tokenbridge-generator"
+FORMAT_VERSION = 2
+CHECKPOINT_NAME = "checkpoint.pt"
+WEIGHTS = Path(__file__).resolve().parent / "weights"
+SHIPPED = {"fmnist": WEIGHTS / "fmnist_generator.safetensors"}  # names `--model` accepts besides paths
+
+_CKPT_KEYS = ("format", "version", "step", "epoch", "batch_in_epoch", "model", "ema", "optimizer", "rng", "config")
+
+
+def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
+    """Atomic torch.save: a temporary file in the same folder, then os.replace; a failure keeps the old file."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict:
+    """Load and validate a training checkpoint (weights_only=True). ``config`` and ``provenance`` come back
+    parsed (dicts)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} is corrupt or not a torch checkpoint: {e}") from e
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CKPT_FORMAT:
+        raise ValueError(f"{path} is not a tokenbridge training checkpoint (no format tag {CKPT_FORMAT!r})")
+    missing = [k for k in _CKPT_KEYS if k not in ckpt]
+    if missing:
+        raise ValueError(f"checkpoint {path} lacks entries {missing}")
+    if ckpt["version"] > FORMAT_VERSION:
+        raise ValueError(f"checkpoint {path} has format version {ckpt['version']}, newer than {FORMAT_VERSION}")
+    ckpt["config"] = json.loads(ckpt["config"])
+    ckpt["provenance"] = json.loads(ckpt.get("provenance", "{}"))
+    return ckpt
+
+
+def _record(config: dict, provenance: dict, step: int, ema: bool) -> dict[str, Any]:
+    """Everything an exported generator records, as plain values."""
+    return {"family": config.get("family", "tokenbridge"), "config": config.get("model") or {},
+            "sample": config.get("sample") or {}, "vae": provenance.get("vae"),
+            "vae_fingerprint": provenance.get("vae_fingerprint"), "tokens": provenance.get("tokens"),
+            "step": int(step), "ema": bool(ema)}
+
+
+def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, ema: bool = True,
+                   half: bool = False) -> Path:
+    """Write a checkpoint's EMA (or raw) weights as a self-describing .safetensors generator.
+
+    half: store float32 tensors as float16 (half the file; they load back into float32 parameters). Float64
+    buffers such as the quantizer's tables stay exact."""
+    ckpt = load_checkpoint(ckpt_path)
+    state = {k: (v.half() if half and v.dtype == torch.float32 else v).contiguous()
+             for k, v in ckpt["ema" if ema else "model"].items()}
+    return save_generator_weights(state, _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), out_path)
+
+
+def save_generator_weights(state: dict[str, torch.Tensor], record: dict[str, Any],
+                           out_path: str | os.PathLike) -> Path:
+    """Write ``state`` with ``record`` (family, config, sample, vae, vae_fingerprint, ...) as safetensors metadata."""
+    meta = {"format": EXPORT_FORMAT, "version": str(FORMAT_VERSION),
+            **{k: json.dumps(v) for k, v in record.items()}}
+    with atomic_path(out_path) as tmp:
+        save_file(state, str(tmp), metadata=meta)
+    return Path(out_path)
+
+
+def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata() or {})
+    if "config" not in meta:
+        raise ValueError(f"{path} has no 'config' metadata: not a generator exported by `tokenbridge export`")
+    if meta.get("format") == EXPORT_FORMAT:
+        record = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
+    else:  # the first export format: a TokenBridge generator, config and step only
+        record = {"family": "tokenbridge", "config": json.loads(meta["config"]), "sample": {},
+                  "step": int(meta.get("step", 0)), "ema": meta.get("ema") == "True"}
+    return record, load_file(str(path))
+
+
+def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.device = "cpu",
+                   ema: bool = True) -> nn.Module:
+    """A generator in eval mode from a shipped name ("fmnist"), an exported ``.safetensors`` or a training
+    ``checkpoint.pt`` (its EMA weights unless ``ema`` is False). ``generator.provenance`` holds the record:
+    family, sample (the sampling defaults), vae, vae_fingerprint, tokens, step."""
+    path = SHIPPED.get(str(spec), Path(spec))
+    if not path.is_file():
+        raise FileNotFoundError(f"generator weights not found: {path} (give a checkpoint.pt, an exported "
+                                f".safetensors or one of {sorted(SHIPPED)})")
+    if path.suffix == ".safetensors":
+        record, state = _read_export(path)
+    else:
+        ckpt = load_checkpoint(path)
+        record, state = _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), ckpt["ema" if ema else "model"]
+    model = get_family(record["family"]).from_config(record["config"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: weights do not fit the recorded {record['family']} config: {e}") from e
+    model.provenance = record
+    return model.to(device).eval()

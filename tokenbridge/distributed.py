@@ -1,0 +1,92 @@
+"""Processes and randomness for the trainer: torchrun process groups, a data order that resumes mid-epoch, and
+RNG states stored as plain tensors (so that torch.load(weights_only=True) reads checkpoints)."""
+
+from __future__ import annotations
+
+import os
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler, Sampler
+
+
+def init_distributed(device_cfg: str) -> tuple[int, int, torch.device, bool]:
+    """(rank, world_size, device, created_group). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_cfg in ("auto", "cuda")
+    if device_cfg not in ("auto", "cuda", "cpu"):
+        device = torch.device(device_cfg)
+    elif use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+    else:
+        device = torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device, False
+    if world > 1:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        return dist.get_rank(), dist.get_world_size(), device, True
+    return 0, 1, device, False
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+class ResumableSampler(Sampler[int]):
+    """DistributedSampler order for (seed, epoch), starting after the first ``skip`` samples of this rank's shard."""
+
+    def __init__(self, base: DistributedSampler):
+        self.base, self.skip = base, 0
+
+    def set_position(self, epoch: int, skip: int) -> None:
+        self.base.set_epoch(epoch)
+        self.skip = skip
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(list(self.base)[self.skip:])
+
+    def __len__(self) -> int:
+        return len(self.base) - self.skip
+
+
+def rng_state(device: torch.device) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.random.get_rng_state(),
+        "numpy_keys": torch.from_numpy(np_state[1].astype(np.int64)),
+        "numpy_meta": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python_version": int(py_state[0]),
+        "python_state": torch.tensor(py_state[1], dtype=torch.int64),
+        "python_gauss": py_state[2],
+    }
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.random.set_rng_state(state["torch"])
+    pos, has_gauss, gauss = state["numpy_meta"]
+    np.random.set_state(("MT19937", state["numpy_keys"].numpy().astype(np.uint32), int(pos), int(has_gauss), gauss))
+    random.setstate((state["python_version"], tuple(int(x) for x in state["python_state"].tolist()), state["python_gauss"]))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,369 @@
+"""TokenBridgeGenerator: dimension-wise quantizer + MAR backbone + per-token head (paper Sec. 3.3).
+
+Training (`loss`): indices [B, H, W, C] are de-quantized to continuous values, a random subset of positions is
+masked (ratio ~ truncated normal on [mask_ratio_min, 1], one ratio per batch, random order per sample), the backbone
+gives z for every position and the head's cross-entropy is taken on the masked positions only.
+
+Generation (`sample`): `num_iter` MAR steps with the cosine mask schedule. "random" order predicts a random
+permutation's next chunk at every step; "confidence" order (paper Fig. 8) samples every still-masked position and
+keeps the ones whose sampled tokens have the highest log-probability. Sampled indices are de-quantized and fed
+back as continuous inputs. Classifier-free guidance runs conditional and unconditional rows as one 2N batch
+through backbone and head; the head mixes the logits.
+
+The model config (`TokenBridgeConfig`) takes the constructors' own keyword arguments in its `quantizer`,
+`backbone` and `head` sections; their defaults are those constructors' defaults. `PRESETS` names the sizes.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import Field, PositiveInt
+from tqdm import tqdm
+
+from ..backbone import MAR, patchify, random_masking, sample_orders, unpatchify
+from ..config import ConfigError, Section, signature_model, validate
+from ..heads import DimensionwiseARHead, GroupedHead, ParallelHead
+from ..ordering import frequency_channel_order
+from ..quantizer import DimensionwiseQuantizer
+from ..sampling import CFG_SCHEDULES, cfg_schedule as cfg_at, mask_schedule_list, num_masked_for_ratio
+from ..sampling import truncnorm_mask_ratio
+from .registry import apply_preset, register_family
+
+ORDERS = ("random", "confidence")
+HEADS: dict[str, type[nn.Module]] = {"ar": DimensionwiseARHead, "parallel": ParallelHead, "grouped": GroupedHead}
+# "frequency": the data-derived order (paper Sec. 3.2), computed from the training tokens when training starts
+ChannelOrder = list[int] | Literal["frequency"] | None
+
+QuantizerConfig = signature_model(DimensionwiseQuantizer, "QuantizerConfig")
+BackboneConfig = signature_model(MAR, "BackboneConfig", exclude=("grid_size", "token_dim", "num_classes"))
+HEAD_CONFIGS = {kind: signature_model(cls, f"{cls.__name__}Config", exclude=("z_dim", "num_channels", "levels"),
+                                      types={"order": ChannelOrder})
+                for kind, cls in HEADS.items()}
+
+
+class TokenBridgeConfig(Section):
+    """grid_size, channels and num_classes default to the training tokens' (None: taken from the token file)."""
+
+    grid_size: tuple[PositiveInt, PositiveInt] | None = None  # latent grid (H, W)
+    channels: PositiveInt | None = None  # latent channels C, predicted one by one by the AR head
+    num_classes: PositiveInt | None = None
+    mask_ratio_min: float = Field(default=0.7, ge=0, lt=1)  # MAR: mask ratio ~ truncnorm on [0.7, 1]
+    quantizer: QuantizerConfig = QuantizerConfig()
+    backbone: BackboneConfig = BackboneConfig()
+    head: dict[str, Any] = {"kind": "ar"}  # kind (ar | parallel | grouped) + that head class's keyword arguments
+
+
+# The generator configs written before model.quantizer existed kept the quantizer settings as flat keys.
+_FLAT_QUANTIZER_KEYS = {"levels": "levels", "value_range": "value_range", "std_range": "std_range",
+                        "quantizer_kind": "kind", "quantizer_tails": "tails", "quantizer_calibration": "calibration"}
+
+
+def _from_flat_keys(config: dict) -> dict:
+    """A config in the flat layout of the first shipped generator -> the sectioned layout."""
+    config = copy.deepcopy(config)
+    flat = {q: config.pop(k) for k, q in _FLAT_QUANTIZER_KEYS.items() if k in config}
+    if flat:
+        config["quantizer"] = {**flat, **config.get("quantizer", {})}
+        head = config.get("head", {})
+        accepted = HEAD_CONFIGS.get(head.get("kind", "ar"), HEAD_CONFIGS["ar"]).model_fields
+        config["head"] = {k: v for k, v in head.items() if k == "kind" or (k in accepted and v is not None)}
+    return config
+
+
+def expand_channel_order(order: list[int] | None, channels: int, patch_size: int) -> list[int] | None:
+    """Head channel order for patched tokens (token layout (c, i, j), channel-major).
+
+    A permutation of the C latent channels is expanded so that each channel's p*p sub-positions follow it; a
+    permutation of all C*p*p token values is used as is.
+    """
+    if order is None:
+        return None
+    order = [int(o) for o in order]
+    pp = patch_size * patch_size
+    if sorted(order) == list(range(channels)):
+        return [o * pp + k for o in order for k in range(pp)] if pp > 1 else order
+    if sorted(order) == list(range(channels * pp)):
+        return order
+    raise ConfigError(f"config key 'model.head.order' = {order}: must be a permutation of range({channels}) "
+                      f"or range({channels * pp})")
+
+
+def _fill_from_data(cfg: dict, given_quantizer: dict, data: Any) -> None:
+    """grid, channels, classes and quantizer from a token dataset (tokenbridge.tokens.CachedTokens); a value the
+    config gives (preset included) must agree with the data."""
+    h, w, c = data.grid_shape
+    for key, value in {"grid_size": [h, w], "channels": c, "num_classes": data.num_classes}.items():
+        if cfg[key] is not None and cfg[key] != value:
+            raise ConfigError(f"config key 'model.{key}' = {cfg[key]} but the token file {data.path} has {value}")
+        cfg[key] = value
+    clash = {k: (cfg["quantizer"][k], data.quantizer_config.get(k)) for k in given_quantizer
+             if cfg["quantizer"][k] != data.quantizer_config.get(k)}
+    if clash:
+        raise ConfigError(f"config key 'model.quantizer' disagrees with the token file {data.path} "
+                          f"(config, file): {clash}")
+    cfg["quantizer"] = dict(data.quantizer_config)
+    head = cfg["head"]
+    if head.get("order") == "frequency":
+        latents = data.latents[:10000].float() if data.latents is not None else None
+        if latents is None:
+            quant = data.make_quantizer()
+            latents = quant.dequantize(data.indices[:10000].long()).permute(0, 3, 1, 2)
+        head["order"] = frequency_channel_order(latents)[0].tolist()
+
+
+def _make_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise ValueError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+    return torch.Generator(device=device).manual_seed(generator)
+
+
+@register_family
+class TokenBridgeGenerator(nn.Module):
+    """Quantizer + MAR backbone + head.
+
+    loss((indices [B, H, W, C] long in [0, levels), labels [B] long in [0, num_classes])) -> scalar CE loss.
+    sample(labels [N]) -> dict(indices [N, H, W, C] long, latents [N, C, H, W] float, confidence [N, H, W] float).
+    Label `num_classes` means unconditional.
+    """
+
+    family = "tokenbridge"
+    presets: dict[str, dict] = {}  # filled at the end of this module
+
+    def __init__(self, config: dict, quantizer: DimensionwiseQuantizer | None = None) -> None:
+        super().__init__()
+        cfg = self.resolve_config(config)
+        if cfg["grid_size"] is None or cfg["channels"] is None or cfg["num_classes"] is None:
+            raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
+                              "generator without training data")
+        if cfg["head"].get("order") == "frequency":
+            raise ConfigError("config key 'model.head.order' = 'frequency' needs the training tokens to derive it")
+        self.config = cfg
+        self.quantizer = quantizer if quantizer is not None else DimensionwiseQuantizer(**cfg["quantizer"])
+        b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])
+        self.channels, self.patch_size = int(cfg["channels"]), p
+        self.backbone = MAR(grid_size=tuple(cfg["grid_size"]), token_dim=self.channels * p * p,
+                            num_classes=int(cfg["num_classes"]), **b)
+        head = dict(cfg["head"])
+        kind = head.pop("kind")
+        if "order" in head:
+            head["order"] = expand_channel_order(head["order"], self.channels, p)
+        self.head = HEADS[kind](z_dim=int(b["width"]), num_channels=self.channels * p * p,
+                                levels=self.quantizer.levels, **head)
+        self.grid_size, self.seq_len = self.backbone.grid_size, self.backbone.seq_len
+        self.num_classes, self.levels = self.backbone.num_classes, self.quantizer.levels
+        self.mask_ratio_min = float(cfg["mask_ratio_min"])
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def resolve_config(cls, config: dict, data: Any = None) -> dict:
+        """Validate a model config (presets and the flat legacy layout accepted); with ``data`` (a token
+        dataset), fill grid/channels/classes/quantizer from it and resolve ``head.order: frequency``."""
+        raw = _from_flat_keys(apply_preset(cls, config))
+        cfg = validate(TokenBridgeConfig, raw, "model").model_dump(mode="json")
+        head = dict(cfg["head"])
+        kind = head.pop("kind", "ar")
+        if kind not in HEADS:
+            raise ConfigError(f"config key 'model.head.kind' = {kind!r}: expected one of {sorted(HEADS)}")
+        cfg["head"] = {"kind": kind, **validate(HEAD_CONFIGS[kind], head, "model.head").model_dump(mode="json")}
+        if data is not None:
+            _fill_from_data(cfg, raw.get("quantizer") or {}, data)
+        return cfg
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        """Build a resolved config's parts on the meta device (no memory, no time), so that a value the
+        constructors reject (levels=1, width=-1) fails before any data is read."""
+        if config["grid_size"] is None or config["channels"] is None or config["num_classes"] is None:
+            return
+        trial = {**config, "head": {**config["head"], "order": None}}
+        try:
+            quantizer = DimensionwiseQuantizer(**config["quantizer"])  # its tables are computed, not allocated
+            with torch.device("meta"):
+                cls(trial, quantizer)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model config: {e}") from None
+
+    @classmethod
+    def from_config(cls, config: dict, data: Any = None) -> TokenBridgeGenerator:
+        """Build from a model config; with ``data`` (a token dataset) its quantizer (fitted state included) and
+        shapes are used, so that training dequantizes with exactly the quantizer that made the tokens."""
+        return cls(cls.resolve_config(config, data), quantizer=data.make_quantizer() if data is not None else None)
+
+    # ------------------------------------------------------------------ validation (public entry points only)
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'shape', type(labels))}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = unconditional), "
+                             f"got range [{int(labels.min())}, {int(labels.max())}]")
+
+    def _check_batch(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
+        """Shapes and dtypes only: value ranges are checked once where tokens enter (token file, quantizer), so a
+        training step costs no device -> host synchronisation."""
+        h, w = self.grid_size
+        if indices.dim() != 4 or tuple(indices.shape[1:]) != (h, w, self.channels):
+            raise ValueError(f"indices must be [B, {h}, {w}, {self.channels}], got shape {tuple(indices.shape)}")
+        if indices.is_floating_point() or indices.dtype == torch.bool or indices.is_complex():
+            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
+        if labels.dim() != 1 or labels.shape[0] != indices.shape[0] or labels.is_floating_point():
+            raise ValueError(f"labels must be integers [{indices.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+
+    # ------------------------------------------------------------------ token helpers
+    def indices_to_tokens(self, indices: torch.Tensor) -> torch.Tensor:
+        """Index tokens [B, L, C*p*p] -> de-quantized continuous tokens [B, L, C*p*p] (backbone input)."""
+        grid = unpatchify(indices, self.grid_size, self.patch_size)
+        return patchify(self.quantizer.dequantize(grid), self.patch_size)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], mask_ratio: float | None = None) -> torch.Tensor:
+        """Masked-token cross-entropy of a batch (indices, labels). mask_ratio=None draws it from the truncated
+        normal (MAR training)."""
+        indices, labels = batch
+        self._check_batch(indices, labels)
+        indices, labels = indices.long(), labels.to(indices.device).long()
+        targets = patchify(indices, self.patch_size)  # [B, L, C*p*p]
+        tokens = patchify(self.quantizer.dequantize(indices), self.patch_size)
+        if mask_ratio is None:
+            mask_ratio = float(truncnorm_mask_ratio(1, low=self.mask_ratio_min)[0])
+        num_masked = num_masked_for_ratio(mask_ratio, self.seq_len)
+        mask = random_masking(sample_orders(indices.shape[0], self.seq_len, device=indices.device), num_masked)
+        z = self.backbone(tokens, labels, mask)
+        return self.head.loss(z[mask], targets[mask])
+
+    def forward(self, indices: torch.Tensor, labels: torch.Tensor, mask_ratio: float | None = None) -> torch.Tensor:
+        """Same as ``loss((indices, labels), mask_ratio)``."""
+        return self.loss((indices, labels), mask_ratio)
+
+    # ------------------------------------------------------------------ generation
+    def _check_sampling(self, labels: torch.Tensor, num_iter: int, cfg: float | None, cfg_schedule: str,
+                        order: str) -> None:
+        self._check_labels(labels)
+        if labels.numel() == 0:
+            raise ValueError("labels is empty: pass at least one class index to sample")
+        if order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        if int(num_iter) != num_iter or num_iter < 1:
+            raise ValueError(f"num_iter must be a positive integer, got {num_iter}")
+        if cfg is not None and not float(cfg) >= 0:
+            raise ValueError(f"cfg must be >= 0 (1.0 = no guidance), got {cfg}")
+
+    @staticmethod
+    def _positions(mask: torch.Tensor, orders: torch.Tensor | None, remaining: int, prev: int) -> torch.Tensor:
+        """Positions [N, m] to sample at one step: the next chunk of the random order, or (confidence order) every
+        still-masked position (argsort puts the masked ones, True, first)."""
+        if orders is not None:
+            return orders[:, remaining:prev]
+        return torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :prev]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        labels: torch.Tensor,
+        num_iter: int = 64,
+        cfg: float | None = 1.0,
+        cfg_schedule: Literal["linear", "constant"] = "linear",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        order: Literal["random", "confidence"] = "random",
+        generator: torch.Generator | int | None = None,
+        progress: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Generate token grids for class `labels` [N] (value num_classes = unconditional).
+
+        num_iter is capped at the sequence length L (every step predicts at least one position). cfg None or 1.0
+        runs without guidance (no unconditional half). generator: None (global RNG), an int seed or a
+        torch.Generator on the model's device. Returns dict(indices [N, H, W, C] long, latents [N, C, H, W] float
+        de-quantized and channel-first, confidence [N, H, W] float = head log-prob of the token at that position
+        when it was sampled; with patch_size p > 1 every latent position of a patch gets its token's value).
+        """
+        self._check_sampling(labels, num_iter, cfg, cfg_schedule, order)
+        device = next(self.parameters()).device
+        gen = _make_generator(generator, device)
+        labels = labels.to(device).long()
+        n, seq_len, tdim = labels.shape[0], self.seq_len, self.backbone.token_dim
+        num_iter = min(int(num_iter), seq_len)
+        schedule = mask_schedule_list(num_iter, seq_len)
+        use_cfg = cfg is not None and float(cfg) != 1.0
+        if use_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        idx = torch.zeros(n, seq_len, tdim, dtype=torch.long, device=device)
+        conf = torch.zeros(n, seq_len, device=device)
+        mask = torch.ones(n, seq_len, dtype=torch.bool, device=device)
+        orders = sample_orders(n, seq_len, device=device, generator=gen) if order == "random" else None
+        was_training = self.training
+        self.eval()
+        try:
+            prev = seq_len
+            for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
+                remaining = schedule[step]
+                tokens = self.indices_to_tokens(idx)
+                z = self.backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
+                                  torch.cat([mask, mask]) if use_cfg else mask)
+                pos = self._positions(mask, orders, remaining, prev)
+                m = pos.shape[1]
+                gather = pos.unsqueeze(-1).expand(n, m, z.shape[-1])
+                z_sel = torch.gather(z[:n], 1, gather).reshape(n * m, -1)
+                step_cfg = None
+                if use_cfg:
+                    z_sel = torch.cat([z_sel, torch.gather(z[n:], 1, gather).reshape(n * m, -1)])
+                    step_cfg = cfg_at(float(cfg), cfg_schedule, remaining / seq_len)
+                new_idx, logp = self.head.sample(z_sel, temperature=temperature, top_k=top_k, top_p=top_p,
+                                                 cfg=step_cfg, generator=gen)
+                new_idx, logp = new_idx.reshape(n, m, tdim), logp.reshape(n, m).float()
+                keep = prev - remaining
+                if keep < m:  # confidence order: keep the most likely of the sampled positions
+                    top = logp.topk(keep, dim=1).indices
+                    pos, logp = pos.gather(1, top), logp.gather(1, top)
+                    new_idx = new_idx.gather(1, top.unsqueeze(-1).expand(n, keep, tdim))
+                idx.scatter_(1, pos.unsqueeze(-1).expand(n, keep, tdim), new_idx.long())
+                conf.scatter_(1, pos, logp)
+                mask.scatter_(1, pos, False)
+                prev = remaining
+        finally:
+            self.train(was_training)
+        return self._outputs(idx, conf)
+
+    def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid = unpatchify(idx, self.grid_size, self.patch_size)
+        p, (h, w) = self.patch_size, self.grid_size
+        confidence = conf.reshape(-1, h // p, w // p).repeat_interleave(p, 1).repeat_interleave(p, 2)
+        latents = self.quantizer.dequantize(grid).permute(0, 3, 1, 2).contiguous()
+        return {"indices": grid, "latents": latents, "confidence": confidence}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets (DiT style: one place names the sizes; `model: {preset: NAME}` in a config, `--preset` on the CLI)
+
+# Embedded default (Fashion-MNIST, f4 VAE: 8x8x4 tokens, B=64): 2.9M parameters, sized for a 20-30 min CPU run.
+# Measured on the idle 2-core dev machine, AdamW, batch 128: 0.85 s/step (1.2 it/s, ~1,800 steps in 25 min).
+# Training is compute bound; the head runs on every masked position (~87% of 64 per image), so its width costs
+# as much as the backbone's (head width 128 instead of 64: 1.6 s/step).
+_FMNIST = {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
+           "backbone": {"width": 192, "encoder_depth": 3, "decoder_depth": 3, "num_heads": 4, "buffer_size": 8},
+           "head": {"kind": "ar", "width": 64, "depth": 2, "num_heads": 4}}
+# ImageNet 256x256 with MAR's KL-16 VAE (16x16x16 tokens); MAR-L / MAR-H backbones, paper head sizes and dropout
+_IMAGENET = {"grid_size": [16, 16], "channels": 16, "num_classes": 1000}
+_PAPER_DROPOUT = {"dropout": 0.1, "attn_dropout": 0.1}
+TokenBridgeGenerator.presets.update({
+    "tiny": {**_FMNIST, "backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2,
+                                     "buffer_size": 2},
+             "head": {"kind": "ar", "width": 16, "depth": 1, "num_heads": 2}},
+    "fmnist": _FMNIST,
+    "tokenbridge-l": {**_IMAGENET, "backbone": {"width": 1024, "encoder_depth": 16, "decoder_depth": 16,
+                                                "num_heads": 16, **_PAPER_DROPOUT},
+                      "head": {"kind": "ar", "width": 1024, "depth": 4, "num_heads": 8, "dropout": 0.1}},
+    "tokenbridge-h": {**_IMAGENET, "backbone": {"width": 1280, "encoder_depth": 20, "decoder_depth": 20,
+                                                "num_heads": 16, **_PAPER_DROPOUT},
+                      "head": {"kind": "ar", "width": 1024, "depth": 6, "num_heads": 8, "dropout": 0.1}},
+})

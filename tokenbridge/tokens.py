@@ -1,0 +1,203 @@
+"""Token caches: encode a dataset once with a VAE, quantize it, and read it back for training.
+
+`cache_latents` writes one safetensors file: ``indices`` [N, h, w, C] (uint8 when levels <= 256, else int16;
+channel-last), ``labels`` int64 [N], optionally ``latents`` float32 [N, C, h, w] (scaled, channel-first; for the
+data-derived channel order), the quantizer's buffers as ``quantizer.<name>`` (so that training and sampling
+dequantize with exactly the quantizer that made the tokens) and string metadata: format, version, vae, vae_fingerprint,
+quantizer (JSON), levels, scaling_factor, data, split, num_classes, sample_posterior. `CachedTokens` reads it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from .config import DataConfig
+from .data import FashionMNIST, ImageFolder
+from .files import atomic_path
+from .quantizer import DimensionwiseQuantizer
+from .vae import VAE, load_vae, vae_fingerprint
+
+TOKENS_FORMAT = "tokenbridge-tokens"
+FORMAT_VERSION = 1
+
+
+def image_dataset(data: DataConfig) -> Dataset:
+    """The (image [Ci, H, W] in [-1, 1], label) dataset a data config names: ``fmnist`` or ``folder:PATH``."""
+    if data.dataset == "fmnist":
+        return FashionMNIST(data.split, limit=data.limit)
+    if data.dataset.startswith("folder:"):
+        ds = ImageFolder(data.dataset[len("folder:"):], resolution=data.resolution, channels=data.channels)
+        return Subset(ds, range(min(data.limit, len(ds)))) if data.limit is not None else ds
+    raise ValueError(f"config key 'data.dataset' = {data.dataset!r}: expected 'fmnist' or 'folder:PATH'")
+
+
+@torch.no_grad()
+def encode_latents(vae: VAE, images: torch.Tensor, sample_posterior: bool = False) -> torch.Tensor:
+    """images [B, Ci, H, W] in [-1, 1] -> scaled latents float [B, C, h, w] (posterior mean unless sampled)."""
+    latents = vae.encode(images, sample=True) if sample_posterior else vae.encode(images)
+    if latents.ndim != 4:
+        raise ValueError(f"vae.encode returned shape {tuple(latents.shape)}, expected [B, C, h, w]")
+    return latents.float()
+
+
+def _fit_quantizer(quantizer: DimensionwiseQuantizer, vae: VAE, dataset: Dataset, data: DataConfig,
+                   fit_samples: int, device: torch.device) -> None:
+    """Fit a data-calibrated quantizer on the latents of ``fit_samples`` evenly spaced images."""
+    n_fit = min(len(dataset), int(fit_samples))
+    subset = Subset(dataset, torch.linspace(0, len(dataset) - 1, n_fit).long().tolist())
+    loader = DataLoader(subset, batch_size=data.encode_batch)
+    latents = [encode_latents(vae, x.to(device), data.sample_posterior).cpu()
+               for x, _ in tqdm(loader, desc="fitting quantizer", disable=None)]
+    quantizer.fit(torch.cat(latents).permute(0, 2, 3, 1))
+
+
+def _encode_all(vae: VAE, quantizer: DimensionwiseQuantizer, dataset: Dataset, data: DataConfig,
+                device: torch.device) -> dict[str, torch.Tensor]:
+    index_dtype = torch.uint8 if quantizer.levels <= 256 else torch.int16
+    indices, labels, latents = [], [], []
+    loader = DataLoader(dataset, batch_size=data.encode_batch, shuffle=False, drop_last=False)
+    for images, label in tqdm(loader, desc=f"caching {data.dataset}:{data.split}", disable=None):
+        lat = encode_latents(vae, images.to(device), data.sample_posterior)
+        indices.append(quantizer.quantize(lat.permute(0, 2, 3, 1).contiguous()).to("cpu", index_dtype))
+        labels.append(torch.as_tensor(label).to("cpu", torch.int64))
+        if data.store_latents:
+            latents.append(lat.cpu())
+    tensors = {"indices": torch.cat(indices).contiguous(), "labels": torch.cat(labels).contiguous()}
+    if data.store_latents:
+        tensors["latents"] = torch.cat(latents).contiguous()
+    return tensors
+
+
+def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict[str, Any] | None = None,
+                  device: str | torch.device = "cpu", seed: int = 0, fit_samples: int = 10000,
+                  vae: VAE | None = None, dataset: Dataset | None = None) -> Path:
+    """Encode ``data``'s images with its VAE, quantize them and write one token file atomically (module docstring).
+
+    quantizer: DimensionwiseQuantizer keyword arguments (a model config's ``quantizer`` section). One with a data
+    calibration is first fitted on ``fit_samples`` images. ``vae``/``dataset`` replace the ones ``data`` names
+    (the spec ``data.vae`` is still recorded). Posterior samples (``data.sample_posterior``) draw from ``seed``.
+    """
+    device = torch.device(device)
+    quant = DimensionwiseQuantizer(**(quantizer or {})).to(device)
+    if quant.levels > 32768:
+        raise ValueError(f"levels={quant.levels} does not fit int16 token storage")
+    dataset = image_dataset(data) if dataset is None else dataset
+    if len(dataset) == 0:
+        raise ValueError(f"dataset {data.dataset}:{data.split} is empty")
+    vae = (load_vae(data.vae, device) if vae is None else vae).to(device).eval()
+    rng_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # posterior sampling draws from the global RNG; make the cache reproducible
+    try:
+        if not quant.fitted:
+            _fit_quantizer(quant, vae, dataset, data, fit_samples, device)
+        tensors = _encode_all(vae, quant, dataset, data, device)
+    finally:
+        torch.random.set_rng_state(rng_state)
+    tensors.update({f"quantizer.{k}": v.detach().cpu().contiguous() for k, v in quant.state_dict().items()})
+    classes = getattr(dataset, "classes", None)
+    scaling = getattr(vae, "scaling_factor", None)
+    metadata = {
+        "format": TOKENS_FORMAT, "version": str(FORMAT_VERSION),
+        "vae": str(data.vae), "vae_fingerprint": vae_fingerprint(vae),
+        "quantizer": json.dumps(quant.config()), "levels": str(quant.levels),
+        "scaling_factor": json.dumps(None if scaling is None else float(scaling)),
+        "data": data.dataset, "split": data.split, "sample_posterior": json.dumps(data.sample_posterior),
+        "num_classes": str(len(classes) if classes is not None else int(tensors["labels"].max()) + 1),
+    }
+    with atomic_path(out_path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+    return Path(out_path)
+
+
+class CachedTokens(Dataset):
+    """A cache_latents file as (indices long [h, w, C], label long scalar) items.
+
+    Attributes: indices (stored dtype, [N, h, w, C]), labels int64 [N], latents (float [N, C, h, w] or None),
+    levels, num_classes, grid_shape (h, w, C), metadata (str -> str), quantizer_config (dict), scaling_factor,
+    quantizer_state (the quantizer's buffers), vae (the spec that made the file) and vae_fingerprint (or None).
+    Every index is checked to lie in [0, levels) here, once, so training steps need not check again.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"token file {self.path} does not exist (make it with `tokenbridge cache-latents`)")
+        try:
+            with safe_open(str(self.path), framework="pt") as f:
+                meta = dict(f.metadata() or {})
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for truncated/garbled files
+            raise ValueError(f"token file {self.path} is corrupt or not a safetensors file: {e}") from e
+        if meta.get("format") != TOKENS_FORMAT:
+            raise ValueError(f"{self.path} is not a tokenbridge token file (metadata format={meta.get('format')!r})")
+        self._check_tensors(tensors)
+        try:
+            self.levels = int(meta["levels"])
+            self.quantizer_config = json.loads(meta["quantizer"])
+            self.scaling_factor = json.loads(meta.get("scaling_factor", "null"))
+            self.num_classes = int(meta.get("num_classes", int(tensors["labels"].max()) + 1))
+        except (KeyError, ValueError) as e:
+            raise ValueError(f"token file {self.path} has bad metadata: {e}") from e
+        idx = tensors["indices"]
+        if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= self.levels):
+            raise ValueError(f"{self.path}: indices outside [0, {self.levels})")
+        self.indices, self.labels, self.latents = idx, tensors["labels"], tensors.get("latents")
+        self.metadata, self.vae, self.vae_fingerprint = meta, meta.get("vae"), meta.get("vae_fingerprint")
+        self.quantizer_state = {k[len("quantizer."):]: v for k, v in tensors.items() if k.startswith("quantizer.")}
+        self.grid_shape = tuple(idx.shape[1:])
+
+    def _check_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key in ("indices", "labels"):
+            if key not in tensors:
+                raise ValueError(f"token file {self.path} has no '{key}' tensor")
+        idx, lab, lat = tensors["indices"], tensors["labels"], tensors.get("latents")
+        if idx.dtype not in (torch.uint8, torch.int16) or idx.ndim != 4:
+            raise ValueError(f"{self.path}: indices must be uint8/int16 [N, h, w, C], got {idx.dtype} {list(idx.shape)}")
+        if lab.dtype != torch.int64 or lab.shape != (idx.shape[0],):
+            raise ValueError(f"{self.path}: labels must be int64 [{idx.shape[0]}], got {lab.dtype} {list(lab.shape)}")
+        if lat is not None and (lat.ndim != 4 or lat.shape[0] != idx.shape[0] or lat.shape[1] != idx.shape[3]):
+            raise ValueError(f"{self.path}: latents shape {list(lat.shape)} does not match indices {list(idx.shape)}")
+
+    def __len__(self) -> int:
+        return self.indices.shape[0]
+
+    def make_quantizer(self) -> DimensionwiseQuantizer:
+        """The DimensionwiseQuantizer that made these tokens (fitted calibration included)."""
+        try:
+            quant = DimensionwiseQuantizer(**self.quantizer_config)
+            if self.quantizer_state:
+                quant.load_state_dict(self.quantizer_state)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"token file {self.path}: cannot rebuild its quantizer: {e}") from e
+        return quant
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.indices[i].long(), self.labels[i]
+
+
+class OnTheFlyTokens:
+    """Turns an (images, labels) batch into (indices [B, h, w, C], labels) with a frozen VAE and a quantizer, for
+    training without a token cache (``data.source: images``)."""
+
+    def __init__(self, data: DataConfig, quantizer: dict[str, Any], device: torch.device):
+        self.vae = load_vae(data.vae, device).eval().requires_grad_(False)
+        self.quantizer = DimensionwiseQuantizer(**quantizer).to(device)
+        if not self.quantizer.fitted:
+            raise ValueError("data.source=images cannot fit a calibrated quantizer per batch; use cache-latents")
+        self.sample_posterior = data.sample_posterior
+
+    def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        latents = encode_latents(self.vae, images, self.sample_posterior)
+        return self.quantizer.quantize(latents.permute(0, 2, 3, 1).contiguous()), labels
+
