@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
+import torch
 
 from tokenbridge import cli
+from tokenbridge.autoencoder import build_vae
+from tokenbridge.vae import save_vae
 
 
 def _parse(monkeypatch, argv: list[str]):
@@ -29,3 +36,43 @@ def test_unknown_options_are_still_rejected(monkeypatch, capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         _parse(monkeypatch, ["reconstruct", "levels=3"])  # reconstruct takes no overrides
+
+
+# ---------------------------------------------------------------------------------------------- config errors
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_train_config_typo_fails_before_any_work():
+    # the command a user types, in a subprocess: non-zero exit, the bad key named, nothing trained
+    res = subprocess.run([sys.executable, "-m", "tokenbridge.cli", "train", "--config", "configs/fmnist.yaml",
+                          "trian.steps=5"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "unknown config key 'trian'" in res.stderr and "train" not in res.stdout
+
+
+@pytest.mark.parametrize("value, expected", [("abc", "unable to parse string as an integer"),
+                                             ("2.7", "got a number with a fractional part")])
+def test_train_steps_of_the_wrong_type(tmp_path, capsys, value, expected):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--config", str(REPO / "configs" / "fmnist.yaml"), f"train.steps={value}",
+                  f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and f"config key 'train.steps' = {value if value != 'abc' else repr(value)}" in err
+    assert expected in err and not (tmp_path / "run").exists()
+
+
+# ---------------------------------------------------------------------------------------------- the recorded VAE
+
+
+def test_sample_refuses_another_vae_unless_asked(tmp_path, capsys):
+    torch.manual_seed(0)
+    other = save_vae(build_vae("fmnist"), tmp_path / "other_vae.safetensors")  # same shapes, other weights
+    with pytest.raises(SystemExit):
+        cli.main(["sample", "--vae", str(other), "--labels", "0", "--per-class", "1", "--out", str(tmp_path / "s")])
+    err = capsys.readouterr().err
+    assert "trained on the VAE 'fmnist'" in err and str(other) in err and "--allow-other-vae" in err
+    assert not (tmp_path / "s").exists()
+    cli.main(["sample", "--vae", str(other), "--allow-other-vae", "--labels", "0", "--per-class", "1",
+              "--num-iter", "2", "--out", str(tmp_path / "s")])
+    assert (tmp_path / "s" / "samples.png").is_file()

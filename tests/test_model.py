@@ -1,4 +1,4 @@
-"""Tests for tokenbridge.model (TokenBridgeGenerator, build_generator)."""
+"""Tests for the TokenBridge generator family (tokenbridge.generators.tokenbridge)."""
 
 import copy
 import json
@@ -7,12 +7,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from tokenbridge.model import (
-    DEFAULT_FMNIST_CONFIG,
+from tokenbridge.config import ConfigError
+from tokenbridge.generators.tokenbridge import (
     TokenBridgeGenerator,
-    build_generator,
     expand_channel_order,
-    generator_config,
 )
 from tokenbridge.quantizer import DimensionwiseQuantizer
 from tokenbridge.sampling import mask_schedule_list
@@ -22,7 +20,7 @@ TINY = {
     "grid_size": [4, 4],
     "channels": 2,
     "num_classes": 3,
-    "levels": 8,
+    "quantizer": {"levels": 8},
     "backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2, "buffer_size": 4},
     "head": {"kind": "ar", "width": 32, "depth": 1, "num_heads": 2},
 }
@@ -36,7 +34,7 @@ def tiny(seed: int = 0, **overrides) -> TokenBridgeGenerator:
         else:
             cfg[key] = value
     torch.manual_seed(seed)
-    return build_generator(cfg)
+    return TokenBridgeGenerator.from_config(cfg)
 
 
 def random_batch(n: int = 4, levels: int = 8, grid=(4, 4), channels: int = 2, seed: int = 0):
@@ -228,9 +226,10 @@ def test_patch_size_two():
     assert torch.equal(conf[:, 0::2, 0::2], conf[:, 1::2, 1::2])  # one value per 2x2 patch
 
 
-@pytest.mark.parametrize("head", [{"kind": "parallel"}, {"kind": "grouped", "group_size": 2}])
+@pytest.mark.parametrize("head", [{"kind": "parallel", "width": 32, "depth": 1},
+                                  {"kind": "grouped", "group_size": 2, "width": 32, "depth": 1, "num_heads": 2}])
 def test_other_head_kinds(head):
-    model = tiny(head=head)
+    model = TokenBridgeGenerator.from_config({**TINY, "head": head})
     idx, labels = random_batch()
     assert torch.isfinite(model(idx, labels))
     out = model.sample(torch.tensor([0, 1]), num_iter=3, cfg=2.0, generator=0)
@@ -242,15 +241,15 @@ def test_other_head_kinds(head):
 
 def test_config_roundtrip_rebuilds_the_same_model():
     model = tiny(head={"order": [1, 0]})
-    cfg = generator_config(model)
+    cfg = model.config
     json.dumps(cfg)  # plain data, storable next to the weights
-    rebuilt = build_generator(json.loads(json.dumps(cfg)))
+    rebuilt = TokenBridgeGenerator.from_config(json.loads(json.dumps(cfg)))
     rebuilt.load_state_dict(model.state_dict())
     idx, labels = random_batch()
     torch.manual_seed(5)
     a = model(idx, labels)
     torch.manual_seed(5)
-    b = rebuilt(idx, labels)
+    b = rebuilt.loss((idx, labels))
     assert torch.equal(a, b)
     assert torch.equal(
         model.sample(labels, num_iter=3, generator=1)["indices"],
@@ -258,24 +257,42 @@ def test_config_roundtrip_rebuilds_the_same_model():
     )
 
 
-def test_build_generator_with_a_fitted_quantizer():
+def test_generator_with_a_fitted_quantizer():
     q = DimensionwiseQuantizer(levels=8, calibration="standardize").fit(torch.randn(1000, 2) * 2 + 1)
-    cfg = copy.deepcopy(TINY)
-    model = build_generator(cfg, quantizer=q)
-    assert model.quantizer is q and model.config["quantizer_calibration"] == "standardize"
-    rebuilt = build_generator(generator_config(model))
+    model = TokenBridgeGenerator(TINY, quantizer=q)
+    assert model.quantizer is q
+    rebuilt = TokenBridgeGenerator.from_config({**TINY, "quantizer": q.config()})
     rebuilt.load_state_dict(model.state_dict())  # the fitted per-channel buffers load into a fresh quantizer
     idx, _ = random_batch()
     assert torch.equal(rebuilt.quantizer.dequantize(idx), q.dequantize(idx))
-    with pytest.raises(ValueError, match="disagree"):
-        build_generator({**cfg, "levels": 16}, quantizer=q)
 
 
-def test_default_fmnist_config_builds():
-    model = build_generator(DEFAULT_FMNIST_CONFIG)
+def test_presets_build_and_hold_the_sizes():
+    model = TokenBridgeGenerator.from_config({"preset": "fmnist"})
     assert model.grid_size == (8, 8) and model.channels == 4 and model.levels == 64 and model.num_classes == 10
     n_params = sum(p.numel() for p in model.parameters())
     assert 1e6 < n_params < 10e6
+    assert model.config["backbone"]["width"] == 192 and model.config["head"]["width"] == 64
+    # keys beside the preset win; the rest are the constructors' defaults (MAR's buffer of 64, B = 64)
+    wide = TokenBridgeGenerator.resolve_config({"preset": "fmnist", "backbone": {"width": 256}})
+    assert wide["backbone"]["width"] == 256 and wide["backbone"]["encoder_depth"] == 3
+    assert TokenBridgeGenerator.resolve_config({"preset": "tokenbridge-l"})["backbone"]["buffer_size"] == 64
+    quantizer = DimensionwiseQuantizer()  # its tables are computed, so it is built outside the meta device
+    with torch.device("meta"):  # paper sizes, without allocating them
+        large = TokenBridgeGenerator({"preset": "tokenbridge-l"}, quantizer)
+    backbone_m = sum(p.numel() for p in large.backbone.parameters()) / 1e6
+    head_m = sum(p.numel() for p in large.head.parameters()) / 1e6
+    assert 400 < backbone_m < 420 and 64 < head_m < 66  # MAR-L backbone; the paper's 65M 1024 x 4 head
+
+
+def test_flat_legacy_config_still_loads():
+    legacy = {"grid_size": [4, 4], "channels": 2, "num_classes": 3, "levels": 8, "value_range": [-4.0, 4.0],
+              "quantizer_kind": "uniform", "quantizer_tails": "paper", "quantizer_calibration": "none",
+              "mask_ratio_min": 0.7, "backbone": TINY["backbone"],
+              "head": {"kind": "ar", "width": 32, "depth": 1, "num_heads": 2, "group_size": None, "order": [1, 0]}}
+    cfg = TokenBridgeGenerator.resolve_config(legacy)
+    assert cfg["quantizer"]["levels"] == 8 and cfg["quantizer"]["kind"] == "uniform"
+    assert cfg["quantizer"]["value_range"] == [-4.0, 4.0] and "group_size" not in cfg["head"]
 
 
 def test_expand_channel_order():
@@ -288,16 +305,18 @@ def test_expand_channel_order():
 
 
 def test_config_errors():
-    with pytest.raises(ValueError, match="missing"):
-        build_generator({"grid_size": [4, 4], "channels": 2})
-    with pytest.raises(ValueError, match="unknown generator config"):
-        build_generator({**TINY, "chanels": 2})
-    with pytest.raises(ValueError, match="unknown backbone"):
-        build_generator({**TINY, "backbone": {"widht": 32}})
-    with pytest.raises(ValueError, match="head kind"):
-        build_generator({**TINY, "head": {"kind": "diffusion"}})
-    with pytest.raises(ValueError, match="grid_size"):
-        build_generator({**TINY, "grid_size": [4, 0]})
+    with pytest.raises(ConfigError, match="needed to build"):
+        TokenBridgeGenerator.from_config({"grid_size": [4, 4], "channels": 2})
+    with pytest.raises(ConfigError, match="unknown config key 'model.chanels'"):
+        TokenBridgeGenerator.from_config({**TINY, "chanels": 2})
+    with pytest.raises(ConfigError, match="unknown config key 'model.backbone.widht'"):
+        TokenBridgeGenerator.from_config({**TINY, "backbone": {"widht": 32}})
+    with pytest.raises(ConfigError, match="'model.head.kind' = 'diffusion'"):
+        TokenBridgeGenerator.from_config({**TINY, "head": {"kind": "diffusion"}})
+    with pytest.raises(ConfigError, match="model.grid_size"):
+        TokenBridgeGenerator.from_config({**TINY, "grid_size": [4, 0]})
+    with pytest.raises(ConfigError, match="needs the training tokens"):
+        TokenBridgeGenerator.from_config({**TINY, "head": {"order": "frequency"}})
 
 
 # ---------------------------------------------------------------------------------------------- input validation

@@ -4,16 +4,16 @@ the plumbing: token caches, variant training + evaluation, reuse, files and tabl
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch.utils.data import TensorDataset
 
 from tokenbridge import repro
-from tokenbridge.metrics import FMNISTClassifier
-from tokenbridge.model import build_generator
-from tokenbridge.train import CachedTokens
+from tokenbridge.classifier import FMNISTClassifier
+from tokenbridge.config import DataConfig, merge
+from tokenbridge.generators import TokenBridgeGenerator
+from tokenbridge.repro.speed import TimingOptions, time_heads
+from tokenbridge.tokens import CachedTokens, cache_latents
 from tokenbridge.vae import build_vae
 
 
@@ -28,13 +28,12 @@ def _images(n: int, seed: int) -> TensorDataset:
 def resources() -> repro.Resources:
     torch.manual_seed(0)
     splits = {"train": _images(256, 1), "test": _images(64, 2)}
-    generator_cfg = copy.deepcopy(repro.SCALES["tiny"]["model"])
-    generator_cfg["head"]["order"] = [1, 3, 2, 0]
+    generator_cfg = merge(repro.SCALES["tiny"]["model"], {"head": {"order": [1, 3, 2, 0]}})
     return repro.Resources(
         vae=build_vae("fmnist").eval(),
         classifier=FMNISTClassifier(widths=(4, 4, 4), feature_dim=8).eval(),
         dataset=splits.__getitem__,
-        generator=lambda: build_generator(generator_cfg),
+        generator=lambda: TokenBridgeGenerator.from_config(generator_cfg),
         vae_spec="random-test-vae",
     )
 
@@ -88,9 +87,7 @@ def test_fig8_side_by_side(tmp_path, resources):
 
 def test_heldout_nll_is_deterministic_and_keeps_the_global_rng(tmp_path, resources):
     path = tmp_path / "tokens.safetensors"
-    from tokenbridge.train import cache_latents
-
-    cache_latents("random-test-vae", path, quantizer={"levels": 64}, vae=resources.vae,
+    cache_latents(DataConfig(vae="random-test-vae", split="test"), path, quantizer={"levels": 64}, vae=resources.vae,
                   dataset=resources.dataset("test"))
     tokens = CachedTokens(path)
     model = resources.generator()
@@ -114,3 +111,46 @@ def test_budget_overrides():
     with pytest.raises(ValueError, match="unknown repro name"):
         repro.run_repro("table9", scale="tiny")
     assert set(repro.REPRO_NAMES) == set(repro.TABLES)
+
+
+def test_budgets_use_the_presets():
+    for scale, preset in [("tiny", "tiny"), ("small", "fmnist"), ("paper", "tokenbridge-l")]:
+        assert repro.SCALES[scale]["model"]["preset"] == preset
+    budget = repro.resolve_budget("tiny", ["model.backbone.width=64", "table5.repeats=3"])
+    model = repro.runs.variant_model_config(budget["model"], {"quantizer.levels": 16})
+    assert model["backbone"]["width"] == 64 and model["backbone"]["encoder_depth"] == 1
+    assert model["quantizer"] == {"levels": 16} and model["head"]["order"] == "frequency"
+    # switching to the parallel head drops the options it does not take (channel order, attention heads)
+    parallel = repro.runs.variant_model_config(budget["model"], {"head.kind": "parallel"})
+    assert parallel["head"] == {"kind": "parallel", "width": 16, "depth": 1}
+    assert TimingOptions(**budget["table5"]).repeats == 3
+
+
+def test_head_timing_options_and_report():
+    options = TimingOptions(**repro.SCALES["tiny"]["table5"])
+    assert options.command_line() == ["--quick", "--repeats", "1", "--warmup", "0", "--budget", "0.1", "--batches",
+                                      "1", "--diffusion-steps", "4", "--threads", "1"]
+    assert repro.speed.parse_args(options.command_line()) == (options, "cuda" if torch.cuda.is_available() else "cpu")
+    assert TimingOptions(quick=True).command_line() == ["--quick"] and TimingOptions().command_line() == []
+    with pytest.raises(ValueError, match="--repeats"):
+        TimingOptions(repeats=0)
+    threads = torch.get_num_threads()
+    timing = time_heads(TimingOptions(quick=True, repeats=1, warmup=0, budget=0.1, batches=(1, 2),
+                                      diffusion_steps=2, threads=1), "cpu")
+    assert torch.get_num_threads() == threads  # restored
+    assert [(r.method, r.batch) for r in timing.rows] == [(m, b) for b in (1, 2) for m in repro.speed.METHODS]
+    assert timing.row("ar_cached", 2).over_cached == 1.0 and timing.row("diffusion", 2).per_token > 0
+    report = timing.report().splitlines()
+    assert report[0] == timing.setup and "threads=1" in report[0] and len(report) == 2 + 6 + 1
+    assert report[-1] == timing.summary() and report[-1].startswith("RESULT uncached_over_cached_b2=")
+
+
+def test_table5_times_the_heads_in_process(tmp_path):
+    out = tmp_path / "results"
+    table = repro.run_repro("table5", out_dir=out, scale="tiny", work_dir=tmp_path / "work")
+    rows = [line.split("|")[1:3] for line in table.splitlines() if line.startswith("| ")][1:]
+    assert [(m.strip(), b.strip()) for m, b in rows] == [("ar_cached", "1"), ("ar_uncached", "1"), ("diffusion", "1")]
+    assert "52.42" in table and "311.25" in table
+    md = (out / "table5.md").read_text()
+    assert "`python benchmarks/heads.py --quick --repeats 1" in md and "Its summary: `RESULT " in md
+    assert (out / "table5.png").stat().st_size > 0

@@ -8,6 +8,7 @@ import argparse
 import json
 import os
 import sys
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +17,10 @@ import torch
 
 from .checkpoint import export_weights, load_generator
 from .classifier import class_accuracy, classifier_metrics, load_classifier, train_classifier
-from .config import ConfigError, DataConfig, RunConfig, apply_overrides, validate
+from .config import ConfigError, DataConfig, validate
 from .data import ImageFolder, as_tensors
 from .generate import generate, save_samples
+from .generators import FAMILIES, sample_options
 from .images import from_uint8
 from .inception import InceptionFID
 from .metrics import load_reference_stats
@@ -114,8 +116,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     device = _device(args.device)
     model = load_generator(device=device, **_given(args, spec="model"))
-    options = _given(args, num_iter="num_iter", cfg="cfg", cfg_schedule="cfg_schedule", temperature="temperature",
-                     top_k="top_k", top_p="top_p", order="order")
+    options = {name: getattr(args, name) for name in _sampling_fields() if getattr(args, name) is not None}
     labels = [label for label in args.labels for _ in range(args.per_class)]
     result = generate(model, labels, vae=args.vae, seed=args.seed, device=device, allow_other_vae=args.allow_other_vae,
                       **_given(args, batch_size="batch_size"), **options)
@@ -160,6 +161,26 @@ def cmd_repro(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+def _sampling_fields() -> dict[str, Any]:
+    """The sampling options of every registered family (name -> pydantic field), from their sample() signatures."""
+    fields: dict[str, Any] = {}
+    for family in FAMILIES.values():
+        for name, field in sample_options(family).model_fields.items():
+            fields.setdefault(name, field)
+    return fields
+
+
+def _add_sampling_options(p: argparse.ArgumentParser) -> None:
+    """One option per sampling option (``--num-iter``), typed from its annotation; unset ones are not passed."""
+    for name, field in _sampling_fields().items():
+        kind, choices = field.annotation, None
+        if typing.get_origin(kind) is typing.Literal:
+            kind, choices = str, typing.get_args(kind)
+        kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None -> X
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
+                       help=f"sampling option (default: the generator's recorded value, else {field.default!r})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tokenbridge", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -228,13 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-other-vae", action="store_true", help="decode with a VAE other than the recorded one")
     p.add_argument("--labels", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--per-class", type=int, default=8)
-    p.add_argument("--num-iter", type=int, help="sampling options: default the generator's recorded ones")
-    p.add_argument("--cfg", type=float)
-    p.add_argument("--cfg-schedule", help="linear or constant")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--order", help="random or confidence")
+    _add_sampling_options(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, help=lib)
     p.add_argument("--out", default="out/samples")

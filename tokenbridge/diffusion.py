@@ -176,14 +176,8 @@ class DiffusionHead(nn.Module):
         return (mse + vb).mean()
 
     @torch.no_grad()
-    def sample(
-        self,
-        z: Tensor,
-        num_steps: int = 100,
-        temperature: float = 1.0,
-        cfg: float | Tensor | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Tensor:
+    def sample(self, z: Tensor, num_steps: int = 100, temperature: float = 1.0, cfg: float | Tensor | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
         """Token [N, token_dim] by DDPM respaced to num_steps; temperature scales the per-step noise.
         z: [N, z_dim], or with cfg [2N, z_dim] (N conditional then N unconditional rows) and
         eps = e_u + cfg * (e_c - e_u); cfg: float or [N] tensor."""

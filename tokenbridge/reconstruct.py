@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .images import save_image_grid
+from .markdown import fmt, markdown_table
 from .metrics import feature_statistics, frechet_distance, psnr, ssim
 from .quantizer import DimensionwiseQuantizer
 
@@ -96,12 +97,9 @@ def reconstruction_table(vae, images: torch.Tensor, settings: list[tuple[str, di
 def format_table(rows: list[Row], fd_name: str = "FD") -> str:
     """Markdown table of the rows; PSNR in dB on images in [-1, 1] (peak-to-peak 2)."""
     base = rows[0].psnr
-    lines = [f"| setting | latent MSE | PSNR (dB) | PSNR vs VAE | SSIM | {fd_name} |", "|---|---|---|---|---|---|"]
-    for r in rows:
-        fd = "-" if r.fd is None else f"{r.fd:.3f}"
-        lines.append(f"| {r.name} | {r.latent_mse:.5f} | {r.psnr:.2f} | {100 * (r.psnr - base) / base:+.2f}% "
-                     f"| {r.ssim:.4f} | {fd} |")
-    return "\n".join(lines)
+    return markdown_table(["setting", "latent MSE", "PSNR (dB)", "PSNR vs VAE", "SSIM", fd_name],
+                          [[r.name, fmt(r.latent_mse, 5), fmt(r.psnr, 2), f"{100 * (r.psnr - base) / base:+.2f}%",
+                            fmt(r.ssim, 4), fmt(r.fd, 3)] for r in rows])
 
 
 def save_reconstruction_grid(samples: dict, rows: list[Row], path: str | Path) -> Path:

@@ -1,0 +1,106 @@
+"""The budgets of `tokenbridge repro`: one dict per scale, and dotted overrides of it.
+
+- ``tiny``: a few steps on a few hundred images, for tests (the numbers mean nothing);
+- ``small``: the embedded Fashion-MNIST setting on 2 CPU cores, one generator variant in ~10-15 min;
+- ``paper``: the paper's head sizes, batch and sampling settings (TokenBridge-L), for GPUs.
+
+Sections: seed; data (images per split); model (a TokenBridgeGenerator config: a preset and what differs from
+it); train (tokenbridge.config.TrainConfig keys); eval (sampling + metrics settings shared by table2* and fig8;
+eval.seed: sampling and NLL-mask seed, None = the run's seed; another value re-evaluates the same trained
+generators, which measures the evaluation's own noise); then one section per table. table2e.head_width_to_paper
+maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths divided by that
+factor); table5 holds tokenbridge.repro.speed.TimingOptions.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from ..config import apply_overrides
+from .speed import TimingOptions
+
+
+def _timing(**options: Any) -> dict[str, Any]:
+    """Every TimingOptions field (so that each can be overridden: ``table5.repeats=3``)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(TimingOptions(**options)).items()}
+
+
+# the channel order is derived from each token file when training starts (paper Sec. 3.2)
+_FREQUENCY = {"order": "frequency"}
+
+SCALES: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "seed": 0,
+        "data": {"train_images": 256, "test_images": 64},
+        "model": {"preset": "tiny", "head": _FREQUENCY},
+        "train": {"steps": 2, "global_batch": 32, "lr": 1e-3, "min_lr": 0.0, "warmup_steps": 0, "ema": 0.9,
+                  "grad_clip": 3.0, "ckpt_every": 0, "log_every": 1},
+        "eval": {"per_class": 2, "num_iter": 4, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
+                 "real_images": 64, "nll_images": 64, "nll_mask_ratio": 0.875, "batch_size": 64, "seed": None},
+        "table1": {"images": 32, "fit_images": 32, "levels": [8, 64], "ranges": [3, 5]},
+        "table2c": {"levels": [16, 64]},
+        "table2d": {"levels": 16, "group_sizes": [1, 2]},
+        "table2e": {"heads": [[8, 1], [16, 1]], "head_width_to_paper": 32},
+        "table5": _timing(quick=True, repeats=1, warmup=0, budget=0.1, batches=[1], diffusion_steps=4, threads=1),
+        "fig8": {"show_per_class": 1},
+    },
+    "small": {
+        "seed": 0,
+        "data": {"train_images": None, "test_images": None},  # None: the whole split (60,000 / 10,000)
+        "model": {"preset": "fmnist", "head": _FREQUENCY},
+        # ~0.9 s per step on 2 cores for the default head (64 x 2): ~6 min per variant plus ~1.5 min of evaluation
+        "train": {"steps": 400, "global_batch": 128, "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 80, "ema": 0.995,
+                  "grad_clip": 3.0, "ckpt_every": 200, "log_every": 20},
+        "eval": {"per_class": 100, "num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear", "temperature": 1.0,
+                 "real_images": 10000, "nll_images": 10000, "nll_mask_ratio": 0.875, "batch_size": 100, "seed": None},
+        "table1": {"images": 10000, "fit_images": 2000, "levels": [8, 16, 32, 64], "ranges": [2, 3, 4, 5]},
+        "table2c": {"levels": [16, 32, 64]},
+        # g = 4 at B = 16 is one 65,536-way output per token: ~10 s per step on 2 cores, hence half the steps
+        "table2d": {"levels": 16, "group_sizes": [1, 2, 4], "train_steps": 200},
+        # the paper's first four sizes / 8 (1024 x 6 / 8 = 128 x 6 would take ~45 min here)
+        "table2e": {"heads": [[32, 3], [64, 3], [64, 4], [128, 4]], "head_width_to_paper": 8},
+        "table5": _timing(quick=True),
+        "fig8": {"show_per_class": 2},
+    },
+    "paper": {
+        "seed": 0,
+        "data": {"train_images": None, "test_images": None},
+        # TokenBridge-L (MAR-L backbone, head 1024 x 4, 8 heads); grid, channels and classes from the token file
+        "model": {"preset": "tokenbridge-l", "grid_size": None, "channels": None, "num_classes": None,
+                  "head": _FREQUENCY},
+        # batch 2048, blr 1e-4 -> lr 8e-4, ~400 epochs of Fashion-MNIST (the paper: 800 epochs of ImageNet)
+        "train": {"steps": 12000, "global_batch": 2048, "lr": None, "blr": 1e-4, "min_lr": 0.0, "warmup_steps": 1000,
+                  "ema": 0.9999, "grad_clip": 1.0, "bf16": True, "ckpt_every": 1000, "log_every": 50},
+        "eval": {"per_class": 1000, "num_iter": 64, "cfg": 3.1, "cfg_schedule": "linear", "temperature": 0.97,
+                 "real_images": 10000, "nll_images": 10000, "nll_mask_ratio": 0.875, "batch_size": 500, "seed": None},
+        "table1": {"images": 10000, "fit_images": 10000, "levels": [8, 16, 32, 64], "ranges": [2, 3, 4, 5]},
+        "table2c": {"levels": [16, 32, 64]},
+        "table2d": {"levels": 16, "group_sizes": [1, 2, 4]},
+        "table2e": {"heads": [[256, 3], [512, 3], [512, 4], [1024, 4], [1024, 6]], "head_width_to_paper": 1},
+        "table5": _timing(),  # the paper's L sizes: AR head 1024 x 4, diffusion head 1024 x 3, 100 steps
+        "fig8": {"show_per_class": 2},
+    },
+}
+# Sections whose keys are checked downstream (the generator family, train.train): overrides may add keys there.
+_OPEN_SECTIONS = ("model", "train")
+
+
+def resolve_budget(scale: str, overrides: Sequence[str] = ()) -> dict[str, Any]:
+    """A copy of the budget of `scale` with dotted overrides applied (values parsed as YAML); an unknown key
+    outside model/train raises ValueError."""
+    if scale not in SCALES:
+        raise ValueError(f"unknown scale {scale!r}; choose from {sorted(SCALES)}")
+    budget = copy.deepcopy(SCALES[scale])
+    for item in overrides:
+        parts = item.split("=", 1)[0].strip().split(".")
+        node: Any = budget
+        for depth, part in enumerate(parts):
+            if parts[0] in _OPEN_SECTIONS and depth > 0:
+                break
+            if not isinstance(node, dict) or part not in node:
+                raise ValueError(f"override {item!r}: no budget key {'.'.join(parts[:depth + 1])!r} in scale "
+                                 f"{scale!r}; top-level keys: {sorted(budget)}")
+            node = node[part]
+    return apply_overrides(budget, list(overrides))

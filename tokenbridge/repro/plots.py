@@ -1,0 +1,97 @@
+"""The PNG next to each repro table (matplotlib, Agg backend)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..images import image_grid
+from .runs import VariantResult
+from .speed import HeadTiming
+
+
+def pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    pyplot().close(fig)
+
+
+def _gray(images: torch.Tensor, nrow: int) -> np.ndarray:
+    return np.array(image_grid(images, nrow=nrow, scale=2).convert("L"))
+
+
+def plot_variants(results: list[VariantResult], path: Path, title: str) -> None:
+    """Training loss curves, NLL / FD_cls / accuracy bars and one sample per class for every variant."""
+    plt = pyplot()
+    n = len(results)
+    fig = plt.figure(figsize=(15, 3.6 + 0.75 * n))
+    grid = fig.add_gridspec(2, 4, height_ratios=[3.6, 0.75 * n])
+    labels = [r.variant.label for r in results]
+    ax = fig.add_subplot(grid[0, 0])
+    for r in results:
+        log = [json.loads(line) for line in (r.run_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
+            if (r.run_dir / "log.jsonl").is_file() else []
+        ax.plot([x["step"] for x in log], [x["loss"] for x in log], label=r.variant.label)
+    ax.set(title="training loss (nats/channel)", xlabel="step")
+    ax.legend(fontsize=7)
+    for k, (key, name) in enumerate([("nll", "held-out NLL (lower = better)"), ("fd_cls", "FD_cls (lower)"),
+                                     ("class_accuracy", "class accuracy (higher)")]):
+        ax = fig.add_subplot(grid[0, k + 1])
+        ax.bar(range(n), [r.metrics[key] for r in results], color=[f"C{i}" for i in range(n)])
+        ax.set_xticks(range(n), labels, rotation=20, fontsize=7)
+        ax.set_title(name, fontsize=9)
+    ax = fig.add_subplot(grid[1, :])
+    strips = [_gray(r.samples, len(r.samples)) for r in results]
+    ax.imshow(np.concatenate(strips, axis=0), cmap="gray", vmin=0, vmax=255)
+    ax.set_yticks([(i + 0.5) * strips[0].shape[0] for i in range(n)], labels, fontsize=8)
+    ax.set_xticks([])
+    ax.set_title("one sample per class (0-9), same seed", fontsize=9)
+    fig.suptitle(title)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_head_times(timing: HeadTiming, path: Path) -> None:
+    """Table 5: ms per token of every method at every batch size (log scale)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    batches = sorted({r.batch for r in timing.rows})
+    methods = list(dict.fromkeys(r.method for r in timing.rows))
+    for k, method in enumerate(methods):
+        per_token = [timing.row(method, b).per_token for b in batches]
+        ax.bar(np.arange(len(batches)) + (k - 1) * 0.27, per_token, width=0.27, label=method)
+    ax.set_xticks(range(len(batches)), [f"{b} token(s) per call" for b in batches])
+    ax.set_yscale("log")
+    ax.set_ylabel("ms per token (log)")
+    ax.set_title("head prediction time (lower = faster)")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def plot_orders(images: dict[str, torch.Tensor], maps: dict[str, torch.Tensor], path: Path) -> None:
+    """Fig. 8: per order (columns) its samples and their confidence maps (rows), ten per grid row."""
+    plt = pyplot()
+    rows = len(next(iter(images.values())))
+    fig, axes = plt.subplots(2, 2, figsize=(12, 2.6 + 1.3 * rows / 10))
+    for col, order in enumerate(images):
+        for row, (grid, name) in enumerate([(images[order], "samples"), (maps[order], "confidence (white = high)")]):
+            axes[row][col].imshow(_gray(grid, 10), cmap="gray", vmin=0, vmax=255)
+            axes[row][col].set_title(f"{order} order: {name}", fontsize=10)
+            axes[row][col].axis("off")
+    fig.suptitle("Fig. 8: confidence-guided vs random-order generation (same labels and seed; classes 0-9 per row)")
+    fig.tight_layout()
+    save_figure(fig, path)
