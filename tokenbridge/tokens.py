@@ -90,7 +90,10 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
     quant = DimensionwiseQuantizer(**(quantizer or {})).to(device)
     if quant.levels > 32768:
         raise ValueError(f"levels={quant.levels} does not fit int16 token storage")
-    dataset = image_dataset(data) if dataset is None else dataset
+    if dataset is None:
+        dataset = image_dataset(data)
+    elif data.limit is not None:
+        dataset = Subset(dataset, range(min(data.limit, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"dataset {data.dataset}:{data.split} is empty")
     vae = (load_vae(data.vae, device) if vae is None else vae).to(device).eval()

@@ -181,7 +181,8 @@ class TokenBridgeGenerator(nn.Module):
         constructors reject (levels=1, width=-1) fails before any data is read."""
         if config["grid_size"] is None or config["channels"] is None or config["num_classes"] is None:
             return
-        trial = {**config, "head": {**config["head"], "order": None}}
+        head = {**config["head"], **({"order": None} if "order" in config["head"] else {})}
+        trial = {**config, "head": head}
         try:
             quantizer = DimensionwiseQuantizer(**config["quantizer"])  # its tables are computed, not allocated
             with torch.device("meta"):

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset
 
 from ..checkpoint import load_generator
 from ..classifier import classifier_metrics, load_classifier
@@ -158,12 +158,9 @@ def token_file(ctx: Context, model_cfg: dict, split: str) -> Path:
     key = short_hash({"vae": ctx.res.fingerprint("vae"), "quantizer": quantizer, "limit": limit})
     path = ctx.work_dir / f"tokens_B{quantizer['levels']}_{split}_{limit or 'all'}_{key}.safetensors"
     if not path.is_file():
-        dataset = ctx.res.dataset(split)
-        if limit is not None:
-            dataset = Subset(dataset, range(min(int(limit), len(dataset))))
         data = DataConfig(vae=ctx.res.vae_spec, split=split, limit=limit, store_latents=split == "train")
         cache_latents(data, path, quantizer=quantizer, device=ctx.device, seed=ctx.seed, vae=ctx.res.vae,
-                      dataset=dataset)
+                      dataset=ctx.res.dataset(split))
     return path
 
 
