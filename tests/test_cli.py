@@ -11,7 +11,9 @@ import torch
 
 from tokenbridge import cli
 from tokenbridge.autoencoder import build_vae
-from tokenbridge.vae import save_vae
+from tokenbridge.checkpoint import load_generator
+from tokenbridge.generate import generate
+from tokenbridge.vae import load_vae, save_vae, vae_fingerprint
 
 
 def _parse(monkeypatch, argv: list[str]):
@@ -76,3 +78,12 @@ def test_sample_refuses_another_vae_unless_asked(tmp_path, capsys):
     cli.main(["sample", "--vae", str(other), "--allow-other-vae", "--labels", "0", "--per-class", "1",
               "--num-iter", "2", "--out", str(tmp_path / "s")])
     assert (tmp_path / "s" / "samples.png").is_file()
+
+
+def test_shipped_generator_records_the_shipped_vae():
+    model = load_generator("fmnist")
+    assert model.provenance["family"] == "tokenbridge" and model.provenance["vae"] == "fmnist"
+    assert model.provenance["vae_fingerprint"] == vae_fingerprint(load_vae("fmnist"))
+    assert model.provenance["sample"] == {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"}
+    images = generate(model, [0, 1], num_iter=2)["images"]  # decoded with the recorded VAE, no --vae needed
+    assert images.shape == (2, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
