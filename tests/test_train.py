@@ -22,6 +22,7 @@ from tokenbridge import checkpoint as C
 from tokenbridge import train as T
 from tokenbridge.config import ConfigError, DataConfig, apply_overrides, read_yaml
 from tokenbridge.generate import generate
+from tokenbridge.optim import lr_at, param_groups
 from tokenbridge.tokens import TOKENS_FORMAT, CachedTokens, cache_latents
 from tokenbridge.quantizer import DimensionwiseQuantizer
 from tokenbridge.vae import vae_fingerprint
@@ -311,7 +312,7 @@ def test_toy_family_through_the_seam(tmp_path):
 
 def test_no_weight_decay_on_1d_params(tmp_path):
     model = ToyGenerator.from_config({"levels": LEVELS})
-    decay, no_decay = T.param_groups(model, 0.02)
+    decay, no_decay = param_groups(model, 0.02)
     assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
     assert all(p.ndim >= 2 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
     names = {id(p): n for n, p in model.named_parameters()}
@@ -326,16 +327,16 @@ def test_no_weight_decay_on_1d_params(tmp_path):
 
 def test_lr_schedule():
     peak, lo = 1e-3, 1e-5
-    assert T.lr_at(0, peak, 10, 110, lo) == pytest.approx(1e-4)
-    assert T.lr_at(4, peak, 10, 110, lo) == pytest.approx(5e-4)
-    assert T.lr_at(9, peak, 10, 110, lo) == pytest.approx(peak)
-    assert T.lr_at(10, peak, 10, 110, lo) == pytest.approx(peak)
-    assert T.lr_at(60, peak, 10, 110, lo) == pytest.approx((peak + lo) / 2)
-    assert T.lr_at(35, peak, 10, 110, lo) == pytest.approx(lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi / 4)))
-    assert T.lr_at(110, peak, 10, 110, lo) == pytest.approx(lo)
-    decay = [T.lr_at(s, peak, 10, 110, lo) for s in range(10, 111)]
+    assert lr_at(0, peak, 10, 110, lo) == pytest.approx(1e-4)
+    assert lr_at(4, peak, 10, 110, lo) == pytest.approx(5e-4)
+    assert lr_at(9, peak, 10, 110, lo) == pytest.approx(peak)
+    assert lr_at(10, peak, 10, 110, lo) == pytest.approx(peak)
+    assert lr_at(60, peak, 10, 110, lo) == pytest.approx((peak + lo) / 2)
+    assert lr_at(35, peak, 10, 110, lo) == pytest.approx(lo + (peak - lo) * 0.5 * (1 + math.cos(math.pi / 4)))
+    assert lr_at(110, peak, 10, 110, lo) == pytest.approx(lo)
+    decay = [lr_at(s, peak, 10, 110, lo) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(decay, decay[1:]))
-    assert T.lr_at(0, peak, 0, 100) == pytest.approx(peak)
+    assert lr_at(0, peak, 0, 100) == pytest.approx(peak)
 
 
 def test_lr_in_training_log_and_blr_rule(tmp_path):
@@ -343,7 +344,7 @@ def test_lr_in_training_log_and_blr_rule(tmp_path):
     run_tiny(cfg)
     peak = 2e-3 * 32 / 256
     lrs = [json.loads(s)["lr"] for s in (tmp_path / "log.jsonl").read_text().splitlines()]
-    assert lrs == pytest.approx([T.lr_at(s, peak, 2, 6, 0.0) for s in range(6)])
+    assert lrs == pytest.approx([lr_at(s, peak, 2, 6, 0.0) for s in range(6)])
     rec = json.loads((tmp_path / "log.jsonl").read_text().splitlines()[-1])
     assert {"step", "loss", "lr", "grad_norm", "it_s"} <= set(rec)
 

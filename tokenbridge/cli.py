@@ -118,8 +118,8 @@ def cmd_sample(args: argparse.Namespace) -> None:
     model = load_generator(device=device, **_given(args, spec="model"))
     options = {name: getattr(args, name) for name in _sampling_fields() if getattr(args, name) is not None}
     labels = [label for label in args.labels for _ in range(args.per_class)]
-    result = generate(model, labels, vae=args.vae, seed=args.seed, device=device, allow_other_vae=args.allow_other_vae,
-                      **_given(args, batch_size="batch_size"), **options)
+    result = generate(model, labels, vae=args.vae, device=device, allow_other_vae=args.allow_other_vae,
+                      **_given(args, seed="seed", batch_size="batch_size"), **options)
     written = save_samples(result, args.out, nrow=args.per_class if args.per_class > 1 else 10,
                            show_confidence=args.show_confidence, npz=args.npz)
     for path in written:
@@ -250,7 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--per-class", type=int, default=8)
     _add_sampling_options(p)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help=lib)
     p.add_argument("--batch-size", type=int, help=lib)
     p.add_argument("--out", default="out/samples")
     p.add_argument("--show-confidence", action="store_true", help="also write the per-token confidence maps")

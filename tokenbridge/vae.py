@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from .autoencoder import KL16_SCALING_FACTOR, PRESETS, VAE, AutoencoderKL, Autoe
 from .data import as_tensors
 from .files import atomic_path
 from .metrics import psnr
+from .optim import lr_at
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FMNIST_WEIGHTS = WEIGHTS_DIR / "fmnist_vae.safetensors"
@@ -288,9 +288,7 @@ def train_vae(
     vae = build_vae(preset).to(device)
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
     warmup = min(100, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
-    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, warmup, steps))
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     vae.train()
