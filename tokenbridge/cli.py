@@ -46,7 +46,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     vae = load_vae(args.vae, device=device).eval()
     features, fd_name, fit_latents = None, "FD", None
     if args.images:
-        folder = ImageFolder(args.images, resolution=args.resolution, channels=vae.image_channels)
+        folder = ImageFolder(args.images, resolution=args.resolution, channels=vae.image_channels,
+                             **_given(args, strict="strict_images", allow_large_images="allow_large_images"))
         images = torch.stack([folder[i][0] for i in range(min(args.num_images, len(folder)))])
     else:
         images, _ = as_tensors("test", limit=args.num_images)
@@ -89,7 +90,9 @@ def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
     if not args.out:
         raise ConfigError("give --out (or --config, whose data.tokens names the file)")
     data = validate(DataConfig, _given(args, vae="vae", dataset="data", split="split", limit="limit",
-                                       resolution="resolution", encode_batch="batch_size"), "data")
+                                       resolution="resolution", channels="channels", encode_batch="batch_size",
+                                       strict_images="strict_images", allow_large_images="allow_large_images"),
+                    "data")
     quantizer = _given(args, levels="levels", std_range="std_range", kind="kind")
     if args.range is not None:
         quantizer["value_range"] = (-args.range, args.range)
@@ -161,6 +164,13 @@ def cmd_repro(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- parser
+def _add_image_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--strict-images", action="store_true", default=None,
+                   help="fail on an unreadable image in a folder (default: skip it, count it and warn)")
+    p.add_argument("--allow-large-images", action="store_true", default=None,
+                   help="open images beyond PIL's decompression-bomb pixel limit")
+
+
 def _sampling_fields() -> dict[str, Any]:
     """The sampling options of every registered family (name -> pydantic field), from their sample() signatures."""
     fields: dict[str, Any] = {}
@@ -195,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranges", type=float, nargs="+", help=f"value ranges +-a of the rows {lib}")
     p.add_argument("--batch-size", type=int, help=lib)
     p.add_argument("--out", default="out/reconstruct")
+    _add_image_options(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_reconstruct)
 
@@ -225,8 +236,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--std-range", type=float)
     p.add_argument("--kind", help="gaussian or uniform bins")
     p.add_argument("--resolution", type=int)
+    p.add_argument("--channels", type=int, help="image channels the VAE takes (1 or 3) for folder images")
     p.add_argument("--limit", type=int)
     p.add_argument("--batch-size", type=int)
+    _add_image_options(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_cache_latents)
 

@@ -117,7 +117,9 @@ class DataConfig(Section):
     limit: PositiveInt | None = None  # first N images only
     vae: str = "fmnist"  # fmnist | kl16:PATH | diffusers:FOLDER | a .safetensors
     resolution: PositiveInt = 32  # images of a folder dataset are resized/cropped to this
-    channels: Literal[1, 3] = 3  # images of a folder dataset
+    channels: Literal[1, 3] = 3  # images of a folder dataset (the VAE's input channels)
+    strict_images: bool = False  # an unreadable image in a folder is an error (default: skipped and counted)
+    allow_large_images: bool = False  # open images beyond PIL's decompression-bomb limit
     sample_posterior: bool = False  # encode with a posterior sample instead of its mean
     store_latents: bool = True  # the token file also keeps the continuous latents (data-derived channel order)
     encode_batch: PositiveInt = 256  # images per VAE call while caching

@@ -35,7 +35,8 @@ def image_dataset(data: DataConfig) -> Dataset:
     if data.dataset == "fmnist":
         return FashionMNIST(data.split, limit=data.limit)
     if data.dataset.startswith("folder:"):
-        ds = ImageFolder(data.dataset[len("folder:"):], resolution=data.resolution, channels=data.channels)
+        ds = ImageFolder(data.dataset[len("folder:"):], resolution=data.resolution, channels=data.channels,
+                         strict=data.strict_images, allow_large_images=data.allow_large_images)
         return Subset(ds, range(min(data.limit, len(ds)))) if data.limit is not None else ds
     raise ValueError(f"config key 'data.dataset' = {data.dataset!r}: expected 'fmnist' or 'folder:PATH'")
 
