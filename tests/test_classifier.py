@@ -97,6 +97,34 @@ def test_classifier_metrics_label_and_argument_errors(clf):
         C.classifier_metrics(images, real_images=images, reference=(None, None), classifier=clf)
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda clf, x: C.classifier_fd(x, torch.full_like(x, float("nan")), classifier=clf), "images_b contains NaN"),
+    (lambda clf, x: C.classifier_fd(x[:1], x, classifier=clf), "images_a must hold at least 2 images"),
+    (lambda clf, x: C.classifier_statistics(x[:1], classifier=clf), "images must hold at least 2 images"),
+    (lambda clf, x: C.classifier_features(x[:0], classifier=clf), "images is empty"),
+    (lambda clf, x: C.classifier_features(x, classifier=clf, batch_size=0), "batch_size must be >= 1"),
+    (lambda clf, x: C.classifier_inception_score(x, splits=5, classifier=clf), "splits=5"),
+    (lambda clf, x: C.class_accuracy(x, torch.zeros(4), classifier=clf), "labels must be integer"),
+    (lambda clf, x: C.class_accuracy(x, torch.tensor([0, 1, 2, -1]), classifier=clf), r"0\.\.9"),
+    (lambda clf, x: C.classifier_metrics(x[:0], classifier=clf), "fake_images is empty"),
+    (lambda clf, x: C.classifier_metrics(x, torch.ones(4, dtype=torch.bool), classifier=clf),
+     "fake_labels must be integer class labels, got dtype bool"),
+    (lambda clf, x: C.classifier_metrics(x, real_images=x.expand(-1, 3, -1, -1), classifier=clf),
+     "real_images must have 1 channel"),
+    (lambda clf, x: C.classifier_metrics(x[:3], real_images=x, classifier=clf), "got 3 in fake_images"),
+    (lambda clf, x: C.classifier_metrics(x, reference=(torch.zeros(2048), torch.eye(2048)), classifier=clf),
+     "D=2048 but the classifier's features have D=128"),
+    (lambda clf, x: C.classifier_metrics(x, reference=(torch.zeros(128), torch.eye(3)), classifier=clf),
+     r"reference sigma must be \[128, 128\]"),
+])
+def test_inputs_are_checked_before_the_classifier_runs(clf, monkeypatch, call, match):
+    def fail(*args, **kwargs):
+        raise AssertionError("the classifier ran before its inputs were checked")
+    monkeypatch.setattr(C, "_classifier_outputs", fail)
+    with pytest.raises(ValueError, match=match):
+        call(clf, torch.zeros(4, 1, 32, 32))
+
+
 def test_train_classifier_smoke(tmp_path, monkeypatch):
     # A tiny stand-in dataset: checks the training loop, the saved file format and that load_classifier reads it.
     g = torch.Generator().manual_seed(0)

@@ -157,6 +157,59 @@ def test_inception_score_from_logits():
         M.inception_score_from_logits(same_class, 9)
 
 
+def test_empty_nan_and_mismatched_inputs_name_the_argument(tmp_path):
+    a = torch.zeros(2, 1, 32, 32)
+    with pytest.raises(ValueError, match="a is empty"):
+        M.psnr(a[:0], a[:0])
+    with pytest.raises(ValueError, match="b contains NaN"):
+        M.ssim(a, torch.full_like(a, float("nan")))
+    with pytest.raises(ValueError, match="a and b are empty"):
+        M.latent_mse(torch.zeros(0, 4), torch.zeros(0, 4))
+    with pytest.raises(ValueError, match="b contains NaN"):
+        M.latent_mse(torch.zeros(2, 4), torch.full((2, 4), float("inf")))
+    with pytest.raises(ValueError, match="N >= 2"):
+        M.feature_statistics(np.zeros((0, 3)))
+    with pytest.raises(ValueError, match="mu1 must be a non-empty vector"):
+        M.frechet_distance(np.zeros(0), np.zeros((0, 0)), np.zeros(0), np.zeros((0, 0)))
+    with pytest.raises(ValueError, match=r"sigma must be \[3, 3\] to match mu"):
+        M.save_reference_stats(tmp_path / "ref.npz", np.zeros(3), np.eye(2))
+    with pytest.raises(ValueError, match="more than k=3 samples in each set, got 0 in real_feats"):
+        M.precision_recall(np.zeros((0, 4)), np.zeros((10, 4)))
+    with pytest.raises(ValueError, match="splits"):
+        M.inception_score_from_logits(torch.zeros(0, 10), 1)
+    with pytest.raises(ValueError, match="logits contains NaN"):
+        M.inception_score_from_logits(torch.full((4, 10), float("nan")), 1)
+    with pytest.raises(ValueError, match=r"logits must be a tensor \[N, K\]"):
+        M.inception_score_from_logits(torch.zeros(10), 1)
+
+
+def test_check_labels():
+    assert torch.equal(M.check_labels([0, 3, 9], 3, num_classes=10), torch.tensor([0, 3, 9]))
+    assert M.check_labels(np.array([1, 2], np.uint8), 2).dtype == torch.int64
+    with pytest.raises(ValueError, match=r"y must hold one label per image: shape \[3\] for 3 images"):
+        M.check_labels(torch.tensor([[0, 1, 2]]), 3, "y")
+    with pytest.raises(ValueError, match="y must be integer class labels, got dtype float64"):
+        M.check_labels(np.array([0.0, 1.0]), 2, "y")
+    with pytest.raises(ValueError, match=r"y must be in 0\.\.9, got values in \[0, 10\]"):
+        M.check_labels(torch.tensor([0, 10]), 2, "y", num_classes=10)
+    with pytest.raises(ValueError, match=r"y must be >= 0"):
+        M.check_labels(torch.tensor([-3, 1]), 2, "y")
+
+
+def test_reference_stats_file_errors(tmp_path):
+    np.save(tmp_path / "mu.npy", np.zeros(3))
+    with pytest.raises(ValueError, match=r"mu\.npy is a single \.npy array, not an \.npz"):
+        M.load_reference_stats(tmp_path / "mu.npy")
+    (tmp_path / "stats.txt").write_text("mu sigma")
+    with pytest.raises(ValueError, match=r"stats\.txt is not an \.npz \(zip\) archive"):
+        M.load_reference_stats(tmp_path / "stats.txt")
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(3), sigma=np.eye(4))
+    with pytest.raises(ValueError, match=r"bad\.npz: sigma must be \[3, 3\] to match .*bad\.npz: mu"):
+        M.load_reference_stats(tmp_path / "bad.npz")
+    with pytest.raises(ValueError, match="is not a file"):
+        M.load_reference_stats(tmp_path)
+
+
 def test_metrics_module_is_pure():
     # Networks and weights live in tokenbridge.classifier / tokenbridge.inception, not here.
     assert not any(isinstance(v, type) and issubclass(v, torch.nn.Module) for v in vars(M).values())

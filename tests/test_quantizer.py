@@ -349,3 +349,122 @@ def test_state_dict_config_and_module_moves():
     # a fitted quantizer moves too (its per-channel tables follow)
     fitted = DimensionwiseQuantizer(16, calibration="standardize").fit(synthetic_latents(2000)).to("meta")
     assert fitted(torch.randn(2, 4, device="meta"))[1].shape == (2, 4)
+
+
+# ---------------------------------------------------------------------------------------------- hardening
+@pytest.mark.parametrize("calibration", ["none", "quantile"])
+@pytest.mark.parametrize("levels", [2, 64, 300, 1024])  # uint8 and int32 tables, one and several comparisons
+def test_finite_values_beyond_float32_get_the_outer_values(levels, calibration):
+    # Compared as float32, a finite float64 beyond its range is +-inf: it must still get the nearest (outermost)
+    # reconstruction value, on both CPU lookups, the binary search, and in any float dtype at its largest values.
+    q = DimensionwiseQuantizer(levels, calibration=calibration)
+    if calibration != "none":
+        q.fit(torch.randn(4 * levels, 3) * 1.6)
+    top, bottom = q._latent_values[:, -1].expand(3), q._latent_values[:, 0].expand(3)
+    huge = torch.tensor([1e300, 1e39, 3.5e38, float(np.finfo(np.float64).max), 3.4028234663852886e38 * (1 + 1e-15)],
+                        dtype=torch.float64)[:, None].expand(-1, 3)
+    for x, dtype in ((huge, torch.float64), (huge[:2].float().clamp(-3e38, 3e38), torch.float32),
+                     (torch.full((2, 3), 65504.0, dtype=torch.float16), torch.float16),
+                     (torch.full((2, 3), 3.38e38, dtype=torch.bfloat16), torch.bfloat16)):
+        for sign, index, value in ((1, levels - 1, top), (-1, 0, bottom)):
+            big = torch.cat([torch.randn(70_000, 3, dtype=dtype), sign * x])  # several chunks, threads too
+            values, indices = q(big)
+            assert (indices[70_000:] == index).all() and (q.quantize(big)[70_000:] == index).all(), (dtype, sign)
+            assert torch.equal(values[70_000:], value.to(dtype).expand_as(values[70_000:]))
+            assert torch.equal(q._search(big), indices) and torch.equal(indices, reference_bucketize(q, big))
+    for bad in (float("nan"), float("inf"), float("-inf")):  # non-finite still raises, beside huge finite values
+        x = torch.cat([huge, torch.full((1, 3), bad, dtype=torch.float64)])
+        for fn in (q.quantize, q, q._search):
+            with pytest.raises(ValueError, match="NaN or inf"):
+                fn(x)
+
+
+def test_limits_and_argument_checks():
+    with pytest.raises(ValueError, match="levels .* at most 65536"):
+        DimensionwiseQuantizer(2**24)  # would build 16 GB of tables
+    for levels in (True, False, 64.0, 2.5, "64", None):
+        with pytest.raises(ValueError, match="levels"):
+            DimensionwiseQuantizer(levels)
+    assert DimensionwiseQuantizer(np.int64(8)).levels == 8 and DimensionwiseQuantizer(torch.tensor(8)).levels == 8
+    for value_range in ((-float("inf"), 5), (0, float("nan")), (1,), (1, 2, 3), "ab", None):
+        with pytest.raises(ValueError, match="value_range"):
+            DimensionwiseQuantizer(value_range=value_range)
+    for std_range in (float("inf"), float("nan"), -1, "x"):
+        with pytest.raises(ValueError, match="std_range"):
+            DimensionwiseQuantizer(std_range=std_range)
+    # official tails: beyond 1 / P(N(0,1) < -3) ~ 740.8 levels, the clamped outer bins have no mass (NaN values)
+    DimensionwiseQuantizer(740, tails="official")
+    with pytest.raises(ValueError, match="at most about 740 levels"):
+        DimensionwiseQuantizer(741, tails="official")
+    # float32 tables: ranges that it cannot split into the levels, or hold at all
+    for value_range, std_range, problem in (((1e6, 1e6 + 1e-3), 3.0, "resolve"), ((-1e39, 1e39), 3.0, "range"),
+                                             ((-1e308, 1e308), 3.0, "range"), ((-5, 5), 1e-300, "range")):
+        with pytest.raises(ValueError, match=f"float32.*{problem}|{problem}.*float32"):
+            DimensionwiseQuantizer(value_range=value_range, std_range=std_range)
+
+
+@pytest.mark.parametrize("kwargs", [dict(levels=65536), dict(levels=65536, kind="uniform"),
+                                    dict(levels=256, value_range=(1000, 1001))])
+def test_tables_too_large_use_the_binary_search(kwargs):
+    # More than MAX_DEPTH comparisons per cell: no cell tables, the CPU searches as other devices do (same integers)
+    q = DimensionwiseQuantizer(**kwargs)
+    assert q._cell_base is None and q._cell_mids is None
+    levels = q.levels
+    all_indices = torch.arange(levels)[:, None]
+    assert torch.equal(q.quantize(q.dequantize(all_indices)), all_indices)  # every value quantizes back to itself
+    a_min, a_max = q.value_range
+    x = torch.cat([torch.rand(5000) * 1.4 * (a_max - a_min) + a_min - 0.2 * (a_max - a_min), hard_values(q)])
+    values, indices = q(x[:, None])
+    assert torch.equal(indices[:, 0], reference_bucketize(q, x)) and torch.equal(values, q.dequantize(indices))
+    big = torch.tensor([[1e300], [-1e300]], dtype=torch.float64)
+    assert q.quantize(big)[:, 0].tolist() == [levels - 1, 0]
+    assert copy.deepcopy(q).to("meta")(x[:, None].to("meta"))[1].shape == (len(x), 1)
+
+
+def other_state(**kwargs) -> dict:
+    calibration = kwargs.pop("fit", None)
+    q = DimensionwiseQuantizer(**{"levels": 64, **kwargs, **({"calibration": calibration} if calibration else {})})
+    return q.fit(synthetic_latents(2000)).state_dict() if calibration else q.state_dict()
+
+
+@pytest.mark.parametrize("calibration", ["none", "standardize", "quantile"])
+def test_load_state_dict_rejects_other_configs_before_replacing_anything(calibration):
+    q = DimensionwiseQuantizer(64, calibration=calibration)
+    if calibration != "none":
+        q.fit(synthetic_latents(3000, seed=5))
+    x = synthetic_latents(500, seed=6)
+    before, indices = copy.deepcopy(q.state_dict()), q.quantize(x)
+    mismatches = [("levels", other_state(levels=32)), ("levels", other_state(levels=128, fit="quantile")),
+                  ("kind/tails", other_state(kind="uniform")), ("kind/tails", other_state(tails="official"))]
+    if calibration != "standardize":  # a 'standardize' fit replaces the map of Eq. 1 by its own
+        mismatches += [("value_range/std_range", other_state(value_range=(-4, 6))),
+                       ("value_range/std_range", other_state(std_range=2.5))]
+    for other in {"none", "standardize", "quantile"} - {calibration}:
+        if other != "none":
+            mismatches.append(("calibration", other_state(fit=other)))
+    corrupt = copy.deepcopy(before)
+    corrupt["scale"] = corrupt["scale"] * float("nan")
+    negative = {**copy.deepcopy(before), "scale": -before["scale"]}
+    mismatches += [("NaN or inf", corrupt), ("scale must be > 0", negative),
+                   ("inconsistent" if calibration != "none" else "calibration",
+                    {**before, "fitted_channels": torch.tensor(7)}),
+                   ("fitted_channels", {**before, "fitted_channels": torch.tensor([1, 2])}),
+                   ("must be a tensor", {**before, "scale": [1.0]})]
+    parent = torch.nn.Module()
+    parent.quant = q
+    for what, state in mismatches:
+        with pytest.raises(ValueError, match=what):
+            q.load_state_dict(state)
+        with pytest.raises(ValueError, match=what):  # as a submodule (prefixed keys) too
+            parent.load_state_dict({f"quant.{k}": v for k, v in state.items()})
+        assert all(torch.equal(v, before[k]) for k, v in q.state_dict().items()), what
+        assert torch.equal(q.quantize(x), indices), what
+    # what does match still loads: the same state, into a fresh module, and strict=False with keys missing
+    q.load_state_dict(before)
+    fresh = DimensionwiseQuantizer(64, calibration=calibration)
+    fresh.load_state_dict(before)
+    assert torch.equal(fresh.quantize(x), indices)
+    q.load_state_dict({k: v for k, v in before.items() if k != "fitted_channels"}, strict=False)
+    assert torch.equal(q.quantize(x), indices)
+    if calibration != "none":  # an unfitted state of the same map is the same (unfitted) quantizer
+        DimensionwiseQuantizer(64, calibration=calibration).load_state_dict(other_state())

@@ -6,12 +6,17 @@
 - ``AutoencoderKL``: the LDM/CompVis KL autoencoder, configurable (own implementation; state-dict key names match
   the CompVis checkpoints). Preset ``kl16`` has exactly the state-dict layout of MAR's ``kl16.ckpt``
   (256x256x3 -> 16x16x16); preset ``fmnist`` is the small embedded f4 VAE (32x32x1 -> 8x8x4).
+- ``DiffusersVAE``: adapts a diffusers ``AutoencoderKL`` to the interface.
 - ``build_vae(preset)``: a freshly initialised AutoencoderKL. Loading and training live in ``tokenbridge.vae``.
+- ``meta_vae(cfg, shapes, source)``: the model on the meta device, checked against stored tensor shapes
+  before anything is allocated (by arithmetic in ``cannot_match``, then parameter by parameter).
 """
 
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 
 import torch
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 KL16_SCALING_FACTOR = 0.2325
+SD_SCALING_FACTOR = 0.18215  # Stable Diffusion's VAE, for diffusers folders whose config has none
 
 
 class VAE(nn.Module):
@@ -73,15 +79,43 @@ class VAE(nn.Module):
 
 
 
+class DiffusersVAE(VAE):
+    """Adapts a diffusers ``AutoencoderKL`` (e.g. the Stable Diffusion VAE; ``model.*`` in the state dict) to the VAE
+    interface. ``tokenbridge.vae.load_vae("diffusers:FOLDER")`` checks and loads one from a folder."""
+
+    def __init__(self, model: nn.Module, scaling_factor: float | None = None) -> None:
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        self.latent_channels = int(cfg.latent_channels)
+        self.stride = 2 ** (len(cfg.block_out_channels) - 1)
+        self.image_channels = int(cfg.in_channels)
+        self.scaling_factor = float(scaling_factor or getattr(cfg, "scaling_factor", None) or SD_SCALING_FACTOR)
+
+    def encode(self, images: torch.Tensor, sample: bool = False) -> torch.Tensor:
+        """Images [B, in_channels, H, W] in [-1, 1] -> scaled latents [B, latent_channels, H/stride, W/stride]."""
+        self._check_images(images)
+        dist = self.model.encode(images).latent_dist
+        return (dist.sample() if sample else dist.mean) * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents [B, latent_channels, h, w] -> images [B, in_channels, h*stride, w*stride], ~[-1, 1]."""
+        self._check_latents(latents)
+        return self.model.decode(latents / self.scaling_factor).sample
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Building blocks (CompVis layout)
 
 
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     # Small models have fewer channels than 32: use the largest group count <= `groups` that divides them.
+    # Found among the divisor pairs (d, channels // d), d <= sqrt(channels): a config read from a file may have
+    # a huge norm_groups, and counting down from it could take minutes.
     g = min(groups, channels)
-    while channels % g:
-        g -= 1
+    if channels % g:
+        divisors = (d for i in range(1, math.isqrt(channels) + 1) if channels % i == 0 for d in (i, channels // i))
+        g = max(d for d in divisors if d <= g)
     return nn.GroupNorm(g, channels, eps=1e-6, affine=True)
 
 
@@ -197,22 +231,52 @@ class AutoencoderKLConfig:
     scaling_factor: float = KL16_SCALING_FACTOR
 
     def __post_init__(self) -> None:
-        self.ch_mult = tuple(int(m) for m in self.ch_mult)
-        self.attn_resolutions = tuple(int(r) for r in self.attn_resolutions)
-        self.decoder_attn_resolutions = tuple(int(r) for r in self.decoder_attn_resolutions)
-        if not self.ch_mult or self.ch <= 0 or self.num_res_blocks < 1 or self.z_channels < 1 or self.embed_dim < 1:
-            raise ValueError(f"invalid AutoencoderKL config: {self}")
-        if not (self.scaling_factor > 0 and math.isfinite(self.scaling_factor)):
-            raise ValueError(f"scaling_factor must be positive and finite, got {self.scaling_factor}")
+        # Configs also come from file metadata: reject wrong types and sizes here rather than failing (or silently
+        # truncating, as int(1.5) would) deep inside a layer constructor.
+        for name in _INT_FIELDS:
+            setattr(self, name, _as_int(name, getattr(self, name)))
+        for name in ("ch_mult", "attn_resolutions", "decoder_attn_resolutions"):
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)):
+                raise ValueError(f"AutoencoderKL config: {name} must be a list of integers, got {value!r}")
+            setattr(self, name, tuple(_as_int(f"{name}[{i}]", v) for i, v in enumerate(value)))
+        bad = [f"{n}={getattr(self, n)}" for n in _INT_FIELDS if getattr(self, n) < 1]
+        bad += [f"ch_mult={self.ch_mult}"] if not self.ch_mult or min(self.ch_mult) < 1 else []
+        bad += [f"dropout={self.dropout!r}"] if not (is_number(self.dropout) and 0 <= self.dropout < 1) else []
+        if not (is_number(self.scaling_factor) and 0 < self.scaling_factor < math.inf):
+            bad.append(f"scaling_factor={self.scaling_factor!r}")
+        if bad:
+            raise ValueError(f"invalid AutoencoderKL config ({', '.join(bad)}): sizes must be >= 1, ch_mult "
+                             "non-empty, dropout in [0, 1), scaling_factor positive and finite")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "AutoencoderKLConfig":
-        """Config from a dict (e.g. ``asdict`` output or a save_vae file's metadata); unknown keys raise ValueError."""
+    def from_dict(cls, d: dict, complete: bool = False) -> "AutoencoderKLConfig":
+        """Config from a dict (e.g. ``asdict`` output or a save_vae file's metadata); unknown keys raise ValueError,
+        and so do missing keys with ``complete=True`` (a stored config must not fall back to the kl16 defaults)."""
+        if not isinstance(d, dict):
+            raise ValueError(f"an AutoencoderKL config must be a dict, got {type(d).__name__}")
         known = set(cls.__dataclass_fields__)
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"unknown AutoencoderKL config keys: {sorted(unknown)}")
+        missing = sorted(known - set(d)) if complete else []
+        if missing:
+            raise ValueError(f"AutoencoderKL config lacks keys {missing}")
         return cls(**d)
+
+
+_INT_FIELDS = ("ch", "num_res_blocks", "z_channels", "embed_dim", "in_channels", "resolution", "norm_groups")
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a real number (numpy scalars included) and not a bool (an int subclass, never a size)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _as_int(name: str, value: object) -> int:
+    if not (is_number(value) and isinstance(value, numbers.Integral)):
+        raise ValueError(f"AutoencoderKL config: {name} must be an integer, got {value!r}")
+    return int(value)
 
 
 PRESETS: dict[str, AutoencoderKLConfig] = {
@@ -359,3 +423,60 @@ def build_vae(preset: str = "fmnist", **overrides) -> AutoencoderKL:
         raise ValueError(f"unknown VAE preset {preset!r}; choose from {sorted(PRESETS)}")
     return AutoencoderKL(AutoencoderKLConfig.from_dict({**asdict(PRESETS[preset]), **overrides}))
 
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checking a config against stored tensors before anything is allocated
+
+
+def cannot_match(blocks: int, widths: Mapping[str, int], stored: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a config describing ``blocks`` resnet blocks and layers of ``widths`` ({name: channels}) cannot fit the
+    stored shapes ``{state-dict key: shape}``, by arithmetic alone; None when it might (then build it on the meta
+    device and compare every shape).
+
+    Nothing is built, so a crafted or corrupt config (ch=100000, a million blocks) costs nothing here. Built for
+    real such a config would take hundreds of GB, and even on the meta device minutes for a huge block count.
+    """
+    if blocks > len(stored):  # every resnet block has 8 tensors
+        return f"the config describes {blocks} resnet blocks, the file has only {len(stored)} tensors"
+    largest = max((math.prod(shape) for shape in stored.values()), default=0)
+    for name, width in widths.items():
+        if width > largest:  # a layer of this width has a tensor with at least `width` elements
+            return f"{name} = {width} in the config, but the largest stored tensor has {largest} elements"
+    return None
+
+
+def check_shapes(expected: Mapping[str, tuple], stored: Mapping[str, tuple], source: str,
+                 layout: str = "the AutoencoderKL layout") -> None:
+    """ValueError listing the missing, unexpected and mis-shaped entries of ``stored`` ({key: shape}) if any."""
+    missing = [k for k in expected if k not in stored]
+    unexpected = [k for k in stored if k not in expected]
+    mismatched = [
+        f"{k}: file {tuple(stored[k])} vs model {tuple(expected[k])}"
+        for k in expected
+        if k in stored and tuple(stored[k]) != tuple(expected[k])
+    ]
+    parts = [f"{len(items)} {name}: {', '.join(items[:5])}" + (f" (+{len(items) - 5} more)" if len(items) > 5 else "")
+             for name, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatches", mismatched))
+             if items]
+    if parts:
+        raise ValueError(f"{source} does not match {layout}: " + "; ".join(parts))
+
+
+def meta_vae(cfg: AutoencoderKLConfig, stored: Mapping[str, tuple[int, ...]], source: str) -> AutoencoderKL:
+    """AutoencoderKL(cfg) on the meta device (every parameter shaped, nothing allocated, no random numbers drawn),
+    checked against the stored shapes ``{key: shape}`` of ``source``: first by arithmetic (``cannot_match``, cheap
+    whatever the config says), then parameter by parameter. Load the weights with ``load_state_dict(state,
+    assign=True)``. Raises ValueError naming ``source`` and the mismatches."""
+    blocks = len(cfg.ch_mult) * (2 * cfg.num_res_blocks + 1) + 4  # encoder nrb, decoder nrb+1 per level; 2 mids each
+    reason = cannot_match(blocks, {"ch * max(ch_mult)": cfg.ch * max(cfg.ch_mult), "z_channels": cfg.z_channels,
+                                   "embed_dim": cfg.embed_dim, "in_channels": cfg.in_channels}, stored)
+    if reason:
+        raise ValueError(f"{source} does not match its AutoencoderKL config: {reason} (a corrupt or edited file, "
+                         "or the wrong config)")
+    try:
+        with torch.device("meta"):
+            model = AutoencoderKL(cfg)
+    except (RuntimeError, ValueError, OverflowError) as e:  # e.g. a width whose element count overflows int64
+        raise ValueError(f"{source}: cannot build the AutoencoderKL its config describes ({e})") from None
+    check_shapes({k: tuple(v.shape) for k, v in model.state_dict().items()}, stored, source)
+    return model

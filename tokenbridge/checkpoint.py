@@ -92,16 +92,23 @@ def save_generator_weights(state: dict[str, torch.Tensor], record: dict[str, Any
 
 
 def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+        state = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or garbled files
+        raise ValueError(f"{path} is corrupt or not a safetensors file: {e}") from None
     if "config" not in meta:
         raise ValueError(f"{path} has no 'config' metadata: not a generator exported by `tokenbridge export`")
-    if meta.get("format") == EXPORT_FORMAT:
-        record = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
-    else:  # the first export format: a TokenBridge generator, config and step only
-        record = {"family": "tokenbridge", "config": json.loads(meta["config"]), "sample": {},
-                  "step": int(meta.get("step", 0)), "ema": meta.get("ema") == "True"}
-    return record, load_file(str(path))
+    try:
+        if meta.get("format") == EXPORT_FORMAT:
+            record = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "version")}
+        else:  # the first export format: a TokenBridge generator, config and step only
+            record = {"family": "tokenbridge", "config": json.loads(meta["config"]), "sample": {},
+                      "step": int(meta.get("step", 0)), "ema": meta.get("ema") == "True"}
+    except ValueError as e:
+        raise ValueError(f"{path} has malformed generator metadata: {e}") from None
+    return record, state
 
 
 def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.device = "cpu",

@@ -27,7 +27,11 @@ from tqdm import tqdm
 from .data import as_tensors
 from .files import atomic_path
 from .metrics import (
+    check_gaussian,
     check_images,
+    check_knn_sizes,
+    check_labels,
+    check_splits,
     feature_statistics,
     frechet_distance,
     inception_score_from_logits,
@@ -36,6 +40,8 @@ from .metrics import (
 )
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "weights" / "fmnist_classifier.safetensors"
+CLASSIFIER_SIZE = 32  # input side of the classifier: Fashion-MNIST's 28x28 zero-padded to 32x32 (data.to_model_images)
+FASHION_MNIST_SIZE = 28
 
 
 class FMNISTClassifier(nn.Module):
@@ -68,17 +74,32 @@ class FMNISTClassifier(nn.Module):
         return self.head(self.dropout(self.features(x)))
 
 
-def _prepare_fmnist_images(images: torch.Tensor) -> torch.Tensor:
-    """Validate generated/real Fashion-MNIST images; 28x28 inputs are padded to 32x32 with the background -1."""
-    check_images(images, "images", channels=1)
-    size = tuple(images.shape[-2:])
-    if size == (28, 28):
-        images = F.pad(images, (2, 2, 2, 2), value=-1.0)
-    elif size != (32, 32):
-        raise ValueError(f"classifier images must be [B, 1, 32, 32] (or 28x28), got {tuple(images.shape)}")
+def check_classifier_images(images: torch.Tensor, name: str = "images", min_count: int = 1) -> torch.Tensor:
+    """Check that ``images`` fit the Fashion-MNIST classifier and return them as float [N, 1, 32, 32] in [-1, 1].
+
+    Accepted: a finite float tensor [N, 1, 32, 32] or [N, 1, 28, 28] (raw Fashion-MNIST size, padded here to 32x32
+    with the background -1 exactly as ``tokenbridge.data.to_model_images`` pads the training data) with values in
+    [-1, 1] (up to 0.05 of rounding outside, clamped) and N >= ``min_count``. Anything else (RGB, other sizes,
+    0..255 or NaN values, too few images) raises a ValueError naming ``name``. Images in [0, 1] cannot be told
+    apart from dark [-1, 1] images here: convert them with ``x * 2 - 1`` first.
+    """
+    check_images(images, name)
+    if images.shape[1] != 1:
+        raise ValueError(f"{name} must have 1 channel: the evaluation classifier takes grayscale Fashion-MNIST "
+                         f"[N, 1, 32, 32], got shape {tuple(images.shape)} (RGB samples need the Inception "
+                         f"metrics, tokenbridge.inception)")
+    side = (CLASSIFIER_SIZE - FASHION_MNIST_SIZE) // 2
+    if tuple(images.shape[2:]) == (FASHION_MNIST_SIZE, FASHION_MNIST_SIZE):
+        images = F.pad(images, (side, side, side, side), value=-1.0)
+    elif tuple(images.shape[2:]) != (CLASSIFIER_SIZE, CLASSIFIER_SIZE):
+        raise ValueError(f"{name} must be [N, 1, 32, 32] or Fashion-MNIST's raw [N, 1, 28, 28] (padded to 32), "
+                         f"got shape {tuple(images.shape)}")
+    if images.shape[0] < min_count:
+        raise ValueError(f"{name} must hold at least {min_count} images here, got {images.shape[0]}")
     lo, hi = float(images.min()), float(images.max())
     if lo < -1.05 or hi > 1.05:
-        raise ValueError(f"classifier images must be in [-1, 1], got values in [{lo:.3f}, {hi:.3f}]")
+        hint = " (0..255 pixel values? convert uint8 with tokenbridge.images.from_uint8)" if hi > 2 else ""
+        raise ValueError(f"{name} must be in [-1, 1], got values in [{lo:.3f}, {hi:.3f}]{hint}")
     return images.clamp(-1.0, 1.0)
 
 
@@ -96,8 +117,8 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 def _classifier_outputs(
     images: torch.Tensor, classifier: FMNISTClassifier, batch_size: int = 500
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(features float32 [N, D], logits float32 [N, 10]) on CPU, computed in batches on the classifier's device."""
-    images = _prepare_fmnist_images(images)
+    """(features float32 [N, D], logits float32 [N, 10]) on CPU, computed in batches on the classifier's device,
+    for images [N, 1, 32, 32] in [-1, 1] already checked by check_classifier_images."""
     classifier.eval()
     device = next(classifier.parameters()).device
     feats, logits = [], []
@@ -222,16 +243,6 @@ def _resolve_classifier(classifier: FMNISTClassifier | None, device: str | torch
     return classifier if classifier is not None else _default_classifier(str(torch.device(device)))
 
 
-def _check_labels(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """Class labels (any integer array-like with ``n`` items, values 0..9) as a flat long tensor [n]."""
-    labels = torch.as_tensor(labels).long().flatten()
-    if labels.shape[0] != n:
-        raise ValueError(f"got {n} images but {labels.shape[0]} labels")
-    if labels.numel() and (labels.min() < 0 or labels.max() > 9):
-        raise ValueError(f"labels must be in 0..9, got range [{int(labels.min())}, {int(labels.max())}]")
-    return labels
-
-
 def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of rows of logits [N, 10] whose argmax equals labels [N]."""
     return float((logits.argmax(1) == labels).float().mean())
@@ -246,28 +257,37 @@ def classifier_features(
     images: torch.Tensor, classifier: FMNISTClassifier | None = None, device: str | torch.device = "cpu",
     batch_size: int = 500,
 ) -> torch.Tensor:
-    """Penultimate features [N, D] (float32, CPU) of the Fashion-MNIST classifier for images [N, 1, 32, 32]."""
+    """Penultimate features [N, D] (float32, CPU) of the Fashion-MNIST classifier for images [N, 1, 32, 32] (or
+    28x28) in [-1, 1]; see check_classifier_images for what is accepted."""
+    images = check_classifier_images(images)
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     return _classifier_outputs(images, _resolve_classifier(classifier, device), batch_size)[0]
 
 
 def classifier_statistics(
     images: torch.Tensor, classifier: FMNISTClassifier | None = None, device: str | torch.device = "cpu",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(mu, sigma) float64 of classifier features, e.g. to save FD_cls reference stats of the test split."""
-    return feature_statistics(classifier_features(images, classifier, device))
+    """(mu [D], sigma [D, D]) float64 of classifier features of images [N >= 2, 1, 32, 32] in [-1, 1], e.g. to save
+    FD_cls reference stats of the test split."""
+    images = check_classifier_images(images, min_count=2)  # a covariance needs two samples
+    return feature_statistics(_classifier_outputs(images, _resolve_classifier(classifier, device))[0])
 
 
 def classifier_fd(
     images_a: torch.Tensor, images_b: torch.Tensor, classifier: FMNISTClassifier | None = None,
     device: str | torch.device = "cpu",
 ) -> float:
-    """FD_cls: Frechet distance between two image sets [N, 1, 32, 32] in [-1, 1] in the feature space of the
-    embedded Fashion-MNIST classifier (``feature_dim``-d penultimate layer).
+    """FD_cls: Frechet distance between two image sets [N, 1, 32, 32] and [M, 1, 32, 32] (N, M >= 2) in [-1, 1]
+    in the feature space of the embedded Fashion-MNIST classifier (``feature_dim``-d penultimate layer).
 
     This is FID's formula with a different network: it is comparable only between runs of this project on
     Fashion-MNIST with the same classifier weights and the same sample counts (FD is biased upward for small N).
     It is NOT comparable with the Inception FID numbers reported in papers.
     """
+    # both sets are checked before either goes through the network
+    images_a = check_classifier_images(images_a, "images_a", min_count=2)
+    images_b = check_classifier_images(images_b, "images_b", min_count=2)
     clf = _resolve_classifier(classifier, device)
     return _features_fd(_classifier_outputs(images_a, clf)[0], _classifier_outputs(images_b, clf)[0])
 
@@ -276,11 +296,13 @@ def class_accuracy(
     images: torch.Tensor, labels: torch.Tensor, classifier: FMNISTClassifier | None = None,
     device: str | torch.device = "cpu",
 ) -> float:
-    """Fraction of images [N, 1, 32, 32] that the embedded classifier assigns to their conditioning class
-    ``labels`` [N] (0..9). Measures class-conditional fidelity; its ceiling is the classifier's own test accuracy
-    on real images (about 0.9), so it is comparable only within this project."""
-    labels = _check_labels(labels, images.shape[0])
-    _, logits = _classifier_outputs(images, _resolve_classifier(classifier, device))
+    """Fraction of images [N, 1, 32, 32] in [-1, 1] that the embedded classifier assigns to their conditioning
+    class ``labels`` (integer [N], 0..9). Measures class-conditional fidelity; its ceiling is the classifier's own
+    test accuracy on real images (about 0.9), so it is comparable only within this project."""
+    images = check_classifier_images(images)
+    clf = _resolve_classifier(classifier, device)
+    labels = check_labels(labels, images.shape[0], "labels", clf.num_classes)
+    _, logits = _classifier_outputs(images, clf)
     return _accuracy(logits, labels)
 
 
@@ -289,14 +311,31 @@ def classifier_inception_score(
     device: str | torch.device = "cpu",
 ) -> float:
     """IS_cls: Inception Score formula exp(E_x KL(p(y|x) || p(y))) with the embedded Fashion-MNIST classifier's
-    softmax instead of Inception's. Range [1, 10]: high when each image is confidently one class and all 10
-    classes are used equally. Mean over ``splits`` chunks.
+    softmax instead of Inception's, for images [N, 1, 32, 32] in [-1, 1]. Range [1, 10]: high when each image is
+    confidently one class and all 10 classes are used equally. Mean over ``splits`` chunks (1 <= splits <= N).
 
     Comparable only between runs of this project on Fashion-MNIST with the same classifier weights; NOT
     comparable with Inception Score numbers in papers (1000 ImageNet classes, different network).
     """
+    images = check_classifier_images(images)
+    check_splits(splits, images.shape[0])
     _, logits = _classifier_outputs(images, _resolve_classifier(classifier, device))
     return inception_score_from_logits(logits, splits)
+
+
+def _reference_stats(
+    reference: str | os.PathLike | tuple[np.ndarray, np.ndarray], feature_dim: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(mu [D], sigma [D, D]) from an .npz path or a (mu, sigma) pair, checked to match the classifier's D."""
+    if isinstance(reference, (tuple, list)):
+        mu, sigma = check_gaussian(*reference, "reference mu", "reference sigma")
+    else:
+        mu, sigma = load_reference_stats(reference)
+    if mu.shape[0] != feature_dim:
+        # e.g. Inception pool3 statistics (D = 2048) given for classifier features
+        raise ValueError(f"reference statistics have D={mu.shape[0]} but the classifier's features have "
+                         f"D={feature_dim}: they must come from classifier_statistics with the same weights")
+    return mu, sigma
 
 
 def classifier_metrics(
@@ -310,24 +349,31 @@ def classifier_metrics(
 ) -> dict[str, float]:
     """All classifier metrics of generated images in one pass of the classifier.
 
-    fake_images [N, 1, 32, 32] in [-1, 1]; fake_labels [N] (their conditioning classes) adds "class_accuracy";
-    real_images adds "fd_cls" and "precision"/"recall" (k-NN, classifier features); alternatively ``reference``
-    (an .npz path from save_reference_stats, or (mu, sigma)) gives "fd_cls" only. Always returns "is_cls".
+    fake_images [N, 1, 32, 32] (or 28x28) in [-1, 1]; fake_labels (integer [N] in 0..9, their conditioning
+    classes) adds "class_accuracy"; real_images [M, 1, 32, 32] in [-1, 1] adds "fd_cls" and "precision"/"recall"
+    (k-NN on classifier features; N and M > k); alternatively ``reference`` (an .npz path from
+    save_reference_stats, or (mu, sigma) of classifier features) gives "fd_cls" only (N >= 2). Always returns
+    "is_cls". Every input is checked (ValueError naming it) before the classifier runs.
     See classifier_fd / classifier_inception_score for what these numbers are comparable with.
     """
     if real_images is not None and reference is not None:
         raise ValueError("pass either real_images or reference, not both")
-    labels = _check_labels(fake_labels, fake_images.shape[0]) if fake_labels is not None else None
+    fake = check_classifier_images(fake_images, "fake_images", min_count=1 if reference is None else 2)
     clf = _resolve_classifier(classifier, device)
-    feats, logits = _classifier_outputs(fake_images, clf)
+    labels = None if fake_labels is None else check_labels(fake_labels, fake.shape[0], "fake_labels",
+                                                            clf.num_classes)
+    real = None if real_images is None else check_classifier_images(real_images, "real_images")
+    if real is not None:
+        check_knn_sizes(k, fake_images=fake.shape[0], real_images=real.shape[0])
+    stats = None if reference is None else _reference_stats(reference, clf.feature_dim)
+    feats, logits = _classifier_outputs(fake, clf)
     out = {"is_cls": inception_score_from_logits(logits, 1)}
     if labels is not None:
         out["class_accuracy"] = _accuracy(logits, labels)
-    if real_images is not None:
-        real_feats = _classifier_outputs(real_images, clf)[0]
+    if real is not None:
+        real_feats = _classifier_outputs(real, clf)[0]
         out["fd_cls"] = _features_fd(feats, real_feats)
         out["precision"], out["recall"] = precision_recall(real_feats, feats, k=k)
-    elif reference is not None:
-        mu, sigma = reference if isinstance(reference, tuple) else load_reference_stats(reference)
-        out["fd_cls"] = frechet_distance(*feature_statistics(feats), mu, sigma)
+    elif stats is not None:
+        out["fd_cls"] = frechet_distance(*feature_statistics(feats), *stats)
     return out

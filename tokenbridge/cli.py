@@ -9,19 +9,18 @@ import json
 import os
 import sys
 import typing
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from .checkpoint import export_weights, load_generator
-from .classifier import class_accuracy, classifier_metrics, load_classifier, train_classifier
+from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
 from .data import ImageFolder, as_tensors
+from .distributed import TrainingInterrupted
+from .evaluate import evaluate_samples, read_samples
 from .generate import generate, save_samples
 from .generators import FAMILIES, sample_options
-from .images import from_uint8
 from .inception import InceptionFID
 from .metrics import load_reference_stats
 from .reconstruct import run_reconstruct
@@ -33,6 +32,17 @@ from .vae import load_vae, train_vae
 
 def _device(name: str | None) -> str:
     return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (a count or a size; 0 or -5 would mean nothing sensible)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
@@ -101,12 +111,12 @@ def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
 
 def cmd_cache_latents(args: argparse.Namespace) -> None:
     data, quantizer, out = _cache_job(args)
-    print(f"wrote {cache_latents(data, out, quantizer=quantizer, device=_device(args.device))}")
+    print(f"wrote {cache_latents(data, out, quantizer=quantizer, device=_device(args.device), overwrite=args.overwrite)}")
 
 
 # ---------------------------------------------------------------------------------------------- train / export
 def cmd_train(args: argparse.Namespace) -> None:
-    metrics = train(load_run_config(args.config, args.overrides), resume=not args.no_resume)
+    metrics = train(load_run_config(args.config, args.overrides), resume=not args.no_resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics))
 
@@ -134,14 +144,7 @@ def cmd_sample(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    path = Path(args.samples)
-    if not path.exists():
-        raise FileNotFoundError(f"samples file not found: {path} (write one with `tokenbridge sample --npz`)")
-    with np.load(path) as data:
-        if "images" not in data:
-            raise ValueError(f"{path} has no 'images' array (uint8 [N, H, W, C])")
-        images = from_uint8(data["images"])
-        labels = torch.from_numpy(data["labels"]) if "labels" in data else None
+    images, labels = read_samples(args.samples)
     device = _device(args.device)
     if args.inception_weights:
         if not args.reference:
@@ -149,11 +152,9 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         fid = InceptionFID(weights_path=args.inception_weights, device=device)
         fid.update(images, real=False)
         fid.set_reference(*load_reference_stats(args.reference))
-        result = {"fid": fid.compute(), "is": fid.inception_score()}
+        result = {"fid": fid.compute(), "is": fid.inception_score(), "num_samples": len(images)}
     else:
-        real, _ = as_tensors("test")
-        result = classifier_metrics(images, labels, real_images=real, device=device)
-    result["num_samples"] = len(images)
+        result = evaluate_samples(images, labels, device=device, source=args.samples)
     print(json.dumps(result, indent=1))
 
 
@@ -199,11 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("reconstruct", help="paper Table 1: continuous VAE vs quantized at several B and ranges")
     p.add_argument("--vae", default="fmnist", help="fmnist (embedded), kl16:PATH, diffusers:FOLDER or a .safetensors")
     p.add_argument("--images", help="folder of your images (default: Fashion-MNIST test split)")
-    p.add_argument("--resolution", type=int, default=256, help="crop/resize size for --images")
-    p.add_argument("--num-images", type=int, default=1000)
-    p.add_argument("--levels", type=int, nargs="+", help=f"quantization levels B of the rows {lib}")
+    p.add_argument("--resolution", type=_positive_int, default=256, help="crop/resize size for --images")
+    p.add_argument("--num-images", type=_positive_int, default=1000)
+    p.add_argument("--levels", type=_positive_int, nargs="+", help=f"quantization levels B of the rows {lib}")
     p.add_argument("--ranges", type=float, nargs="+", help=f"value ranges +-a of the rows {lib}")
-    p.add_argument("--batch-size", type=int, help=lib)
+    p.add_argument("--batch-size", type=_positive_int, help=lib)
     p.add_argument("--out", default="out/reconstruct")
     _add_image_options(p)
     p.add_argument("--device")
@@ -211,15 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train-vae", help="train the embedded Fashion-MNIST KL-VAE")
     p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
-    for flag, kind in (("--steps", int), ("--batch-size", int), ("--lr", float), ("--kl-weight", float),
-                       ("--seed", int)):
+    for flag, kind in (("--steps", _positive_int), ("--batch-size", _positive_int), ("--lr", float),
+                       ("--kl-weight", float), ("--seed", int)):
         p.add_argument(flag, type=kind, help=lib)
     p.add_argument("--device")
     p.set_defaults(func=cmd_train_vae)
 
     p = sub.add_parser("train-classifier", help="train the embedded evaluation classifier")
     p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
-    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--seed", int), ("--threads", int)):
+    for flag, kind in (("--epochs", _positive_int), ("--batch-size", _positive_int), ("--lr", float), ("--seed", int),
+                       ("--threads", _positive_int)):
         p.add_argument(flag, type=kind, help=lib)
     p.add_argument("--device")
     p.set_defaults(func=cmd_train_classifier)
@@ -228,17 +230,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="a run config: its data section and model.quantizer; writes data.tokens")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config")
     p.add_argument("--out", help="token file to write (default with --config: data.tokens)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing token file")
     p.add_argument("--vae", help="without --config: fmnist | kl16:PATH | diffusers:FOLDER | a .safetensors")
     p.add_argument("--data", help="without --config: fmnist or folder:PATH")
     p.add_argument("--split")
-    p.add_argument("--levels", type=int, help="quantization levels B")
+    p.add_argument("--levels", type=_positive_int, help="quantization levels B")
     p.add_argument("--range", type=float, help="value range +-a")
     p.add_argument("--std-range", type=float)
     p.add_argument("--kind", help="gaussian or uniform bins")
-    p.add_argument("--resolution", type=int)
+    p.add_argument("--resolution", type=_positive_int)
     p.add_argument("--channels", type=int, help="image channels the VAE takes (1 or 3) for folder images")
-    p.add_argument("--limit", type=int)
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--limit", type=_positive_int)
+    p.add_argument("--batch-size", type=_positive_int)
     _add_image_options(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_cache_latents)
@@ -246,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a generator (works under torchrun for DDP)")
     p.add_argument("--config", required=True)
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.steps=100")
-    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--no-resume", action="store_true", help="start from step 0 (with --overwrite if a checkpoint exists)")
+    p.add_argument("--overwrite", action="store_true", help="with --no-resume: replace the folder's checkpoint")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="checkpoint.pt -> self-describing .safetensors (EMA weights, config, VAE)")
@@ -261,10 +265,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", help="default: the VAE the generator was trained on")
     p.add_argument("--allow-other-vae", action="store_true", help="decode with a VAE other than the recorded one")
     p.add_argument("--labels", type=int, nargs="+", default=list(range(10)))
-    p.add_argument("--per-class", type=int, default=8)
+    p.add_argument("--per-class", type=_positive_int, default=8)
     _add_sampling_options(p)
     p.add_argument("--seed", type=int, help=lib)
-    p.add_argument("--batch-size", type=int, help=lib)
+    p.add_argument("--batch-size", type=_positive_int, help=lib)
     p.add_argument("--out", default="out/samples")
     p.add_argument("--show-confidence", action="store_true", help="also write the per-token confidence maps")
     p.add_argument("--npz", action="store_true", help="also write the images as a uint8 .npz")
@@ -300,7 +304,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.func(args)
-    except (FileNotFoundError, ValueError) as error:
+    except TrainingInterrupted as stop:  # the checkpoint is saved: a message, not a traceback
+        print(f"tokenbridge {args.command}: {stop}", file=sys.stderr)
+        raise SystemExit(128 + stop.signum) from None
+    except (OSError, ValueError) as error:  # bad input, a missing file, a full disk: the message names it
         print(f"tokenbridge {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
 

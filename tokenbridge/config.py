@@ -214,8 +214,11 @@ def read_yaml(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    with open(path) as f:
-        config = yaml.load(f, Loader=_YamlLoader) or {}
+    try:
+        with open(path) as f:
+            config = yaml.load(f, Loader=_YamlLoader) or {}
+    except yaml.YAMLError as e:  # the parser's message names the line and column
+        raise ConfigError(f"config {path} is not valid YAML: {e}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config {path} must be a YAML mapping, got {type(config).__name__}")
     return config

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import random
+import signal
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,6 +20,9 @@ def init_distributed(device_cfg: str) -> tuple[int, int, torch.device, bool]:
     """(rank, world_size, device, created_group). torchrun sets RANK / WORLD_SIZE / LOCAL_RANK."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_cfg.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"config key 'train.device' = {device_cfg!r} but no CUDA GPU is visible to torch "
+                         f"({torch.__version__}); use device=auto or device=cpu")
     use_cuda = torch.cuda.is_available() and device_cfg in ("auto", "cuda")
     if device_cfg not in ("auto", "cuda", "cpu"):
         device = torch.device(device_cfg)
@@ -90,3 +95,43 @@ def seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM or Ctrl-C stopped training after the checkpoint of ``step`` was written."""
+
+    def __init__(self, signum: int, step: int, checkpoint: str):
+        self.signum, self.step, self.checkpoint = signum, step, checkpoint
+        name = signal.Signals(signum).name
+        super().__init__(f"stopped by {name} after saving step {step} to {checkpoint}; the same command resumes it")
+
+
+class StopSignals:
+    """While active, SIGTERM and SIGINT (Ctrl-C) only raise a flag that the training loop reads between steps, so
+    that it can save the current step before exiting. Under DDP every rank must stop at the same step:
+    `requested` combines the ranks' flags (one tiny all-reduce per step)."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self, device: torch.device):
+        self.device, self.signum, self._previous = device, 0, {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signum = signum
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+    def requested(self) -> int:
+        """The signal number that asked to stop (0: none), agreed by every rank."""
+        if not is_distributed():
+            return self.signum
+        flag = torch.tensor([self.signum], device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return int(flag.item())

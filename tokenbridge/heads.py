@@ -45,8 +45,8 @@ def _check_indices(indices: Tensor, num_rows: int, num_channels: int, levels: in
 
 
 def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if not 0 <= temperature < float("inf"):  # also rejects NaN
+        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
     if top_k < 0:
         raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
     if not 0.0 < top_p <= 1.0:

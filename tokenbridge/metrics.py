@@ -1,6 +1,10 @@
 """Pure evaluation metrics: reconstruction (PSNR, SSIM, latent MSE), feature statistics and Frechet distance,
 reference statistics files, k-NN precision/recall, and the Inception Score formula on logits.
 
+The input checks shared by every metric family live here too (``check_images``, ``check_labels``,
+``check_gaussian``, ``check_knn_sizes``, ``check_splits``, ``read_npz``), so each check has one place: public
+functions refuse empty, NaN/Inf or mismatched inputs with a ValueError naming the argument, before any work.
+
 Nothing here holds a network or weights. The networks that turn images into features live in
 ``tokenbridge.classifier`` (the embedded Fashion-MNIST classifier: FD_cls, IS_cls, class accuracy; offline, only
 comparable within this project) and ``tokenbridge.inception`` (the standard FID Inception network: FID and IS
@@ -12,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +31,44 @@ from .files import atomic_path
 # Input checks
 
 
+def _check_finite(x: torch.Tensor, name: str) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+
+
 def check_images(x: torch.Tensor, name: str = "images", channels: int | None = None) -> None:
-    """Raise TypeError/ValueError unless ``x`` is a non-empty finite float tensor [B, C, H, W] (values meant to be
-    in [-1, 1]; the range itself is not checked), with ``channels`` channels when given."""
+    """Raise TypeError/ValueError naming ``name`` unless ``x`` is a non-empty finite float tensor [B, C, H, W]
+    (values meant to be in [-1, 1]; the range itself is not checked), with ``channels`` channels when given."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.ndim != 4:
         raise ValueError(f"{name} must have shape [B, C, H, W], got {tuple(x.shape)}")
     if channels is not None and x.shape[1] != channels:
         raise ValueError(f"{name} must have {channels} channel(s), got shape {tuple(x.shape)}")
-    if x.shape[0] == 0:
+    if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)})")
     if not x.is_floating_point():
         raise ValueError(f"{name} must be a float tensor in [-1, 1], got dtype {x.dtype}")
-    if not torch.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or Inf values")
+    _check_finite(x, name)
+
+
+def check_labels(
+    labels: np.ndarray | torch.Tensor | list[int], n: int, name: str = "labels", num_classes: int | None = None
+) -> torch.Tensor:
+    """Class labels of ``n`` images (an integer tensor, array or list of shape [n]) as an int64 CPU tensor [n].
+
+    ValueError naming ``name`` for a non-integer dtype (floats and bools are refused rather than truncated), another
+    shape or length, a negative label, or a label >= ``num_classes`` when that is given."""
+    array = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else np.asarray(labels)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{name} must be integer class labels, got dtype {array.dtype}")
+    if array.shape != (n,):
+        raise ValueError(f"{name} must hold one label per image: shape [{n}] for {n} images, got shape "
+                         f"{tuple(array.shape)}")
+    if n and (array.min() < 0 or (num_classes is not None and array.max() >= num_classes)):
+        allowed = f"in 0..{num_classes - 1}" if num_classes is not None else ">= 0"
+        raise ValueError(f"{name} must be {allowed}, got values in [{array.min()}, {array.max()}]")
+    return torch.from_numpy(array.astype(np.int64))
 
 
 def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -58,6 +86,38 @@ def as_float64(x: np.ndarray | torch.Tensor, name: str) -> np.ndarray:
     if not np.isfinite(x).all():
         raise ValueError(f"{name} contains NaN or Inf values")
     return x
+
+
+def check_gaussian(
+    mu: np.ndarray | torch.Tensor, sigma: np.ndarray | torch.Tensor, mu_name: str = "mu", sigma_name: str = "sigma"
+) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian statistics (mu [D], sigma [D, D], D >= 1; a scalar mu/sigma counts as D = 1) as finite float64
+    arrays; ValueError naming ``mu_name``/``sigma_name`` otherwise."""
+    mu, sigma = np.atleast_1d(as_float64(mu, mu_name)), np.atleast_2d(as_float64(sigma, sigma_name))
+    if mu.ndim != 1 or mu.shape[0] == 0:
+        raise ValueError(f"{mu_name} must be a non-empty vector [D], got shape {mu.shape}")
+    d = mu.shape[0]
+    if sigma.shape != (d, d):
+        raise ValueError(f"{sigma_name} must be [{d}, {d}] to match {mu_name}, got shape {sigma.shape}")
+    return mu, sigma
+
+
+def check_knn_sizes(k: int, **counts: int) -> None:
+    """k-NN precision/recall needs k >= 1 and more than k points in each set: ValueError naming the set (the keyword,
+    e.g. ``check_knn_sizes(3, real_images=n)``) otherwise. Checked before any features are computed."""
+    if k < 1:
+        raise ValueError(f"k-NN precision/recall needs k >= 1, got k={k}")
+    for name, count in counts.items():
+        if count <= k:
+            raise ValueError(f"k-NN precision/recall with k={k} needs more than k={k} samples in each set, "
+                             f"got {count} in {name}")
+
+
+def check_splits(splits: int, n: int, name: str = "images") -> None:
+    """The Inception Score averages over ``splits`` chunks of ``n`` items: ValueError unless 1 <= splits <= n."""
+    if splits < 1 or n < splits:
+        raise ValueError(f"need splits >= 1 and at least one of the {name} per split, got {n} {name} and "
+                         f"splits={splits}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -128,8 +188,10 @@ def latent_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise TypeError("latent_mse expects two torch.Tensors")
     if a.shape != b.shape or a.ndim < 1:
         raise ValueError(f"a and b must have the same shape [B, ...], got {tuple(a.shape)} and {tuple(b.shape)}")
-    if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
-        raise ValueError("latent_mse inputs contain NaN or Inf values")
+    if a.numel() == 0:
+        raise ValueError(f"a and b are empty (shape {tuple(a.shape)})")
+    _check_finite(a, "a")
+    _check_finite(b, "b")
     return (a.double() - b.double()).square().reshape(a.shape[0], -1).mean(1)
 
 
@@ -140,8 +202,8 @@ def latent_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def feature_statistics(features: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     """Mean and covariance of features [N, D] (N >= 2), both float64: (mu [D], sigma [D, D], unbiased)."""
     f = as_float64(features, "features")
-    if f.ndim != 2 or f.shape[0] < 2:
-        raise ValueError(f"features must have shape [N, D] with N >= 2, got {f.shape}")
+    if f.ndim != 2 or f.shape[0] < 2 or f.shape[1] < 1:
+        raise ValueError(f"features must have shape [N, D] with N >= 2 and D >= 1, got {f.shape}")
     return f.mean(axis=0), np.cov(f, rowvar=False).reshape(f.shape[1], f.shape[1])
 
 
@@ -159,13 +221,11 @@ def frechet_distance(
     samples than feature dimensions) it is retried with ``eps`` added to both diagonals; numerical imaginary parts
     are dropped, and a large imaginary part raises ValueError. Tiny negative results from rounding are clipped to 0.
     """
-    mu1, mu2 = np.atleast_1d(as_float64(mu1, "mu1")), np.atleast_1d(as_float64(mu2, "mu2"))
-    s1, s2 = np.atleast_2d(as_float64(sigma1, "sigma1")), np.atleast_2d(as_float64(sigma2, "sigma2"))
-    d = mu1.shape[0]
-    if mu1.ndim != 1 or mu2.shape != mu1.shape:
+    mu1, s1 = check_gaussian(mu1, sigma1, "mu1", "sigma1")
+    mu2, s2 = check_gaussian(mu2, sigma2, "mu2", "sigma2")
+    if mu2.shape != mu1.shape:
         raise ValueError(f"mu1 and mu2 must be vectors of the same length, got {mu1.shape} and {mu2.shape}")
-    if s1.shape != (d, d) or s2.shape != (d, d):
-        raise ValueError(f"sigma1 and sigma2 must be [{d}, {d}] to match mu, got {s1.shape} and {s2.shape}")
+    d = mu1.shape[0]
 
     def sqrt_product(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         # Singularity is detected and handled below, so scipy's warnings are noise here.
@@ -194,35 +254,54 @@ def save_reference_stats(
     path: str | os.PathLike, mu: np.ndarray | torch.Tensor, sigma: np.ndarray | torch.Tensor
 ) -> None:
     """Write reference statistics to an ``.npz`` with keys ``mu`` [D] and ``sigma`` [D, D] (float64), atomically."""
-    mu, sigma = as_float64(mu, "mu"), as_float64(sigma, "sigma")
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
+    mu, sigma = check_gaussian(mu, sigma)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp, open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
         np.savez(f, mu=mu, sigma=sigma)
 
 
+def read_npz(path: str | os.PathLike, keys: tuple[str, ...], what: str) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Read the arrays named ``keys`` (those present; the others are not loaded) from the .npz archive ``path``,
+    and the names of all its arrays. ``what`` describes the expected file in the errors: FileNotFoundError when
+    ``path`` does not exist, ValueError naming it when it is a folder, a single .npy array, not a zip archive,
+    a corrupt archive, or when an array holds pickled Python objects (never unpickled)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist (expected {what})")
+    if not path.is_file():
+        raise ValueError(f"{path} is not a file (expected {what})")
+    with open(path, "rb") as f:
+        head = f.read(6)
+    # np.load picks the format from these magic bytes; checking them first gives a clear message instead of
+    # np.load's "cannot load pickled data" for a text file or a bare ndarray for an .npy file
+    if head == b"\x93NUMPY":
+        raise ValueError(f"{path} is a single .npy array, not an .npz archive of named arrays (expected {what})")
+    if not head.startswith(b"PK"):
+        raise ValueError(f"{path} is not an .npz (zip) archive (expected {what})")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            names = list(data.files)
+            arrays = {k: data[k] for k in keys if k in names}
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as e:
+        raise ValueError(f"{path} could not be read as {what}: {e}") from e
+    for k, v in arrays.items():
+        if not isinstance(v, np.ndarray):  # np.load returns the raw bytes of zip members that are not .npy files
+            raise ValueError(f"{path}: '{k}' is not a numpy array (expected {what})")
+    return arrays, names
+
+
 def load_reference_stats(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """Read (mu [D], sigma [D, D]) float64 from an ``.npz`` holding ``mu`` and ``sigma`` (this project's files, or
     ADM/guided-diffusion reference batches such as VIRTUAL_imagenet256_labeled.npz, whose ``mu``/``sigma`` are
     Inception pool3 statistics and so only go with ``InceptionFID``, not with classifier features)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"reference statistics file {path} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        keys = set(data.files)
-        if {"mu", "sigma"} <= keys:
-            mu, sigma = data["mu"], data["sigma"]
-        elif "arr_0" in keys:
-            raise ValueError(f"{path} holds only images (arr_0), no 'mu'/'sigma' statistics: compute features of "
-                             f"those images and save them with save_reference_stats first")
-        else:
-            raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (keys: {sorted(keys)})")
-    mu, sigma = as_float64(mu, f"{path}:mu"), as_float64(sigma, f"{path}:sigma")
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise ValueError(f"{path}: mu must be [D] and sigma [D, D], got {mu.shape} and {sigma.shape}")
-    return mu, sigma
+    arrays, names = read_npz(path, ("mu", "sigma"), "reference statistics: an .npz with 'mu' [D] and 'sigma' [D, D]")
+    if len(arrays) < 2 and "arr_0" in names:
+        raise ValueError(f"{path} holds only images (arr_0), no 'mu'/'sigma' statistics: compute features of "
+                         f"those images and save them with save_reference_stats first")
+    if len(arrays) < 2:
+        raise ValueError(f"{path} has no 'mu' and 'sigma' arrays (keys: {sorted(names)})")
+    return check_gaussian(arrays["mu"], arrays["sigma"], f"{path}: mu", f"{path}: sigma")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,9 +350,7 @@ def precision_recall(
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"features must be [N, D] and [M, D] with the same D, got {tuple(real.shape)} and "
                          f"{tuple(fake.shape)}")
-    if k < 1 or min(real.shape[0], fake.shape[0]) <= k:
-        raise ValueError(f"need k >= 1 and more than k={k} samples in each set, got {real.shape[0]} and "
-                         f"{fake.shape[0]}")
+    check_knn_sizes(k, real_feats=real.shape[0], fake_feats=fake.shape[0])
     real_r, fake_r = _knn_radii(real, k, chunk), _knn_radii(fake, k, chunk)
     return _coverage(fake, real, real_r, chunk), _coverage(real, fake, fake_r, chunk)
 
@@ -285,9 +362,10 @@ def precision_recall(
 def inception_score_from_logits(logits: torch.Tensor, splits: int) -> float:
     """Inception Score exp(E_x KL(p(y|x) || p(y))) of class logits [N, K] (any float dtype; softmax is taken here),
     averaged over ``splits`` equal chunks (1 <= splits <= N), computed in float64. Returns a float in [1, K]."""
-    n = logits.shape[0]
-    if splits < 1 or n < splits:
-        raise ValueError(f"need splits >= 1 and at least one image per split, got {n} images and splits={splits}")
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] == 0:
+        raise ValueError(f"logits must be a tensor [N, K] with K >= 1, got {getattr(logits, 'shape', logits)}")
+    check_splits(splits, logits.shape[0], "logits")
+    _check_finite(logits, "logits")
     log_p = torch.log_softmax(logits.double(), dim=1)
     scores = []
     for chunk in torch.tensor_split(log_p, splits):

@@ -12,10 +12,12 @@ Because steps 1 and 4 are monotone, the index of a latent is the number of midpo
 reconstruction values, mapped back to latent scale (float32), that lie below the latent (as float32): a
 `bucketize` of the *raw* latent. The clip in Eq. 1 needs no pass of its own: every gamma lies inside [-r, r], so a
 clipped value and the unclipped one have the same nearest gamma (the outermost one). On the CPU that count comes
-from small lookup tables keyed by the float's top 16 bits plus one comparison (`_cell_tables`), which gives the
-same integers as the binary search at several times its speed; other devices use `searchsorted`. With numba
-installed (`pip install tokenbridge[fast]`) the CPU lookup is one fused pass per element (`_fused_lookup`);
-without it, a few torch ops per cache-sized chunk compute the same integers.
+from small lookup tables keyed by the float's top 16 bits plus one comparison (`_lookup.cell_tables`), which gives
+the same integers as the binary search at several times its speed; other devices (and levels whose tables would
+be too large) use `searchsorted`. With numba installed (`pip install tokenbridge[fast]`) the CPU lookup is one
+fused pass per element (`_lookup.fused_lookup`); without it, a few torch ops per cache-sized chunk compute the same
+integers. Latents are compared as float32: a finite float64 beyond the float32 range becomes +-inf, which counts
+all midpoints or none, so it still gets the nearest (outermost) reconstruction value.
 
 Usage::
 
@@ -25,16 +27,12 @@ Usage::
 from __future__ import annotations
 
 import math
-from concurrent.futures import ThreadPoolExecutor
+import operator
 
-import numpy as np
 import torch
 from torch import nn
 
-try:  # optional (`pip install tokenbridge[fast]`): one fused pass per element instead of ~8 torch ops per chunk
-    import numba
-except ImportError:
-    numba = None
+from ._lookup import KEY_OFFSET, KEYS, Tables, cell_tables, lookup, numba  # noqa: F401 (numba: benchmarks ask)
 
 KINDS = ("gaussian", "uniform")
 TAILS = ("paper", "official")
@@ -65,85 +63,60 @@ def uniform_bins(levels: int, std_range: float = 3.0) -> tuple[torch.Tensor, tor
     return boundaries, 0.5 * (boundaries[:-1] + boundaries[1:])
 
 
-# CPU lookup: elements per step. Working buffers stay in L2 cache, and torch runs ops this small on the calling
-# thread (its parallel grain is 32768), so there is no thread hand-off per op, which is slow on a busy machine.
-_CHUNK = 1 << 15
-# A float32 is looked up by its top 16 bits (sign, exponent, 7 mantissa bits): key = (int32 bits >> 16) + 2**15.
-_KEY_SHIFT = 16
-_KEYS = 1 << (32 - _KEY_SHIFT)  # table entries per row
-_KEY_OFFSET = _KEYS // 2
+# The largest B. Every use lies far below it (the paper's B = 64, Table 2d's grouped heads quantize at 16, int16
+# token files hold at most 32768 levels); the tables grow with B (2**24 levels took 16 GB before any check ran),
+# and at 2**16 they still take a few tens of MB.
+MAX_LEVELS = 1 << 16
 
 
-def _cell_tables(midpoints: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tables that count the midpoints below a float32 x from x's top 16 bits and at most a few comparisons.
-
-    Every 16-bit key covers a closed interval [lo, hi] of float32 values (same sign, exponent and leading
-    mantissa bits). For x in that interval, #{m < x} = #{m < lo} + #{m in [lo, x)}, and the midpoints that can lie
-    in [lo, x) are the ones in [lo, hi): so count(x) = base[key] + sum_j (cell_mids[j, key] < x), exactly, with no
-    arithmetic on x. Keys are relative cells, so they are finest where the Gaussian bins are: one comparison
-    (depth 1) suffices up to B = 256 levels; more levels get more comparisons, still exact.
-
-    Args:
-        midpoints: `[R, B-1]` float32, ascending along each row (one row per channel, or one shared row).
-    Returns:
-        base `[R * 2**16]` (uint8 for B <= 256, else int32) and cell_mids `[depth, R * 2**16]` float32 (+inf where
-        a cell has fewer midpoints than depth). Row r's entries start at r * 2**16.
-    """
-    # Built with numpy: 2**16-element torch ops would each start a thread pool, which costs more than the work.
-    mids = midpoints.detach().cpu().float().numpy()
-    rows, count = mids.shape
-    top = np.arange(-_KEY_OFFSET, _KEY_OFFSET, dtype=np.int32) << _KEY_SHIFT  # the bits of each key's floats
-    ends = np.stack([top.view(np.float32), (top | ((1 << _KEY_SHIFT) - 1)).view(np.float32)])
-    lo, hi = ends.min(0), ends.max(0)
-    finite = np.isfinite(lo) & np.isfinite(hi)  # the inf/NaN keys: any entry will do, finite input never uses them
-    lo, hi = np.where(finite, lo, 0), np.where(finite, hi, 0)
-    base = np.stack([np.searchsorted(row, lo) for row in mids])  # midpoints below the whole cell
-    inside = np.stack([np.searchsorted(row, hi) for row in mids]) - base  # midpoints in [lo, hi)
-    depth = max(int(inside.max()), 1)
-    padded = np.concatenate([mids, np.full((rows, depth), np.inf, dtype=np.float32)], 1)
-    cell_mids = np.stack([np.take_along_axis(padded, base + j, 1).reshape(-1) for j in range(depth)])
-    base = base.reshape(-1).astype(np.uint8 if count < 256 else np.int32)
-    return torch.from_numpy(base), torch.from_numpy(cell_mids)
-
-
-def _fused_lookup(x, base, cell_mids, latent_values, channels, indices, values) -> bool:
-    """The `_cell_tables` lookup of a float32 slice `x` (starting at channel 0) in one pass: writes the int64
-    `indices` and, when `values` is non-empty, the float32 latents at them. Returns False if x holds NaN or inf."""
-    rows, depth = latent_values.shape[0], cell_mids.shape[0]
-    with_values = values.size > 0
-    bits = x.view(np.int32)
-    nonfinite = 0
-    for i in range(x.size):
-        nonfinite |= (bits[i] & 0x7F800000) == 0x7F800000  # exponent all ones: inf or NaN
-        row = i % channels if rows > 1 else 0
-        key = (bits[i] >> _KEY_SHIFT) + _KEY_OFFSET + row * _KEYS
-        index = np.int64(base[key])
-        for j in range(depth):
-            index += np.int64(cell_mids[j, key] < x[i])
-        indices[i] = index
-        if with_values:
-            values[i] = latent_values[row, index]
-    return nonfinite == 0
+def _checked_config(levels: int, value_range: tuple[float, float],
+                    std_range: float) -> tuple[int, tuple[float, float], float]:
+    """(levels, value_range, std_range) as (int, (float, float), float), or ValueError naming the bad argument."""
+    try:
+        if isinstance(levels, bool):  # bool is an int subclass: levels=True would be B = 1 by accident
+            raise TypeError
+        b = operator.index(levels)  # ints of any kind (numpy, 0-d tensors), never a float such as 2.5 or 64.0
+    except TypeError:
+        raise ValueError(f"levels (B) must be an integer >= 2, got {levels!r} ({type(levels).__name__})") from None
+    if b < 2:
+        raise ValueError(f"levels (B) must be an integer >= 2, got {b}")
+    if b > MAX_LEVELS:
+        raise ValueError(f"levels (B) must be at most {MAX_LEVELS} (its tables grow with B; int16 token files hold "
+                         f"at most 32768 levels), got {b}")
+    try:
+        a_min, a_max = (float(v) for v in value_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"value_range must be a pair of numbers (a_min, a_max), got {value_range!r}") from None
+    if not (math.isfinite(a_min) and math.isfinite(a_max)):
+        raise ValueError(f"value_range must be finite, got {value_range!r}")
+    if not a_min < a_max:
+        raise ValueError(f"value_range must satisfy a_min < a_max, got {value_range!r}")
+    try:
+        r = float(std_range)
+    except (TypeError, ValueError):
+        raise ValueError(f"std_range must be a number, got {std_range!r}") from None
+    if not (math.isfinite(r) and r > 0):
+        raise ValueError(f"std_range must be finite and > 0, got {std_range!r}")
+    return b, (a_min, a_max), r
 
 
-def _fused_lookup_shared(x, base, cell_mids, latent_values, channels, indices, values) -> bool:
-    """`_fused_lookup` for the default quantizer (one shared row, one comparison per value, with values): the
-    same integers, about 20% faster without the per-element branches."""
-    bits, mids, row_values = x.view(np.int32), cell_mids[0], latent_values[0]
-    nonfinite = 0
-    for i in range(x.size):
-        nonfinite |= (bits[i] & 0x7F800000) == 0x7F800000
-        key = (bits[i] >> _KEY_SHIFT) + _KEY_OFFSET
-        index = np.int64(base[key]) + np.int64(mids[key] < x[i])
-        indices[i] = index
-        values[i] = row_values[index]
-    return nonfinite == 0
+def _fixed_buffers(levels: int, value_range: tuple[float, float], std_range: float, kind: str,
+                   tails: str) -> tuple[float, float, torch.Tensor]:
+    """(scale, shift, values): Eq. 1 as x_hat = scale * x + shift, and the bins' reconstruction values `[B]`
+    (float64) of Eq. 2-3."""
+    if kind == "gaussian":
+        _, values = gaussian_bins(levels, std_range, tails)
+    else:
+        _, values = uniform_bins(levels, std_range)
+    a_min, a_max = value_range
+    scale = 2 * std_range / (a_max - a_min)
+    return scale, -a_min * scale - std_range, values
 
 
-if numba is not None:
-    # nogil: the threads of `_lookup_fused` each run one on their own slice; cache: compiled once per install
-    _fused_lookup = numba.njit(nogil=True, cache=True)(_fused_lookup)
-    _fused_lookup_shared = numba.njit(nogil=True, cache=True)(_fused_lookup_shared)
+def _close(state: torch.Tensor, expected: torch.Tensor | float) -> bool:
+    """Whether a loaded buffer equals the one this config computes (up to float64 rounding across versions)."""
+    expected = torch.as_tensor(expected, dtype=torch.float64)
+    return bool(torch.allclose(state.detach().double().cpu(), expected.expand(state.shape), rtol=1e-9, atol=1e-12))
 
 
 class DimensionwiseQuantizer(nn.Module):
@@ -173,41 +146,26 @@ class DimensionwiseQuantizer(nn.Module):
         calibration: str = "none",
     ) -> None:
         super().__init__()
-        if int(levels) != levels or levels < 2:
-            raise ValueError(f"levels (B) must be an integer >= 2, got {levels}")
-        a_min, a_max = (float(v) for v in value_range)
-        if not a_min < a_max:
-            raise ValueError(f"value_range must satisfy a_min < a_max, got {value_range}")
-        if not std_range > 0:
-            raise ValueError(f"std_range must be > 0, got {std_range}")
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if tails not in TAILS:
-            raise ValueError(f"tails must be one of {TAILS}, got {tails!r}")
-        if calibration not in CALIBRATIONS:
-            raise ValueError(f"calibration must be one of {CALIBRATIONS}, got {calibration!r}")
-        self.levels = int(levels)
-        self.value_range = (a_min, a_max)
-        self.std_range = float(std_range)
+        self.levels, self.value_range, self.std_range = _checked_config(levels, value_range, std_range)
+        for name, value, options in (("kind", kind, KINDS), ("tails", tails, TAILS),
+                                     ("calibration", calibration, CALIBRATIONS)):
+            if value not in options:
+                raise ValueError(f"{name} must be one of {options}, got {value!r}")
         self.kind = kind
         self.tails = tails
         self.calibration = calibration
 
-        if kind == "gaussian":
-            _, values = gaussian_bins(self.levels, self.std_range, tails)
-        else:
-            _, values = uniform_bins(self.levels, self.std_range)
+        scale, shift, values = _fixed_buffers(self.levels, self.value_range, self.std_range, kind, tails)
         # Eq. 1 as x_hat = scale * x + shift; shape [1] (shared) or [C] once a per-channel calibration is fitted.
-        scale = 2 * self.std_range / (a_max - a_min)
         self.register_buffer("scale", torch.tensor([scale], dtype=torch.float64))
-        self.register_buffer("shift", torch.tensor([-a_min * scale - self.std_range], dtype=torch.float64))
+        self.register_buffer("shift", torch.tensor([shift], dtype=torch.float64))
         # Normalised-space reconstruction values gamma: [B] shared, or [C, B] after a quantile fit.
         self.register_buffer("reconstruction_values", values)
         # C once fit() has run on a per-channel calibration, 0 otherwise (saved so a loaded module knows it). It is
         # mirrored in a Python int so that no call has to read a tensor (a device sync, impossible on "meta").
         self.register_buffer("fitted_channels", torch.tensor(0))
         self._channels = 0
-        self._refresh_lookup()
+        self._refresh_lookup(check=True)
 
     # CPU lookup by the numba kernel when numba is installed; False (on the class or an instance) forces the
     # torch-op lookup, which gives the same integers more slowly
@@ -230,8 +188,9 @@ class DimensionwiseQuantizer(nn.Module):
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
 
-    def _refresh_lookup(self) -> None:
-        """Derive the latent-scale tables from (scale, shift, reconstruction_values)."""
+    def _refresh_lookup(self, check: bool = False) -> None:
+        """Derive the latent-scale tables from (scale, shift, reconstruction_values); with `check`, first make
+        sure that float32 tables can hold them (`_check_resolution`)."""
         values = self.reconstruction_values
         if values.dim() == 1:
             values = values.expand(self.scale.numel(), -1)
@@ -239,13 +198,34 @@ class DimensionwiseQuantizer(nn.Module):
         latent_values = (values.double() - shift) / scale  # Eq. 5, one row per channel (or one shared row)
         midpoints = (0.5 * (latent_values[:, 1:] + latent_values[:, :-1])).float()
         rows, device = latent_values.shape[0], values.device
+        if check:
+            self._check_resolution(latent_values.float(), midpoints)
         self._latent_values = latent_values.float().contiguous()  # [R, B]
         self._flat_latent_values = self._latent_values.reshape(-1)
         self._midpoints = midpoints.contiguous()  # [R, B-1]
-        base, cell_mids = _cell_tables(midpoints)
-        self._cell_base, self._cell_mids = base.to(device), cell_mids.to(device)
-        self._key_offsets = torch.arange(rows, dtype=torch.int32, device=device) * _KEYS + _KEY_OFFSET
+        tables = cell_tables(midpoints)  # None: too large, the CPU then uses the binary search as other devices do
+        self._cell_base, self._cell_mids = (None, None) if tables is None else (t.to(device) for t in tables)
+        self._key_offsets = torch.arange(rows, dtype=torch.int32, device=device) * KEYS + KEY_OFFSET
         self._value_offsets = torch.arange(rows, dtype=torch.int64, device=device) * self.levels
+
+    def _check_resolution(self, latent: torch.Tensor, midpoints: torch.Tensor) -> None:
+        """ValueError unless every float32 latent reconstruction value `latent` `[R, B]` is finite and lies between
+        its float32 `midpoints` `[R, B-1]` (m[i-1] < v[i] <= m[i]): then each index dequantizes to a value that
+        quantizes back to it. Fails for bins with no mass (official tails, too many levels) and for a value_range
+        too wide or too narrow (for its offset) for float32."""
+        if not torch.isfinite(self.reconstruction_values).all():  # tails="official": clamped bins of zero mass
+            tail = float(torch.special.ndtr(torch.tensor(-self.std_range, dtype=torch.float64)))
+            raise ValueError(
+                f"tails='official' with std_range={self.std_range:g} allows at most about {math.ceil(1 / tail) - 1} "
+                f"levels, got levels={self.levels}: the outer bins lie wholly beyond +-std_range, where the clamped "
+                "boundaries leave them no mass (use tails='paper' or a larger std_range)")
+        finite = bool(torch.isfinite(latent).all() and torch.isfinite(midpoints).all())
+        if not finite or not bool((latent[:, :-1] <= midpoints).all() and (midpoints < latent[:, 1:]).all()):
+            problem = "exceed the float32 range" if not finite else "lie closer together than float32 can resolve"
+            raise ValueError(
+                f"value_range={self.value_range} with std_range={self.std_range:g} and levels={self.levels}: the "
+                f"latent reconstruction values {problem} (the lookup tables are float32); use a value_range that "
+                "float32 can split into this many levels")
 
     _DERIVED = ("_latent_values", "_flat_latent_values", "_midpoints", "_cell_base", "_cell_mids", "_key_offsets",
                 "_value_offsets")
@@ -262,10 +242,13 @@ class DimensionwiseQuantizer(nn.Module):
         device = self.scale.device
         for name in self._DERIVED:  # from "meta" (to_empty) only the shapes can move; load_state_dict refills them
             table = getattr(self, name)
+            if table is None:  # no cell tables (too large): the binary search is used
+                continue
             setattr(self, name, torch.empty_like(table, device=device) if table.is_meta else table.to(device))
         return self
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._check_state({name: state_dict[prefix + name] for name in self._STATE if prefix + name in state_dict})
         # A fitted quantizer has per-channel buffers; resize ours so that it can be loaded into a fresh module.
         for name in ("scale", "shift", "reconstruction_values"):
             key = prefix + name
@@ -276,6 +259,65 @@ class DimensionwiseQuantizer(nn.Module):
             self._channels = int(state_dict[prefix + "fitted_channels"])
         if self.scale.device.type != "meta":
             self._refresh_lookup()
+
+    _STATE = ("scale", "shift", "reconstruction_values", "fitted_channels")
+
+    def _check_state(self, state: dict) -> None:
+        """ValueError naming what differs unless the buffers in `state` (name -> tensor, those present) can come
+        from a quantizer of this config (levels, value_range, std_range, kind, tails, calibration): a mismatch
+        would give indices beyond [0, B) or silently other bins. Runs before any buffer is replaced."""
+        for name, tensor in state.items():
+            if not isinstance(tensor, torch.Tensor):
+                raise ValueError(f"quantizer state: {name} must be a tensor, got {type(tensor).__name__}")
+        mine = {name: state.get(name, getattr(self, name)) for name in self._STATE}
+        scale, shift, values, fitted = (mine[name] for name in self._STATE)
+        if values.dim() not in (1, 2) or values.shape[-1] != self.levels:
+            raise ValueError(f"quantizer state does not match levels: its reconstruction_values have shape "
+                             f"{list(values.shape)} (levels = the last dim), this quantizer has levels={self.levels}")
+        if fitted.numel() != 1 or torch.is_floating_point(fitted) or fitted.dtype == torch.bool:
+            raise ValueError(f"quantizer state: fitted_channels must be one integer, got {fitted!r}")
+        channels = max(scale.numel(), shift.numel()) if fitted.is_meta else int(fitted)
+        fitted_as = "quantile" if values.dim() == 2 else "standardize" if channels or scale.numel() > 1 else "none"
+        if fitted_as != "none" and fitted_as != self.calibration:
+            raise ValueError(f"quantizer state does not match calibration: it is a fitted {fitted_as!r} quantizer, "
+                             f"this one has calibration={self.calibration!r}")
+        rows = max(channels, 1)
+        if (channels < 0 or scale.shape != (rows,) or shift.shape != (rows,)
+                or (values.dim() == 2 and values.shape[0] != channels)):
+            raise ValueError(f"quantizer state: inconsistent buffers for fitted_channels={channels}: scale "
+                             f"{list(scale.shape)}, shift {list(shift.shape)}, reconstruction_values "
+                             f"{list(values.shape)}")
+        if not any(tensor.is_meta for tensor in (scale, shift, values)):
+            self._check_state_values(scale, shift, values, fitted_as)
+
+    def _check_state_values(self, scale: torch.Tensor, shift: torch.Tensor, values: torch.Tensor,
+                            fitted_as: str) -> None:
+        """`_check_state` for the values: finite, Eq. 1's map of value_range/std_range (not where a 'standardize'
+        fit replaced it), and the bins of kind/tails/std_range (not where a 'quantile' fit replaced them)."""
+        for name, tensor in (("scale", scale), ("shift", shift), ("reconstruction_values", values)):
+            if not torch.isfinite(tensor).all():
+                raise ValueError(f"quantizer state: {name} contains NaN or inf")
+        if not (scale > 0).all():
+            raise ValueError("quantizer state: scale must be > 0")
+        r = self.std_range
+        scale0, shift0, values0 = _fixed_buffers(self.levels, self.value_range, r, self.kind, self.tails)
+        if fitted_as != "standardize" and not (_close(scale, scale0) and _close(shift, shift0)):
+            s, t = float(scale.flatten()[0]), float(shift.flatten()[0])
+            raise ValueError(
+                f"quantizer state does not match value_range/std_range: its map x_hat = {s:g} * x + ({t:g}) is that of "
+                f"value_range=({-(t + r) / s:g}, {(r - t) / s:g}) at std_range={r:g}; this quantizer's "
+                f"value_range={self.value_range} and std_range={r:g} give {scale0:g} * x + ({shift0:g})")
+        if fitted_as == "quantile":  # data-fitted values: x_hat was clipped to [-r, r], and they were sorted
+            if (values.abs() > r * (1 + 1e-9)).any() or (values[:, 1:] < values[:, :-1]).any():
+                raise ValueError(f"quantizer state: quantile reconstruction_values must be ascending in "
+                                 f"[-std_range, std_range] = [{-r:g}, {r:g}]")
+        elif not _close(values, values0):
+            named = [f"kind={k!r}, tails={t!r}" for k in KINDS for t in TAILS
+                     if _close(values, _fixed_buffers(self.levels, self.value_range, r, k, t)[2])]
+            raise ValueError(
+                "quantizer state does not match kind/tails/std_range: its reconstruction_values are "
+                + (f"those of {named[0]}" if named else f"not those of any kind/tails at std_range={r:g}")
+                + f"; this quantizer has kind={self.kind!r}, tails={self.tails!r}, std_range={r:g}")
 
     # ------------------------------------------------------------------ calibration
     @torch.no_grad()
@@ -342,7 +384,7 @@ class DimensionwiseQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Latents `[..., C]` (any float dtype, any device) -> indices `[..., C]` (int64 in [0, B))."""
         self._check_latents(x)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self._cell_base is not None:
             return self._lookup_cpu(x, with_values=False)[0]
         return self._search(x)
 
@@ -362,7 +404,7 @@ class DimensionwiseQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents `[..., C]` -> (dequantized latents `[..., C]` in x's dtype, indices `[..., C]` int64)."""
         self._check_latents(x)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and self._cell_base is not None:
             indices, values = self._lookup_cpu(x, with_values=True)
         else:
             indices = self._search(x)
@@ -379,7 +421,7 @@ class DimensionwiseQuantizer(nn.Module):
         return out.view(indices.shape)
 
     def _search(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices by binary search over the midpoints (devices other than the CPU)."""
+        """Indices by binary search over the midpoints (devices other than the CPU, and CPU without cell tables)."""
         self._check_finite(x)
         x = x.float()
         if self._midpoints.shape[0] == 1:
@@ -388,86 +430,15 @@ class DimensionwiseQuantizer(nn.Module):
         return torch.searchsorted(self._midpoints, rows).T.reshape(x.shape)
 
     def _lookup_cpu(self, x: torch.Tensor, with_values: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Indices (and float32 latents at them) of CPU latents `[..., C]`, in cache-sized chunks (`_cell_tables`)."""
-        channels = x.shape[-1]
+        """Indices (and float32 latents at them) of CPU latents `[..., C]` by the `_lookup.cell_tables` lookup."""
         flat = x.detach().reshape(-1)
-        n = flat.numel()
-        indices = torch.empty(n, dtype=torch.int64)
-        values = torch.empty(n, dtype=torch.float32) if with_values else None
-        if n and self.use_fused_kernel and numba is not None:
-            self._lookup_fused(flat, indices, values, channels)
-        elif n:
-            step = max(_CHUNK // channels, 1) * channels  # chunks start at channel 0
-            x_chunks = flat.split(step)
-            sums = torch.empty(len(x_chunks), dtype=torch.float32)  # NaN and inf propagate into a chunk's sum
-            v_chunks = values.split(step) if with_values else [None] * len(x_chunks)
-            jobs = list(zip(x_chunks, indices.split(step), v_chunks, sums.unbind()))
-            workers = min(torch.get_num_threads(), len(jobs))
-            if workers > 1:
-                # Each op releases the GIL, so threads that each take every workers-th chunk run in parallel.
-                with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(lambda w: self._lookup_chunks(jobs[w::workers], step), range(workers)))
-            else:
-                self._lookup_chunks(jobs, step)
-            if not torch.isfinite(sums).all():
-                self._check_finite(x)  # a sum can overflow on finite latents; this tells the two apart
+        indices = torch.empty(flat.numel(), dtype=torch.int64)
+        values = torch.empty(flat.numel(), dtype=torch.float32) if with_values else None
+        tables = Tables(self._cell_base, self._cell_mids, self._latent_values, self._flat_latent_values,
+                        self._key_offsets, self._value_offsets)
+        if flat.numel() and not lookup(flat, indices, values, x.shape[-1], tables, self.use_fused_kernel):
+            self._check_finite(x)  # NaN/inf, or only a finite float64 beyond float32 (right index) or a sum overflow
         return indices.view(x.shape), None if values is None else values.view(x.shape)
-
-    def _lookup_fused(self, flat: torch.Tensor, indices: torch.Tensor, values: torch.Tensor | None,
-                      channels: int) -> None:
-        """`_lookup_cpu` by the numba kernel: one contiguous slice per thread, each starting at channel 0."""
-        x = flat.float().contiguous().numpy()
-        out_i, out_v = indices.numpy(), (values.numpy() if values is not None else np.empty(0, np.float32))
-        tables = (self._cell_base.numpy(), self._cell_mids.numpy(), self._latent_values.numpy())
-        n = x.size
-        workers = max(1, min(torch.get_num_threads(), n // _CHUNK))
-        step = -(-(n // channels) // workers) * channels
-        slices = [slice(start, min(start + step, n)) for start in range(0, n, step)]
-
-        shared = tables[2].shape[0] == 1 and tables[1].shape[0] == 1 and out_v.size
-        kernel = _fused_lookup_shared if shared else _fused_lookup
-
-        def run(part: slice) -> bool:
-            return kernel(x[part], *tables, channels, out_i[part], out_v[part] if out_v.size else out_v)
-
-        if len(slices) > 1:
-            with ThreadPoolExecutor(len(slices)) as pool:
-                finite = all(pool.map(run, slices))
-        else:
-            finite = run(slices[0])
-        if not finite:
-            self._check_finite(flat)
-
-    def _lookup_chunks(self, jobs: list, step: int) -> None:
-        """Fill (indices, values, sum) of each (x, indices, values or None, sum) chunk of at most `step` elements."""
-        rows = self._latent_values.shape[0]
-        buffers = dict(
-            keys=torch.empty(step, dtype=torch.int32),
-            count=torch.empty(step, dtype=self._cell_base.dtype),
-            mids=torch.empty(step, dtype=torch.float32),
-            below=torch.empty(step, dtype=self._cell_base.dtype),
-            x=torch.empty(step, dtype=torch.float32),
-            flat=torch.empty(step if rows > 1 else 0, dtype=torch.int64),
-        )
-        cell_mids = self._cell_mids.unbind()
-        for xc, ic, vc, total in jobs:
-            b = buffers if xc.numel() == step else {k: v[: xc.numel()] for k, v in buffers.items()}  # last chunk
-            if xc.dtype != torch.float32:
-                xc = b["x"].copy_(xc)
-            torch.sum(xc, 0, out=total)
-            keys, count, mids, below = b["keys"], b["count"], b["mids"], b["below"]
-            torch.bitwise_right_shift(xc.view(torch.int32), _KEY_SHIFT, out=keys)
-            keys.view(-1, rows).add_(self._key_offsets)  # + row * 2**16 + 2**15
-            torch.index_select(self._cell_base, 0, keys, out=count)
-            for table in cell_mids:
-                torch.index_select(table, 0, keys, out=mids)
-                torch.lt(mids, xc, out=below)
-                count.add_(below)
-            ic.copy_(count)
-            if vc is not None:
-                if rows > 1:
-                    ic = torch.add(ic.view(-1, rows), self._value_offsets, out=b["flat"].view(-1, rows))
-                torch.index_select(self._flat_latent_values, 0, ic.view(-1), out=vc)
 
     def bin_width_at(self, indices: torch.Tensor) -> torch.Tensor:
         """Latent-scale width of each index's bin `[..., C]`: the distance between the midpoints around it.

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import DataConfig
 from .data import FashionMNIST, ImageFolder
-from .files import atomic_path
+from .files import atomic_path, check_writable
 from .quantizer import DimensionwiseQuantizer
 from .vae import VAE, load_vae, vae_fingerprint
 
@@ -80,13 +80,17 @@ def _encode_all(vae: VAE, quantizer: DimensionwiseQuantizer, dataset: Dataset, d
 
 def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict[str, Any] | None = None,
                   device: str | torch.device = "cpu", seed: int = 0, fit_samples: int = 10000,
-                  vae: VAE | None = None, dataset: Dataset | None = None) -> Path:
+                  vae: VAE | None = None, dataset: Dataset | None = None, overwrite: bool = False) -> Path:
     """Encode ``data``'s images with its VAE, quantize them and write one token file atomically (module docstring).
 
     quantizer: DimensionwiseQuantizer keyword arguments (a model config's ``quantizer`` section). One with a data
     calibration is first fitted on ``fit_samples`` images. ``vae``/``dataset`` replace the ones ``data`` names
     (the spec ``data.vae`` is still recorded). Posterior samples (``data.sample_posterior``) draw from ``seed``.
+    An existing ``out_path`` is replaced only with ``overwrite``; the path is checked before any encoding.
     """
+    check_writable(out_path, "token file")
+    if Path(out_path).exists() and not overwrite:
+        raise ValueError(f"token file {out_path} already exists; pass --overwrite (overwrite=True) to replace it")
     device = torch.device(device)
     quant = DimensionwiseQuantizer(**(quantizer or {})).to(device)
     if quant.levels > 32768:

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CKPT_FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, apply_overrides, read_yaml, validate
-from .files import atomic_path
+from .files import FolderLock, atomic_path, check_writable
 from .optim import EMA, lr_at, param_groups
 from .generators import apply_preset, check_sample_options, get_family
 from .tokens import CachedTokens, OnTheFlyTokens, image_dataset
@@ -83,8 +83,8 @@ def training_data(run: RunConfig, device: torch.device) -> TrainingData:
         if not data.tokens:
             raise ConfigError("config key 'data.tokens' is required for data.source=tokens (a cache-latents file)")
         tokens = CachedTokens(data.tokens)
-        return TrainingData(tokens, None, {"tokens": str(data.tokens), "vae": tokens.vae,
-                                           "vae_fingerprint": tokens.vae_fingerprint})
+        return TrainingData(tokens, None, {"tokens": str(data.tokens), "tokens_items": len(tokens),
+                                           "vae": tokens.vae, "vae_fingerprint": tokens.vae_fingerprint})
     prepare = OnTheFlyTokens(data, run.model["quantizer"], device)
     return TrainingData(image_dataset(data), prepare, {"tokens": None, "vae": data.vae,
                                                         "vae_fingerprint": vae_fingerprint(prepare.vae)})
@@ -202,6 +202,7 @@ class Trainer:
         family = ckpt["config"].get("family", "tokenbridge")
         if family != self.run.family:
             raise ValueError(f"{self.ckpt_path} holds a {family!r} generator, the config trains {self.run.family!r}")
+        self._check_same_data(ckpt["provenance"])
         try:
             self.model.load_state_dict(ckpt["model"])
         except RuntimeError as e:
@@ -220,6 +221,15 @@ class Trainer:
         if self.is_main:
             warnings.warn(f"checkpoint was written by {len(states)} processes, now {self.world}: RNG reseeded")
         D.seed_all(self.run.seed + self.rank + 1_000_003 * self.start_step)
+
+    def _check_same_data(self, before: dict[str, Any]) -> None:
+        """A run resumes on the data it started with: another token file (or one of another size, or made by
+        another VAE) would silently change what is being learned."""
+        now = self.data.provenance
+        for key in ("tokens", "tokens_items", "vae_fingerprint"):
+            if before.get(key) is not None and now.get(key) is not None and before[key] != now[key]:
+                raise ValueError(f"{self.ckpt_path} was trained with {key} = {before[key]!r}, the config now gives "
+                                 f"{now[key]!r}; resume with the original data, or start a new out_dir")
 
     def save(self, step: int) -> None:
         """Atomic checkpoint of the current step (every rank's RNG state gathered on the main process)."""
@@ -280,69 +290,97 @@ class Trainer:
                 "it_s": n / seconds if seconds > 0 else None,
                 "samples_s": n * self.run.train.global_batch / seconds if seconds > 0 else None}
 
+    def _update(self, module: nn.Module, batch: tuple, step: int) -> torch.Tensor:
+        """One optimizer step on ``batch``; returns [loss, grad norm] (on the device, not synchronised)."""
+        t = self.run.train
+        if self.data.prepare is not None:
+            batch = self.data.prepare(batch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, t.min_lr)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16 and self.device.type == "cuda"):
+            loss = module(batch)
+        if loss.ndim != 0:
+            raise ValueError(f"{self.run.family}.loss must return a scalar, got shape {tuple(loss.shape)}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.float().backward()
+        gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.ema.update(self.model)
+        return torch.stack([loss.detach().float(), gnorm.detach().float()])
+
     def fit(self, end_step: int, logger: _Logger) -> dict[str, Any]:
-        """Optimizer steps from start_step to end_step; returns the last log record."""
+        """Optimizer steps from start_step to end_step; returns the last log record. SIGTERM / Ctrl-C save the
+        current step and raise TrainingInterrupted."""
         t, module = self.run.train, self._training_module()
-        autocast = t.bf16 and self.device.type == "cuda"
-        clip = t.grad_clip if t.grad_clip > 0 else float("inf")
         metrics: dict[str, Any] = {"step": self.start_step, "loss": None, "lr": None, "grad_norm": None}
         sums = torch.zeros(2, device=self.device)  # loss, grad norm: summed on the device, read once per window
         t_window, n_window, batches, step = time.time(), 0, None, self.start_step
         self.model.train()
         pbar = tqdm(total=self.total_steps, initial=step, disable=None if self.is_main else True, desc="train")
-        while step < end_step:
-            batches = self._batches(step, batches)
-            batch = tuple(b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in next(batches))
-            if self.data.prepare is not None:
-                batch = self.data.prepare(batch)
-            lr = lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, t.min_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
-                loss = module(batch)
-            if loss.ndim != 0:
-                raise ValueError(f"{self.run.family}.loss must return a scalar, got shape {tuple(loss.shape)}")
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.float().backward()
-            gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-            self.optimizer.step()
-            self.ema.update(self.model)
-            step += 1
-            sums += torch.stack([loss.detach().float(), gnorm.detach().float()])
-            n_window += 1
-            pbar.update(1)
-            if step % t.log_every == 0 or step == end_step:
-                metrics = self._log_window(step, sums, n_window, time.time() - t_window, lr)
-                logger.log(metrics)
-                pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
-                sums.zero_()
-                t_window, n_window = time.time(), 0
-            if (t.ckpt_every and step % t.ckpt_every == 0) or step == end_step:
-                self.save(step)
+        with D.StopSignals(self.device) as stop:
+            while step < end_step:
+                batches = self._batches(step, batches)
+                batch = tuple(b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b
+                              for b in next(batches))
+                sums += self._update(module, batch, step)
+                step, n_window = step + 1, n_window + 1
+                pbar.update(1)
+                if step % t.log_every == 0 or step == end_step:
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    metrics = self._log_window(step, sums, n_window, time.time() - t_window, lr)
+                    logger.log(metrics)
+                    pbar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{lr:.2e}")
+                    sums.zero_()
+                    t_window, n_window = time.time(), 0
+                saved = (t.ckpt_every and step % t.ckpt_every == 0) or step == end_step
+                if saved:
+                    self.save(step)
+                signum = stop.requested()
+                if signum:
+                    if not saved:
+                        self.save(step)
+                    pbar.close()
+                    raise D.TrainingInterrupted(signum, step, str(self.ckpt_path))
         pbar.close()
         return metrics
 
 
-def train(config: dict | RunConfig, resume: bool = True, *, dataset: Dataset | None = None,
-          stop_at: int | None = None) -> dict[str, Any]:
+def _start(trainer: Trainer, resume: bool, overwrite: bool) -> bool:
+    """Resume, start over (``overwrite``) or refuse: a checkpoint is never replaced without being asked to.
+    Returns whether the run resumed."""
+    if not trainer.ckpt_path.exists():
+        return False
+    if resume:
+        trainer.resume()
+        return True
+    if not overwrite:
+        raise ValueError(f"{trainer.ckpt_path} already holds a checkpoint; resume it (leave out --no-resume), pass "
+                         "--overwrite to replace it, or choose another out_dir")
+    return False
+
+
+def train(config: dict | RunConfig, resume: bool = True, overwrite: bool = False, *,
+          dataset: Dataset | None = None, stop_at: int | None = None) -> dict[str, Any]:
     """Train the generator a run config describes (any registered family; see tokenbridge.generators).
 
     config: a RunConfig or a plain dict (validated first). dataset: replaces the data section (a Dataset whose
     batches the family's ``loss`` takes). resume: continue from ``out_dir/checkpoint.pt`` if it exists (bit-exact
-    continuation in the same setting). stop_at: stop after this global step with a checkpoint, as if killed (the
-    schedule still spans train.steps). Returns the last log record plus elapsed_s, checkpoint and total_steps.
+    continuation in the same setting); resume=False with an existing checkpoint needs ``overwrite``. The run folder
+    is locked for the run (a second run into it fails at once). stop_at: stop after this global step with a
+    checkpoint, as if killed (the schedule still spans train.steps). SIGTERM / Ctrl-C save the current step and
+    raise TrainingInterrupted. Returns the last log record plus elapsed_s, checkpoint and total_steps.
     """
     run = check_run_config(config)
     rank, world, device, created_group = D.init_distributed(run.train.device)
+    lock = FolderLock(run.out_dir)
     try:
+        if rank == 0:
+            check_writable(Path(run.out_dir) / CHECKPOINT_NAME, "checkpoint")
+            lock.acquire()
         data = (TrainingData(dataset, None, {"tokens": None, "vae": None, "vae_fingerprint": None})
                 if dataset is not None else training_data(run, device))
         trainer = Trainer(run, data, rank, world, device)
-        resumed = resume and trainer.ckpt_path.exists()
-        if resumed:
-            trainer.resume()
-        if trainer.is_main:
-            trainer.out_dir.mkdir(parents=True, exist_ok=True)
+        resumed = _start(trainer, resume, overwrite)
         trainer.write_config()
         logger = _Logger(trainer.out_dir, trainer.is_main, trainer.start_step if resumed else None)
         end_step = trainer.total_steps if stop_at is None else min(trainer.total_steps, int(stop_at))
@@ -354,5 +392,6 @@ def train(config: dict | RunConfig, resume: bool = True, *, dataset: Dataset | N
         return {**metrics, "elapsed_s": time.time() - t_start, "checkpoint": str(trainer.ckpt_path),
                 "total_steps": trainer.total_steps}
     finally:
+        lock.release()
         if created_group:
             dist.destroy_process_group()

@@ -255,8 +255,8 @@ class TokenBridgeGenerator(nn.Module):
             raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
         if int(num_iter) != num_iter or num_iter < 1:
             raise ValueError(f"num_iter must be a positive integer, got {num_iter}")
-        if cfg is not None and not float(cfg) >= 0:
-            raise ValueError(f"cfg must be >= 0 (1.0 = no guidance), got {cfg}")
+        if cfg is not None and not 0 <= float(cfg) < float("inf"):  # also rejects NaN
+            raise ValueError(f"cfg must be finite and >= 0 (1.0 = no guidance), got {cfg}")
 
     @staticmethod
     def _positions(mask: torch.Tensor, orders: torch.Tensor | None, remaining: int, prev: int) -> torch.Tensor:
