@@ -9,6 +9,7 @@ import json
 import os
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -19,6 +20,7 @@ from .config import ConfigError, DataConfig, validate
 from .data import ImageFolder, as_tensors
 from .distributed import TrainingInterrupted
 from .evaluate import evaluate_samples, read_samples
+from .files import check_writable
 from .generate import generate, save_samples
 from .generators import FAMILIES, sample_options
 from .inception import InceptionFID
@@ -52,6 +54,7 @@ def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- reconstruct
 def cmd_reconstruct(args: argparse.Namespace) -> None:
+    check_writable(Path(args.out) / "table1.md", "reconstruct output")
     device = _device(args.device)
     vae = load_vae(args.vae, device=device).eval()
     features, fd_name, fit_latents = None, "FD", None
@@ -80,6 +83,7 @@ def cmd_train_vae(args: argparse.Namespace) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
+    check_writable(args.out, "classifier output")
     result = train_classifier(args.out, device=_device(args.device),
                               **_given(args, epochs="epochs", batch_size="batch_size", lr="lr", seed="seed",
                                        threads="threads"))
@@ -127,6 +131,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- sample / evaluate
 def cmd_sample(args: argparse.Namespace) -> None:
+    check_writable(Path(args.out) / "samples.png", "sample output")
     device = _device(args.device)
     model = load_generator(device=device, **_given(args, spec="model"))
     options = {name: getattr(args, name) for name in _sampling_fields() if getattr(args, name) is not None}

@@ -45,18 +45,18 @@ def disk_full_error(path: Path, error: OSError) -> OSError:
 
 
 def check_writable(path: str | os.PathLike, what: str = "output") -> Path:
-    """Fail now, not after hours of work, if ``path`` cannot be written: it is a directory, or its folder cannot be
-    created or written to. Returns the path."""
+    """Fail now, not after hours of work, if ``path`` could not be written: it is a directory, a parent is a file,
+    or the nearest existing folder is not writable. Creates nothing. Returns the path."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{what} {path} is a directory; give a file path")
-    folder = path.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ValueError(f"cannot create the folder of {what} {path}: {e.strerror}") from None
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise ValueError(f"cannot write {what} {path}: folder {folder} is not writable")
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"cannot create the folder of {what} {path}: {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"cannot write {what} {path}: folder {existing} is not writable")
     return path
 
 

@@ -168,7 +168,7 @@ class TokenBridgeGenerator(nn.Module):
         cfg = validate(TokenBridgeConfig, raw, "model").model_dump(mode="json")
         head = dict(cfg["head"])
         kind = head.pop("kind", "ar")
-        if kind not in HEADS:
+        if not isinstance(kind, str) or kind not in HEADS:
             raise ConfigError(f"config key 'model.head.kind' = {kind!r}: expected one of {sorted(HEADS)}")
         cfg["head"] = {"kind": kind, **validate(HEAD_CONFIGS[kind], head, "model.head").model_dump(mode="json")}
         if data is not None:
