@@ -8,7 +8,7 @@ TB := $(VENV)/bin/tokenbridge
 FASHION_MNIST ?= /usr/share/datasets/fashion-mnist
 OUT ?= out
 
-.PHONY: install data test demo bench repro clean
+.PHONY: install data test demo bench repro ui-check clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install torch==2.13.0
 	$(PY) -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt
-	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev,fast]'
+	$(PY) -m pip install -c $(VENV)/constraints.txt -e '.[dev,fast,ui]'
 	touch $@
 
 # The embedded dataset: Fashion-MNIST from Debian's dataset-fashion-mnist package (see docs/data.md).
@@ -38,6 +38,13 @@ demo: install data
 bench: install
 	$(PY) benchmarks/quantizer.py
 	$(PY) benchmarks/heads.py
+
+# The demo page in a real headless browser (Debian's chromium): load, generate, screenshot -> docs/img/ui.png.
+ui-check: install
+	@command -v chromium >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y -qq chromium >/dev/null 2>&1 || { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium; }; }
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt "selenium>=4.10"
+	$(PY) tools/ui_check.py --out docs/img/ui.png
 
 repro: install data
 	$(TB) repro all

@@ -29,6 +29,7 @@ from .reconstruct import run_reconstruct
 from .repro import run_repro
 from .tokens import cache_latents
 from .train import load_run_config, train
+from .ui import launch as launch_ui
 from .vae import load_vae, train_vae
 
 
@@ -163,6 +164,12 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
+# ---------------------------------------------------------------------------------------------- demo-ui
+def cmd_demo_ui(args: argparse.Namespace) -> None:
+    launch_ui(args.model or ["fmnist"], vae=args.vae, device=_device(args.device), host=args.host, port=args.port,
+              allow_other_vae=args.allow_other_vae, **_given(args, max_images="max_images"))
+
+
 # ---------------------------------------------------------------------------------------------- repro
 def cmd_repro(args: argparse.Namespace) -> None:
     run_repro(args.name, device=_device(args.device), overrides=args.overrides,
@@ -287,6 +294,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reference", help="reference statistics .npz (mu, sigma), e.g. ADM's, with --inception-weights")
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("demo-ui", help="browser demo: pick a class and the knobs, watch the image form (needs the ui "
+                                       "extra: pip install 'tokenbridge[ui]')")
+    p.add_argument("--model", action="append", help="a generator (repeatable): fmnist, a checkpoint.pt or an export")
+    p.add_argument("--vae", help="default: each generator's recorded VAE")
+    p.add_argument("--allow-other-vae", action="store_true")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=_positive_int, help="default: Gradio's (7860, or the next free one)")
+    p.add_argument("--max-images", type=_positive_int, help=f"images per request {lib}")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_demo_ui)
 
     p = sub.add_parser("repro", help="reproduce a paper table/figure at small scale into docs/results/")
     p.add_argument("name", help="table1, table2a..table2e, table5, fig8 or all")

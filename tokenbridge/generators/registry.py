@@ -25,8 +25,9 @@ from torch import nn
 from ..config import ConfigError, Section, merge, signature_model, validate
 
 FAMILIES: dict[str, type[nn.Module]] = {}
-# sample() parameters that are not sampling options: the class labels, the random source and the progress bar
-_NOT_OPTIONS = ("labels", "generator", "progress")
+# sample() parameters that are not sampling options: the class labels, the random source, the progress bar and a
+# per-step callback (live views)
+_NOT_OPTIONS = ("labels", "generator", "progress", "callback")
 
 
 def register_family(cls: type[nn.Module]) -> type[nn.Module]:

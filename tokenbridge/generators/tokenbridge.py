@@ -17,6 +17,7 @@ The model config (`TokenBridgeConfig`) takes the constructors' own keyword argum
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -279,6 +280,7 @@ class TokenBridgeGenerator(nn.Module):
         order: Literal["random", "confidence"] = "random",
         generator: torch.Generator | int | None = None,
         progress: bool = False,
+        callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate token grids for class `labels` [N] (value num_classes = unconditional).
 
@@ -287,6 +289,8 @@ class TokenBridgeGenerator(nn.Module):
         torch.Generator on the model's device. Returns dict(indices [N, H, W, C] long, latents [N, C, H, W] float
         de-quantized and channel-first, confidence [N, H, W] float = head log-prob of the token at that position
         when it was sampled; with patch_size p > 1 every latent position of a patch gets its token's value).
+        callback: called after every step with the outputs so far plus ``step`` (1-based), ``num_iter`` and
+        ``mask`` [N, H, W] bool (True = not generated yet; those latents are 0, the prior mean) — for live views.
         """
         self._check_sampling(labels, num_iter, cfg, cfg_schedule, order)
         device = next(self.parameters()).device
@@ -331,9 +335,20 @@ class TokenBridgeGenerator(nn.Module):
                 conf.scatter_(1, pos, logp)
                 mask.scatter_(1, pos, False)
                 prev = remaining
+                if callback is not None:
+                    callback(self._partial(idx, conf, mask, step + 1, num_iter))
         finally:
             self.train(was_training)
         return self._outputs(idx, conf)
+
+    def _partial(self, idx: torch.Tensor, conf: torch.Tensor, mask: torch.Tensor, step: int,
+                 num_iter: int) -> dict[str, torch.Tensor]:
+        """The outputs after ``step`` of ``num_iter`` steps, with not-yet-generated latents at 0."""
+        out = self._outputs(idx, conf)
+        p, (h, w) = self.patch_size, self.grid_size
+        grid_mask = mask.reshape(-1, h // p, w // p).repeat_interleave(p, 1).repeat_interleave(p, 2)
+        out["latents"] = out["latents"].masked_fill(grid_mask[:, None], 0.0)
+        return {**out, "mask": grid_mask, "step": torch.tensor(step), "num_iter": torch.tensor(num_iter)}
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:
         grid = unpatchify(idx, self.grid_size, self.patch_size)

@@ -1,0 +1,67 @@
+"""The browser demo, driven through its API as a remote user would (gradio_client over loopback HTTP)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from gradio_client import Client
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+from tokenbridge.checkpoint import SHIPPED
+from tokenbridge.ui import MAX_IMAGES, check_request, launch, load_entries
+
+
+@pytest.fixture(scope="module")
+def client():
+    app = launch(sorted(SHIPPED), block=False)  # every family with shipped weights
+    assert app.local_url.startswith("http://127.0.0.1:")  # loopback unless told otherwise
+    yield Client(app.local_url, verbose=False)
+    app.close()
+
+
+def _images(outputs) -> list[np.ndarray]:
+    return [np.asarray(Image.open(path)) for path in outputs[:3]]
+
+
+@pytest.mark.parametrize("name", [f"tokenbridge: {spec}" for spec in sorted(SHIPPED)])
+def test_generate_streams_steps_and_is_deterministic(client, name):
+    args = (name, "Dress", 4, 3.0, "linear", 1.0, 6, "random", 5)
+    job = client.submit(*args, api_name="/generate")
+    steps = job.outputs() if job.result() else []
+    # one partial picture per MAR step, then the finished batch
+    assert [s[3].split(" - ")[0] for s in steps[:-1]] == [f"step {k} / 6" for k in range(1, 7)]
+    assert steps[-1][3].startswith("done: 4 image(s)")
+    images, confidence, tokens = _images(steps[-1])
+    grid = ((32 + 2) * 1 + 2) * 4, ((32 + 2) * 4 + 2) * 4  # 1 row of 4 images (padding 2), scale 4
+    assert images.shape == grid and confidence.shape == grid and tokens.shape == (*grid, 3)
+    assert images.dtype == np.uint8 and images.min() < 64 and images.max() > 192  # a real picture, not a flat one
+    again = _images(client.predict(*args, api_name="/generate"))
+    other = _images(client.predict(*args[:-1], 6, api_name="/generate"))
+    assert all(np.array_equal(a, b) for a, b in zip(again, [images, confidence, tokens]))  # same seed
+    assert not np.array_equal(other[0], images)  # another seed
+
+
+def test_bad_requests_get_messages_in_the_page(client):
+    # the slider's own bound (Gradio checks it first) or ours: either way a message naming the cap
+    with pytest.raises(AppError, match=f"maximum value {MAX_IMAGES}|images must be between 1 and {MAX_IMAGES}"):
+        client.predict("tokenbridge: fmnist", "Dress", MAX_IMAGES + 1, 3.0, "linear", 1.0, 4, "random", 0,
+                       api_name="/generate")
+    with pytest.raises(AppError, match="less than minimum value"):
+        client.predict("tokenbridge: fmnist", "Dress", 2, 3.0, "linear", -1.0, 4, "random", 0,
+                       api_name="/generate")
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict("tokenbridge: fmnist", "Giraffe", 2, 3.0, "linear", 1.0, 4, "random", 0,
+                       api_name="/generate")
+
+
+def test_requests_are_checked_before_sampling():
+    entry = load_entries(["fmnist"])["tokenbridge: fmnist"]
+    assert entry.classes[-1] == "(unconditional)" and entry.defaults["num_iter"] == 16  # the recorded defaults
+    with pytest.raises(ValueError, match="images must be between 1 and 4"):
+        check_request(entry, 0, 5, {}, max_images=4)
+    with pytest.raises(ValueError, match="'sampling option.temperature' = nan"):
+        check_request(entry, 0, 1, {"temperature": float("nan")}, max_images=4)
+    with pytest.raises(ValueError, match="num_iter must be between 1 and 256"):
+        check_request(entry, 0, 1, {"num_iter": 1000}, max_images=4)
+    assert check_request(entry, 10, 1, {"cfg": 2.0, "unknown": 1}, max_images=4) == {"cfg": 2.0}
