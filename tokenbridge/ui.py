@@ -188,6 +188,11 @@ def launch(specs: Sequence[str], vae: str | None = None, device: str = "cpu", ho
     """Load the generators and serve the page on ``host:port`` (loopback unless told otherwise). ``block=False``
     returns the running app (tests)."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home from a demo
+    import gradio as gr
+
     app = build_app(load_entries(specs, vae, device, allow_other_vae), max_images)
-    app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True)
+    # system fonts: the default theme would make every visitor's browser fetch fonts from Google
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
+    app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True,
+               theme=theme)
     return app
