@@ -21,7 +21,7 @@ from tokenbridge import checkpoint as C
 from tokenbridge import train as T
 from tokenbridge.config import ConfigError, DataConfig, apply_overrides, read_yaml
 from tokenbridge.generate import generate
-from tokenbridge.optim import lr_at, param_groups
+from tokenbridge.optim import ema_decay_at, lr_at, param_groups
 from tokenbridge.tokens import TOKENS_FORMAT, CachedTokens, cache_latents
 from tokenbridge.quantizer import DimensionwiseQuantizer
 from tokenbridge.vae import vae_fingerprint
@@ -284,10 +284,14 @@ def test_toy_family_through_the_seam(tmp_path):
     model = C.load_generator(tmp_path / C.CHECKPOINT_NAME)
     assert isinstance(model, ToyGenerator) and not model.training
     assert torch.equal(model.out.weight, ckpt["ema"]["out.weight"])
+    raw = C.load_generator(tmp_path / C.CHECKPOINT_NAME, ema=False)  # evaluate the raw weights instead
+    assert torch.equal(raw.out.weight, ckpt["model"]["out.weight"]) and not raw.provenance["ema"]
     out = C.export_weights(tmp_path / C.CHECKPOINT_NAME, tmp_path / "w.safetensors")
     exported = C.load_generator(out)
     assert exported.provenance["family"] == "toy" and exported.provenance["step"] == 3
     assert torch.equal(exported.out.weight, ckpt["ema"]["out.weight"])
+    with pytest.raises(ValueError, match="holds the EMA weights only"):
+        C.load_generator(out, ema=False)
     with pytest.raises(ValueError, match="does not record its VAE"):
         generate(out, [0, 1])
     result = generate(out, [0, 1, 2], vae=FakeVAE(), seed=5, temperature=0.0)
@@ -360,16 +364,26 @@ def test_epochs_and_bad_train_config(tmp_path):
         run_tiny(tiny_config(tmp_path / "z", global_batch=128))
 
 
-def test_grad_clip_and_ema(tmp_path):
-    # a tiny clip bounds the first update; EMA with decay d after one step = d * init + (1 - d) * new
-    cfg = tiny_config(tmp_path, steps=1, warmup_steps=0, grad_clip=1e-3, ema=0.5)
+@pytest.mark.parametrize("warmup, decay", [(False, 0.5), (True, 0.1)])
+def test_grad_clip_and_ema(tmp_path, warmup, decay):
+    # a tiny clip bounds the first update; EMA with decay d after one step = d * init + (1 - d) * new, where the
+    # warmed-up decay of the first update is min(0.5, 1 / 10) = 0.1
+    cfg = tiny_config(tmp_path, steps=1, warmup_steps=0, grad_clip=1e-3, ema=0.5, ema_warmup=warmup)
     run_tiny(cfg)
     ck = ckpt_of(tmp_path)
     torch.manual_seed(7)
     init = ToyGenerator.from_config(cfg["model"]).state_dict()
     for k in init:
-        torch.testing.assert_close(ck["ema"][k], 0.5 * init[k] + 0.5 * ck["model"][k])
+        torch.testing.assert_close(ck["ema"][k], decay * init[k] + (1 - decay) * ck["model"][k])
     assert json.loads((tmp_path / "log.jsonl").read_text())["grad_norm"] > 1e-3
+
+
+def test_ema_warmup_schedule():
+    assert [ema_decay_at(t, 0.9999) for t in (0, 1, 10, 90)] == pytest.approx([0.1, 2 / 11, 11 / 20, 0.91])
+    assert ema_decay_at(10**6, 0.9999) == 0.9999 and ema_decay_at(0, 0.9999, warmup=False) == 0.9999
+    # the share of the random initialisation left in the average after 400 steps at decay 0.995
+    left = math.prod(ema_decay_at(t, 0.995) for t in range(400))
+    assert left < 1e-6 < 0.995**400
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -122,6 +122,10 @@ def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.devic
                                 f".safetensors or one of {sorted(SHIPPED)})")
     if path.suffix == ".safetensors":
         record, state = _read_export(path)
+        if record.get("ema", True) != ema:
+            kind = "EMA" if record.get("ema", True) else "raw"
+            raise ValueError(f"{path} holds the {kind} weights only; load the training checkpoint.pt for the other "
+                             "set, or export it (`tokenbridge export`, --raw for the raw weights)")
     else:
         ckpt = load_checkpoint(path)
         record, state = _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), ckpt["ema" if ema else "model"]

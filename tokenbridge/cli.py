@@ -134,7 +134,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 def cmd_sample(args: argparse.Namespace) -> None:
     check_writable(Path(args.out) / "samples.png", "sample output")
     device = _device(args.device)
-    model = load_generator(device=device, **_given(args, spec="model"))
+    model = load_generator(device=device, ema=not args.raw_weights, **_given(args, spec="model"))
     options = {name: getattr(args, name) for name in _sampling_fields() if getattr(args, name) is not None}
     labels = [label for label in args.labels for _ in range(args.per_class)]
     result = generate(model, labels, vae=args.vae, device=device, allow_other_vae=args.allow_other_vae,
@@ -276,6 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="fmnist (embedded, the default), a checkpoint.pt or an exported .safetensors")
     p.add_argument("--vae", help="default: the VAE the generator was trained on")
     p.add_argument("--allow-other-vae", action="store_true", help="decode with a VAE other than the recorded one")
+    p.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of its EMA")
     p.add_argument("--labels", type=int, nargs="+", default=list(range(10)))
     p.add_argument("--per-class", type=_positive_int, default=8)
     _add_sampling_options(p)

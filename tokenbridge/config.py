@@ -141,6 +141,7 @@ class TrainConfig(Section):
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = Field(default=1e-8, gt=0)
     ema: float = Field(default=0.9999, ge=0, lt=1)  # EMA decay per step
+    ema_warmup: bool = True  # decay_t = min(ema, (1 + t) / (10 + t)): the average forgets the random init
     grad_clip: NonNegativeFloat = 3.0  # max global grad norm (official code 3.0, paper 1.0); 0 = no clipping
     bf16: bool = True  # autocast to bfloat16, CUDA only
     compile: bool = False  # torch.compile the training module

@@ -192,7 +192,7 @@ class Trainer:
         t = run.train
         self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=self.peak_lr, betas=t.betas,
                                            eps=t.eps, foreach=True)  # multi-tensor update, also on the CPU
-        self.ema = EMA(self.model, t.ema)
+        self.ema = EMA(self.model, t.ema, t.ema_warmup)
         D.seed_all(run.seed + rank)  # different randomness (masks, dropout) per rank
         self.start_step = 0
 
@@ -305,7 +305,7 @@ class Trainer:
         loss.float().backward()
         gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
         self.optimizer.step()
-        self.ema.update(self.model)
+        self.ema.update(self.model, step)
         return torch.stack([loss.detach().float(), gnorm.detach().float()])
 
     def fit(self, end_step: int, logger: _Logger) -> dict[str, Any]:
