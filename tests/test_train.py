@@ -15,11 +15,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DistributedSampler, TensorDataset
 
 from tokenbridge import checkpoint as C
 from tokenbridge import train as T
 from tokenbridge.config import ConfigError, DataConfig, apply_overrides, read_yaml
+from tokenbridge.distributed import ResumableSampler
 from tokenbridge.generate import generate
 from tokenbridge.optim import ema_decay_at, lr_at, param_groups
 from tokenbridge.tokens import TOKENS_FORMAT, CachedTokens, cache_latents
@@ -564,3 +565,16 @@ def test_real_generator_trains_from_token_file(tmp_path, calibration):
     bad = {**cfg, "out_dir": str(tmp_path / "bad"), "model": {**model, "quantizer": {"levels": 32}}}
     with pytest.raises(ConfigError, match="disagrees with the token file"):
         T.train(bad)
+
+
+@pytest.mark.parametrize("n, world", [(7, 2), (65, 8), (70000, 3), (64, 1)])
+def test_resumable_sampler_is_distributed_samplers_order_without_lists(n, world):
+    for rank in range(world):
+        reference = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=5, drop_last=True)
+        reference.set_epoch(3)
+        ours = ResumableSampler(n, world, rank, seed=5)
+        ours.set_position(3, 0)
+        expected = list(reference)
+        assert list(ours) == expected and len(ours) == len(expected)
+        ours.set_position(3, 2)  # resume after this rank's first two samples
+        assert list(ours) == expected[2:] and len(ours) == len(expected) - 2

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch.utils.data import DistributedSampler, Sampler
+from torch.utils.data import Sampler
 
 
 def init_distributed(device_cfg: str) -> tuple[int, int, torch.device, bool]:
@@ -50,20 +50,32 @@ def barrier() -> None:
 
 
 class ResumableSampler(Sampler[int]):
-    """DistributedSampler order for (seed, epoch), starting after the first ``skip`` samples of this rank's shard."""
+    """This rank's share of a shuffled epoch, starting after its first ``skip`` samples (exact mid-epoch resume).
 
-    def __init__(self, base: DistributedSampler):
-        self.base, self.skip = base, 0
+    The order is DistributedSampler's (shuffle=True, drop_last=True: permutation of seed + epoch, cut to a multiple
+    of the world size, every world-th index from the rank), kept as one int64 tensor (8 bytes per item) and handed
+    out in chunks, instead of the Python lists DistributedSampler builds (~36 bytes per item, twice): the index
+    order is then the only per-item memory of training, 40 MB for 5M items."""
+
+    CHUNK = 1 << 16
+
+    def __init__(self, size: int, world: int, rank: int, seed: int):
+        self.size, self.world, self.rank, self.seed = size, world, rank, seed
+        self.num_samples = (size - 1) // world if size % world else size // world  # DistributedSampler's count
+        self.epoch, self.skip = 0, 0
 
     def set_position(self, epoch: int, skip: int) -> None:
-        self.base.set_epoch(epoch)
-        self.skip = skip
+        self.epoch, self.skip = epoch, skip
 
     def __iter__(self) -> Iterator[int]:
-        return iter(list(self.base)[self.skip:])
+        g = torch.Generator()
+        g.manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=g)[: self.num_samples * self.world][self.rank:: self.world]
+        for start in range(self.skip, len(order), self.CHUNK):
+            yield from order[start: start + self.CHUNK].tolist()
 
     def __len__(self) -> int:
-        return len(self.base) - self.skip
+        return max(0, self.num_samples - self.skip)
 
 
 def rng_state(device: torch.device) -> dict[str, Any]:

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from . import distributed as D
@@ -92,9 +92,8 @@ def training_data(run: RunConfig, device: torch.device) -> TrainingData:
 
 def _loader(dataset: Dataset, run: RunConfig, rank: int, world: int, device: torch.device):
     local_batch = run.train.global_batch // world
-    base = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=run.seed, drop_last=True)
-    sampler = D.ResumableSampler(base)
-    steps_per_epoch = len(base) // local_batch
+    sampler = D.ResumableSampler(len(dataset), world, rank, run.seed)
+    steps_per_epoch = sampler.num_samples // local_batch
     if steps_per_epoch == 0:
         raise ValueError(f"dataset of {len(dataset)} items is smaller than train.global_batch={run.train.global_batch}")
     gen = torch.Generator()  # keeps the global RNG untouched by iterator creation (exact resume)
