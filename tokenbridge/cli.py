@@ -27,6 +27,7 @@ from .inception import InceptionFID
 from .metrics import load_reference_stats
 from .reconstruct import run_reconstruct
 from .repro import run_repro
+from .shards import cache_shards
 from .tokens import cache_latents
 from .train import load_run_config, train
 from .ui import launch as launch_ui
@@ -96,6 +97,9 @@ def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
     """(data section, quantizer kwargs, output path) from a run config (--config) or from the options alone."""
     if args.config:
         run = load_run_config(args.config, args.overrides)
+        if args.shard_size is not None or args.flip:
+            run = run.model_copy(update={"data": run.data.model_copy(update=_given(args, shard_size="shard_size",
+                                                                                   flip="flip"))})
         out = args.out or run.data.tokens
         if not out:
             raise ConfigError(f"{args.config} sets no data.tokens: give --out")
@@ -106,8 +110,8 @@ def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
         raise ConfigError("give --out (or --config, whose data.tokens names the file)")
     data = validate(DataConfig, _given(args, vae="vae", dataset="data", split="split", limit="limit",
                                        resolution="resolution", channels="channels", encode_batch="batch_size",
-                                       strict_images="strict_images", allow_large_images="allow_large_images"),
-                    "data")
+                                       strict_images="strict_images", allow_large_images="allow_large_images",
+                                       shard_size="shard_size", flip="flip"), "data")
     quantizer = _given(args, levels="levels", std_range="std_range", kind="kind")
     if args.range is not None:
         quantizer["value_range"] = (-args.range, args.range)
@@ -116,7 +120,14 @@ def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
 
 def cmd_cache_latents(args: argparse.Namespace) -> None:
     data, quantizer, out = _cache_job(args)
-    print(f"wrote {cache_latents(data, out, quantizer=quantizer, device=_device(args.device), overwrite=args.overwrite)}")
+    device = _device(args.device)
+    if data.shard_size is None:
+        print(f"wrote {cache_latents(data, out, quantizer=quantizer, device=device, overwrite=args.overwrite)}")
+        return
+    manifest = cache_shards(data, out, quantizer=quantizer, shard_size=data.shard_size, device=device, flip=data.flip,
+                            latents_dtype=data.latents_dtype if data.store_latents else None)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"wrote {manifest}")
 
 
 # ---------------------------------------------------------------------------------------------- train / export
@@ -243,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of --config")
     p.add_argument("--out", help="token file to write (default with --config: data.tokens)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing token file")
+    p.add_argument("--shard-size", type=_positive_int, help="write a folder of shards of this many images (resumable; "
+                   "under torchrun every process encodes its share)")
+    p.add_argument("--flip", action="store_true", default=None, help="shards also keep horizontally flipped tokens")
     p.add_argument("--vae", help="without --config: fmnist | kl16:PATH | diffusers:FOLDER | a .safetensors")
-    p.add_argument("--data", help="without --config: fmnist or folder:PATH")
+    p.add_argument("--data", help="without --config: fmnist, folder:PATH, 'wds:shards-{000..009}.tar' or hf:PATH")
     p.add_argument("--split")
     p.add_argument("--levels", type=_positive_int, help="quantization levels B")
     p.add_argument("--range", type=float, help="value range +-a")

@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .config import DataConfig
-from .data import FashionMNIST, ImageFolder
 from .files import atomic_path, check_writable
 from .quantizer import DimensionwiseQuantizer
+from .sources import image_source
 from .vae import VAE, load_vae, vae_fingerprint
 
 TOKENS_FORMAT = "tokenbridge-tokens"
@@ -31,14 +31,10 @@ FORMAT_VERSION = 1
 
 
 def image_dataset(data: DataConfig) -> Dataset:
-    """The (image [Ci, H, W] in [-1, 1], label) dataset a data config names: ``fmnist`` or ``folder:PATH``."""
-    if data.dataset == "fmnist":
-        return FashionMNIST(data.split, limit=data.limit)
-    if data.dataset.startswith("folder:"):
-        ds = ImageFolder(data.dataset[len("folder:"):], resolution=data.resolution, channels=data.channels,
-                         strict=data.strict_images, allow_large_images=data.allow_large_images)
-        return Subset(ds, range(min(data.limit, len(ds)))) if data.limit is not None else ds
-    raise ValueError(f"config key 'data.dataset' = {data.dataset!r}: expected 'fmnist' or 'folder:PATH'")
+    """The (image [Ci, H, W] in [-1, 1], label) dataset a data config names: ``fmnist``, ``folder:PATH``,
+    ``wds:PATTERN`` (webdataset tar shards) or ``hf:PATH`` (a local Hugging Face datasets folder or parquet)."""
+    return image_source(data.dataset, data.resolution, data.channels, split=data.split, limit=data.limit,
+                        strict=data.strict_images, allow_large_images=data.allow_large_images)
 
 
 @torch.no_grad()
@@ -111,7 +107,7 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
     finally:
         torch.random.set_rng_state(rng_state)
     tensors.update({f"quantizer.{k}": v.detach().cpu().contiguous() for k, v in quant.state_dict().items()})
-    classes = getattr(dataset, "classes", None)
+    classes = getattr(dataset.dataset if isinstance(dataset, Subset) else dataset, "classes", None)
     scaling = getattr(vae, "scaling_factor", None)
     metadata = {
         "format": TOKENS_FORMAT, "version": str(FORMAT_VERSION),
@@ -124,6 +120,17 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
     with atomic_path(out_path) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(out_path)
+
+
+def rebuild_quantizer(config: dict[str, Any], state: dict[str, torch.Tensor], source: str) -> DimensionwiseQuantizer:
+    """The quantizer a token cache records (its kwargs and, when fitted, its buffers); errors name ``source``."""
+    try:
+        quant = DimensionwiseQuantizer(**config)
+        if state:
+            quant.load_state_dict(state)
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{source}: cannot rebuild its quantizer: {e}") from e
+    return quant
 
 
 class CachedTokens(Dataset):
@@ -180,13 +187,7 @@ class CachedTokens(Dataset):
 
     def make_quantizer(self) -> DimensionwiseQuantizer:
         """The DimensionwiseQuantizer that made these tokens (fitted calibration included)."""
-        try:
-            quant = DimensionwiseQuantizer(**self.quantizer_config)
-            if self.quantizer_state:
-                quant.load_state_dict(self.quantizer_state)
-        except (TypeError, ValueError, RuntimeError) as e:
-            raise ValueError(f"token file {self.path}: cannot rebuild its quantizer: {e}") from e
-        return quant
+        return rebuild_quantizer(self.quantizer_config, self.quantizer_state, f"token file {self.path}")
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.indices[i].long(), self.labels[i]

@@ -33,6 +33,7 @@ from .config import ConfigError, RunConfig, apply_overrides, read_yaml, validate
 from .files import FolderLock, atomic_path, check_writable
 from .optim import EMA, lr_at, param_groups
 from .generators import apply_preset, check_sample_options, get_family
+from .shards import ShardedTokens
 from .tokens import CachedTokens, OnTheFlyTokens, image_dataset
 from .vae import vae_fingerprint
 
@@ -82,7 +83,8 @@ def training_data(run: RunConfig, device: torch.device) -> TrainingData:
     if data.source == "tokens":
         if not data.tokens:
             raise ConfigError("config key 'data.tokens' is required for data.source=tokens (a cache-latents file)")
-        tokens = CachedTokens(data.tokens)
+        path = Path(data.tokens)
+        tokens = ShardedTokens(path) if path.is_dir() or path.suffix == ".json" else CachedTokens(path)
         return TrainingData(tokens, None, {"tokens": str(data.tokens), "tokens_items": len(tokens),
                                            "vae": tokens.vae, "vae_fingerprint": tokens.vae_fingerprint})
     prepare = OnTheFlyTokens(data, run.model["quantizer"], device)
@@ -184,7 +186,7 @@ class Trainer:
         self.total_steps, self.warmup_steps, self.peak_lr = _schedule(run, self.steps_per_epoch)
         D.seed_all(run.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         family = get_family(run.family)
-        tokens = data.dataset if isinstance(data.dataset, CachedTokens) else None
+        tokens = data.dataset if isinstance(data.dataset, (CachedTokens, ShardedTokens)) else None
         self.model = family.from_config(run.model, tokens).to(device)
         # record the resolved model config (channel order, quantizer of the token file) for rebuilding
         self.run = run.model_copy(update={"model": self.model.config})
