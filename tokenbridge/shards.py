@@ -1,5 +1,5 @@
-"""Sharded token caches: encode a dataset of any size across torchrun processes, and train from memory-mapped shards
-with RAM bounded by one shard, not the dataset.
+"""Sharded token caches: encode a dataset of any size across torchrun processes, and train from shards read row
+by row (positional reads), with RAM bounded by one shard, not the dataset.
 
 A shard folder holds
   ``shard-00000.safetensors`` ... : ``indices`` [n, h, w, C] (uint8 when levels <= 256, else int16; channel-last),
@@ -12,17 +12,14 @@ A shard folder holds
   ``manifest.json``: written last by rank 0 (format, version, count, grid, levels, index dtype, num_classes, data,
       vae + fingerprint, scaling_factor, quantizer config, flip, latents dtype, shards with count and sha256).
 
-`ShardedTokens` reads such a folder (or a single `tokens.cache_latents` file) as (indices long [h, w, C], label)
-items, like `tokens.CachedTokens`.
+`ShardedTokens` reads such a folder (or a `tokens.cache_latents` file) as (indices long [h, w, C], label) items.
 """
 
 from __future__ import annotations
 
-import bisect
 import hashlib
 import json
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +34,7 @@ from .config import DataConfig
 from .distributed import barrier, init_distributed
 from .files import atomic_path, check_writable
 from .quantizer import DimensionwiseQuantizer
+from .rows import FileTensor, LazyRows, read_tensors
 from .tokens import TOKENS_FORMAT, CachedTokens, _fit_quantizer, encode_latents, image_dataset, rebuild_quantizer
 from .vae import VAE, load_vae, vae_fingerprint
 
@@ -46,7 +44,6 @@ SHARDS_FORMAT = "tokenbridge-shards"
 SHARD_FORMAT = "tokenbridge-shard"
 FORMAT_VERSION = 1
 LATENT_DTYPES = {None: None, "float16": torch.float16, "float32": torch.float32}
-_NUMPY = {"U8": np.uint8, "I16": np.int16, "I64": np.int64, "F16": np.float16, "F32": np.float32}
 
 
 def shard_file(k: int) -> str:
@@ -279,60 +276,6 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_items: int, grid: tup
 # Reading
 
 
-def _map_tensors(path: Path) -> dict[str, np.memmap]:
-    """Memory-map every tensor of a safetensors file (8-byte little-endian header length, JSON header, raw data):
-    pages are read on access and can be dropped by the OS, so RAM does not grow with the number of shards."""
-    try:
-        with open(path, "rb") as f:
-            (length,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(length))
-        size = path.stat().st_size
-        arrays = {}
-        for name, spec in header.items():
-            if name == "__metadata__":
-                continue
-            begin, end = spec["data_offsets"]
-            dtype, shape = np.dtype(_NUMPY[spec["dtype"]]), tuple(spec["shape"])
-            if 8 + length + end > size or end - begin != dtype.itemsize * int(np.prod(shape)):
-                raise ValueError(f"tensor {name!r} lies outside the file or has the wrong size")
-            arrays[name] = np.memmap(path, dtype=dtype, mode="r", offset=8 + length + begin, shape=shape)
-        return arrays
-    except (OSError, ValueError, KeyError, struct.error, TypeError) as e:
-        raise ValueError(f"shard {path} is corrupt or not a safetensors shard: {e}") from e
-
-
-class LazyRows:
-    """Rows of one tensor across shards, read on demand: ``rows[:n]`` (any slice or int) -> a torch tensor in the
-    stored dtype, e.g. indices [n, h, w, C]; only the rows asked for are read."""
-
-    def __init__(self, arrays: list[np.ndarray], starts: list[int]):
-        self.arrays, self.starts = arrays, starts
-        self.shape = (sum(len(a) for a in arrays), *arrays[0].shape[1:])
-        self.dtype = torch.from_numpy(np.zeros(0, arrays[0].dtype)).dtype
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __getitem__(self, key: int | slice) -> torch.Tensor:
-        if isinstance(key, int):
-            key = key + len(self) if key < 0 else key
-            if not 0 <= key < len(self):
-                raise IndexError(f"row {key} out of range for {len(self)} rows")
-            s = bisect.bisect_right(self.starts, key) - 1
-            return torch.from_numpy(np.array(self.arrays[s][key - self.starts[s]]))
-        if not isinstance(key, slice):
-            raise TypeError(f"rows take an int or a slice, got {type(key).__name__}")
-        start, stop, step = key.indices(len(self))
-        if step != 1:
-            return torch.stack([self[i] for i in range(start, stop, step)]) if stop > start else self[0:0]
-        parts = []
-        for s, a in enumerate(self.arrays):
-            lo, hi = max(start - self.starts[s], 0), min(stop - self.starts[s], len(a))
-            if lo < hi:
-                parts.append(np.array(a[lo:hi]))
-        return torch.from_numpy(np.concatenate(parts) if parts else np.zeros((0, *self.shape[1:]), self.arrays[0].dtype))
-
-
 def _load_manifest(path: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text())
@@ -412,13 +355,13 @@ class ShardedTokens(Dataset):
                      "vae", "vae_fingerprint", "metadata", "indices", "labels", "latents"):
             setattr(self, name, getattr(single, name))
 
-    def _open_shard(self, folder: Path, entry: dict[str, Any], verify: bool) -> dict[str, np.memmap]:
+    def _open_shard(self, folder: Path, entry: dict[str, Any], verify: bool) -> dict[str, FileTensor]:
         path = folder / entry["file"]
         if not path.is_file():
             raise ValueError(f"shard {path} listed in {self.path} is missing")
         if verify and _sha256(path) != entry.get("sha256"):
             raise ValueError(f"shard {path} does not match its sha256 in {self.path} (changed or truncated)")
-        arrays = _map_tensors(path)
+        arrays = read_tensors(path)
         grid = tuple(self.manifest["grid"])
         for name in ("indices", "labels", "index"):
             if name not in arrays:
@@ -432,12 +375,12 @@ class ShardedTokens(Dataset):
                              f"do not match the manifest grid {list(grid)} / {self.manifest.get('index_dtype')}")
         if verify:
             for name in ("indices", "indices_flip"):
-                if name in arrays and arrays[name].size and int(arrays[name].max()) >= int(self.manifest["levels"]):
+                if name in arrays and arrays[name].size and int(arrays[name][:].max()) >= int(self.manifest["levels"]):
                     raise ValueError(f"shard {path}: '{name}' outside [0, {self.manifest['levels']})")
         return arrays
 
     def __reduce__(self) -> tuple:
-        # DataLoader workers started by spawn get the path and map the shards again (pickling a memmap copies it)
+        # DataLoader workers started by spawn get the path and read the manifest again
         return ShardedTokens, (self.path,)
 
     def __len__(self) -> int:
