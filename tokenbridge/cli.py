@@ -17,7 +17,7 @@ import torch
 from .checkpoint import export_weights, load_generator
 from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
-from .data import ImageFolder, as_tensors
+from .data import as_tensors
 from .distributed import TrainingInterrupted
 from .evaluate import evaluate_samples, read_samples
 from .files import check_writable
@@ -28,6 +28,7 @@ from .metrics import load_reference_stats
 from .reconstruct import run_reconstruct
 from .repro import run_repro
 from .shards import cache_shards
+from .sources import image_source
 from .tokens import cache_latents
 from .train import load_run_config, train
 from .ui import launch as launch_ui
@@ -60,10 +61,11 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     device = _device(args.device)
     vae = load_vae(args.vae, device=device).eval()
     features, fd_name, fit_latents = None, "FD", None
-    if args.images:
-        folder = ImageFolder(args.images, resolution=args.resolution, channels=vae.image_channels,
-                             **_given(args, strict="strict_images", allow_large_images="allow_large_images"))
-        images = torch.stack([folder[i][0] for i in range(min(args.num_images, len(folder)))])
+    if args.images:  # a folder, or any image source spec (wds:PATTERN, hf:PATH, folder:PATH)
+        spec = args.images if args.images.split(":", 1)[0] in ("folder", "wds", "hf") else f"folder:{args.images}"
+        source = image_source(spec, args.resolution, vae.image_channels, limit=args.num_images,
+                              **_given(args, strict="strict_images", allow_large_images="allow_large_images"))
+        images = torch.stack([source[i][0] for i in range(len(source))])
     else:
         images, _ = as_tensors("test", limit=args.num_images)
         features, fd_name = load_classifier(device=device).features, "FD (classifier features)"
@@ -222,7 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reconstruct", help="paper Table 1: continuous VAE vs quantized at several B and ranges")
     p.add_argument("--vae", default="fmnist", help="fmnist (embedded), kl16:PATH, diffusers:FOLDER or a .safetensors")
-    p.add_argument("--images", help="folder of your images (default: Fashion-MNIST test split)")
+    p.add_argument("--images", help="your images: a folder, 'wds:shards-{000..009}.tar' or hf:PATH "
+                   "(default: Fashion-MNIST test split)")
     p.add_argument("--resolution", type=_positive_int, default=256, help="crop/resize size for --images")
     p.add_argument("--num-images", type=_positive_int, default=1000)
     p.add_argument("--levels", type=_positive_int, nargs="+", help=f"quantization levels B of the rows {lib}")
