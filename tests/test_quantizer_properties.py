@@ -144,22 +144,14 @@ def check_all_indices(q: DimensionwiseQuantizer, channels: int) -> None:
         assert torch.equal(lookups(q, q.dequantize(all_indices, dtype=dtype))[1], first)
 
 
+@pytest.mark.parametrize("quantizers", [shared_quantizers, fitted_quantizers], ids=["shared", "fitted"])
 @SETTINGS
-@given(st.data())
-def test_shared_quantizer_properties(data):
-    q = data.draw(shared_quantizers())
-    x = data.draw(latents(q))
+@given(data=st.data())
+def test_quantizer_properties(quantizers, data):
+    q = data.draw(quantizers())
+    x = data.draw(latents(q))  # a fitted quantizer's latents have its C channels
     check(q, x)
     check_all_indices(q, x.shape[-1])
-
-
-@SETTINGS
-@given(st.data())
-def test_fitted_quantizer_properties(data):
-    q = data.draw(fitted_quantizers())
-    x = data.draw(latents(q))
-    check(q, x)
-    check_all_indices(q, q.num_channels)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

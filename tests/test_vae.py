@@ -1,10 +1,7 @@
-import gzip
-import struct
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
@@ -189,29 +186,16 @@ def test_shipped_fmnist_vae():
     assert vae.training_info["steps"] == 1400
 
 
-def test_train_vae_smoke(tmp_path):
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 24), ("t10k", 8)):
-        with gzip.open(tmp_path / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">4i", 2051, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
-        with gzip.open(tmp_path / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">2i", 2049, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
+def test_train_vae_smoke(tmp_path, fake_fashion_mnist):
     out = tmp_path / "w" / "vae.safetensors"
-    vae = train_vae(out, steps=2, batch_size=4, data_root=tmp_path, log_every=1)
+    vae = train_vae(out, steps=2, batch_size=4, data_root=fake_fashion_mnist(tmp_path), log_every=1)
     loaded = load_vae(str(out))
     assert loaded.scaling_factor == pytest.approx(vae.scaling_factor) and loaded.scaling_factor != 1.0
     assert loaded.training_info["steps"] == 2 and len(loaded.training_info["test_latents"]["std"]) == 4
 
 
-def test_diffusers_folder_is_wrapped_with_its_scaling_factor(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="the diffusers wrapper needs diffusers (dev extra)")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16, scaling_factor=0.5,
-    ).eval()
-    model.save_pretrained(tmp_path / "vae")
+def test_diffusers_folder_is_wrapped_with_its_scaling_factor(tmp_path, tiny_diffusers_vae):
+    model = tiny_diffusers_vae(tmp_path / "vae", scaling_factor=0.5)
 
     vae = load_vae(f"diffusers:{tmp_path / 'vae'}")
     assert (vae.latent_channels, vae.stride, vae.scaling_factor) == (4, 2, 0.5)
@@ -296,15 +280,8 @@ def test_fingerprint_of_shipped_fmnist_vae():
     assert vae_fingerprint(first) != vae_fingerprint(build_vae("fmnist"))
 
 
-def test_fingerprint_of_diffusers_wrapper_hashes_the_wrapped_model(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="the diffusers wrapper needs diffusers (dev extra)")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16,
-    ).eval()
-    model.save_pretrained(tmp_path / "vae")
+def test_fingerprint_of_diffusers_wrapper_hashes_the_wrapped_model(tmp_path, tiny_diffusers_vae):
+    model = tiny_diffusers_vae(tmp_path / "vae")
     vae = load_vae(f"diffusers:{tmp_path / 'vae'}")
     keys = vae.state_dict().keys()
     assert set(keys) == {f"model.{k}" for k in model.state_dict()}

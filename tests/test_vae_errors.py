@@ -5,13 +5,10 @@ kl16 checkpoints, spec strings, train_vae's output path, and the CLI's report of
 from __future__ import annotations
 
 import dataclasses
-import gzip
 import inspect
 import json
-import struct
 import time
 
-import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -66,15 +63,8 @@ def _config_with(path, **changes) -> str:
 
 
 @pytest.fixture()
-def diffusers_folder(tmp_path):
-    diffusers = pytest.importorskip("diffusers", reason="the diffusers wrapper needs diffusers (dev extra)")
-    torch.manual_seed(0)
-    model = diffusers.AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), layers_per_block=1,
-        latent_channels=4, norm_num_groups=4, sample_size=16,
-    )
-    model.save_pretrained(tmp_path / "vae")
+def diffusers_folder(tmp_path, tiny_diffusers_vae):
+    tiny_diffusers_vae(tmp_path / "vae")
     return tmp_path / "vae"
 
 
@@ -326,16 +316,6 @@ def test_bad_devices_fail_before_loading(vae_file):
 # ------------------------------------------------------------------------------------------------ 5. train_vae
 
 
-def _fake_fashion_mnist(root):
-    rng = np.random.default_rng(0)
-    for prefix, n in (("train", 24), ("t10k", 8)):
-        with gzip.open(root / f"{prefix}-images-idx3-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">4i", 2051, n, 28, 28) + rng.integers(0, 256, n * 784, dtype=np.uint8).tobytes())
-        with gzip.open(root / f"{prefix}-labels-idx1-ubyte.gz", "wb") as f:
-            f.write(struct.pack(">2i", 2049, n) + rng.integers(0, 10, n, dtype=np.uint8).tobytes())
-    return root
-
-
 def test_train_vae_checks_its_output_before_training(tmp_path, monkeypatch):
     assert inspect.signature(train_vae).parameters["out_path"].default is inspect.Parameter.empty
 
@@ -363,7 +343,7 @@ def test_train_vae_checks_its_output_before_training(tmp_path, monkeypatch):
     assert not out.parent.exists()  # nothing is created for arguments that fail
 
 
-def test_train_vae_stops_on_a_diverged_loss_without_writing(tmp_path, monkeypatch):
+def test_train_vae_stops_on_a_diverged_loss_without_writing(tmp_path, monkeypatch, fake_fashion_mnist):
     def broken(preset):
         vae = _tiny()
         with torch.no_grad():
@@ -373,7 +353,7 @@ def test_train_vae_stops_on_a_diverged_loss_without_writing(tmp_path, monkeypatc
     monkeypatch.setattr(vae_module, "build_vae", broken)
     out = tmp_path / "vae.safetensors"
     with pytest.raises(ValueError, match=rf"the loss is nan at step 0 .*{out} was not written"):
-        train_vae(out, steps=2, batch_size=4, data_root=_fake_fashion_mnist(tmp_path), log_every=1)
+        train_vae(out, steps=2, batch_size=4, data_root=fake_fashion_mnist(tmp_path), log_every=1)
     assert not out.exists()
     with pytest.raises(ValueError, match="tensors contain NaN or inf"):
         save_vae(broken("fmnist"), out)

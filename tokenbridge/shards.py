@@ -35,7 +35,8 @@ from .distributed import barrier, init_distributed
 from .files import atomic_path, check_writable
 from .quantizer import DimensionwiseQuantizer
 from .rows import FileTensor, LazyRows, read_tensors
-from .tokens import TOKENS_FORMAT, CachedTokens, _fit_quantizer, encode_latents, image_dataset, rebuild_quantizer
+from .tokens import (TOKENS_FORMAT, CachedTokens, fit_quantizer, encode_latents, image_dataset, index_dtype,
+                     latents_to_indices, rebuild_quantizer)
 from .vae import VAE, load_vae, vae_fingerprint
 
 MANIFEST = "manifest.json"
@@ -97,27 +98,26 @@ def _finished(out_dir: Path, k: int, setup: str, count: int) -> dict[str, Any] |
     return record if _sha256(path) == record.get("sha256") else None
 
 
-def _quantize(quant: DimensionwiseQuantizer, latents: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """latents [B, C, h, w] -> indices [B, h, w, C] in the storage dtype, on the CPU."""
-    return quant.quantize(latents.permute(0, 2, 3, 1).contiguous()).to("cpu", dtype)
+def _dtype_name(levels: int) -> str:
+    return str(index_dtype(levels)).removeprefix("torch.")  # "uint8" / "int16", as numpy names them
 
 
 def _encode_shard(vae: VAE, quant: DimensionwiseQuantizer, dataset: Dataset, start: int, stop: int,
                   data: DataConfig, device: torch.device, flip: bool, latents_dtype: str | None) -> dict:
     """Tensors of the shard holding images [start, stop) (module docstring); RAM: this shard only."""
-    index_dtype = torch.uint8 if quant.levels <= 256 else torch.int16
+    dtype = index_dtype(quant.levels)
     parts: dict[str, list[torch.Tensor]] = {"indices": [], "labels": [], "latents": [], "indices_flip": []}
     loader = DataLoader(Subset(dataset, range(start, stop)), batch_size=data.encode_batch, shuffle=False)
     for images, label in loader:
         images = images.to(device)
         lat = encode_latents(vae, images, data.sample_posterior)
-        parts["indices"].append(_quantize(quant, lat, index_dtype))
+        parts["indices"].append(latents_to_indices(quant, lat).to("cpu", dtype))
         parts["labels"].append(torch.as_tensor(label).to("cpu", torch.int64))
         if latents_dtype is not None:
             parts["latents"].append(lat.to("cpu", LATENT_DTYPES[latents_dtype]))
         if flip:
             flipped = encode_latents(vae, images.flip(-1), data.sample_posterior)
-            parts["indices_flip"].append(_quantize(quant, flipped, index_dtype))
+            parts["indices_flip"].append(latents_to_indices(quant, flipped).to("cpu", dtype))
     tensors = {name: torch.cat(ts) for name, ts in parts.items() if ts}
     tensors["index"] = torch.arange(start, stop, dtype=torch.int64)
     return tensors
@@ -139,7 +139,7 @@ def _prepare_quantizer(out_dir: Path, quantizer: dict[str, Any] | None, vae: VAE
             quant = quant.to(device)
             if not quant.fitted:
                 torch.manual_seed(seed)  # posterior sampling draws from the global RNG: a reproducible fit
-                _fit_quantizer(quant, vae, dataset, data, fit_samples, device)
+                fit_quantizer(quant, vae, dataset, data, fit_samples, device)
             with atomic_path(path) as tmp:
                 save_file({k: v.detach().cpu().contiguous() for k, v in quant.state_dict().items()}, str(tmp),
                           metadata={"setup": fit_key})  # one key: byte-identical files (see _write_shard)
@@ -223,7 +223,7 @@ def cache_shards(data: DataConfig, out_dir: str | os.PathLike, quantizer: dict[s
                 raise ValueError(f"shards {missing} in {out_dir} are missing or incomplete after caching")
             classes = getattr(dataset, "classes", None)
             scaling = getattr(vae, "scaling_factor", None)
-            info = {"levels": quant.levels, "index_dtype": "uint8" if quant.levels <= 256 else "int16",
+            info = {"levels": quant.levels, "index_dtype": _dtype_name(quant.levels),
                     "data": data_spec, "vae": str(data.vae), "vae_fingerprint": fingerprint,
                     "scaling_factor": None if scaling is None else float(scaling), "quantizer": quant.config(),
                     "quantizer_file": QUANTIZER_FILE, "flip": bool(flip), "latents_dtype": latents_dtype,
@@ -251,7 +251,7 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_items: int, grid: tup
     with atomic_path(out_dir / QUANTIZER_FILE) as tmp:
         save_file({k: v.contiguous() for k, v in quant.state_dict().items()}, str(tmp),
                   metadata={"setup": "synthetic"})
-    dtype = torch.uint8 if levels <= 256 else torch.int16
+    dtype = index_dtype(levels)
     setup = _key(["synthetic", num_items, list(grid), levels, shard_size, num_classes, seed])
     records = []
     for k in range(-(-num_items // shard_size)):
@@ -265,7 +265,7 @@ def write_synthetic_shards(out_dir: str | os.PathLike, num_items: int, grid: tup
             record = _write_shard(out_dir, k, tensors, setup)
             del tensors
         records.append(record)
-    info = {"levels": levels, "index_dtype": "uint8" if levels <= 256 else "int16", "data": {"dataset": "synthetic"},
+    info = {"levels": levels, "index_dtype": _dtype_name(levels), "data": {"dataset": "synthetic"},
             "vae": "synthetic", "vae_fingerprint": None, "scaling_factor": None, "quantizer": quant.config(),
             "quantizer_file": QUANTIZER_FILE, "flip": False, "latents_dtype": None, "shard_size": shard_size,
             "seed": seed}

@@ -46,7 +46,17 @@ def encode_latents(vae: VAE, images: torch.Tensor, sample_posterior: bool = Fals
     return latents.float()
 
 
-def _fit_quantizer(quantizer: DimensionwiseQuantizer, vae: VAE, dataset: Dataset, data: DataConfig,
+def index_dtype(levels: int) -> torch.dtype:
+    """How token caches store indices: uint8 up to 256 levels, else int16 (up to 32768)."""
+    return torch.uint8 if levels <= 256 else torch.int16
+
+
+def latents_to_indices(quantizer: DimensionwiseQuantizer, latents: torch.Tensor) -> torch.Tensor:
+    """Scaled latents [B, C, h, w] -> token indices long [B, h, w, C] (channel-last, as caches store them)."""
+    return quantizer.quantize(latents.permute(0, 2, 3, 1).contiguous())
+
+
+def fit_quantizer(quantizer: DimensionwiseQuantizer, vae: VAE, dataset: Dataset, data: DataConfig,
                    fit_samples: int, device: torch.device) -> None:
     """Fit a data-calibrated quantizer on the latents of ``fit_samples`` evenly spaced images."""
     n_fit = min(len(dataset), int(fit_samples))
@@ -59,12 +69,12 @@ def _fit_quantizer(quantizer: DimensionwiseQuantizer, vae: VAE, dataset: Dataset
 
 def _encode_all(vae: VAE, quantizer: DimensionwiseQuantizer, dataset: Dataset, data: DataConfig,
                 device: torch.device) -> dict[str, torch.Tensor]:
-    index_dtype = torch.uint8 if quantizer.levels <= 256 else torch.int16
+    dtype = index_dtype(quantizer.levels)
     indices, labels, latents = [], [], []
     loader = DataLoader(dataset, batch_size=data.encode_batch, shuffle=False, drop_last=False)
     for images, label in tqdm(loader, desc=f"caching {data.dataset}:{data.split}", disable=None):
         lat = encode_latents(vae, images.to(device), data.sample_posterior)
-        indices.append(quantizer.quantize(lat.permute(0, 2, 3, 1).contiguous()).to("cpu", index_dtype))
+        indices.append(latents_to_indices(quantizer, lat).to("cpu", dtype))
         labels.append(torch.as_tensor(label).to("cpu", torch.int64))
         if data.store_latents:
             latents.append(lat.cpu())
@@ -102,7 +112,7 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
     torch.manual_seed(seed)  # posterior sampling draws from the global RNG; make the cache reproducible
     try:
         if not quant.fitted:
-            _fit_quantizer(quant, vae, dataset, data, fit_samples, device)
+            fit_quantizer(quant, vae, dataset, data, fit_samples, device)
         tensors = _encode_all(vae, quant, dataset, data, device)
     finally:
         torch.random.set_rng_state(rng_state)
@@ -207,5 +217,5 @@ class OnTheFlyTokens:
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         latents = encode_latents(self.vae, images, self.sample_posterior)
-        return self.quantizer.quantize(latents.permute(0, 2, 3, 1).contiguous()), labels
+        return latents_to_indices(self.quantizer, latents), labels
 
