@@ -4,6 +4,8 @@ the plumbing: token caches, variant training + evaluation, reuse, files and tabl
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from torch.utils.data import TensorDataset
@@ -154,3 +156,24 @@ def test_table5_times_the_heads_in_process(tmp_path):
     md = (out / "table5.md").read_text()
     assert "`python benchmarks/heads.py --quick --repeats 1" in md and "Its summary: `RESULT " in md
     assert (out / "table5.png").stat().st_size > 0
+
+
+def test_table3_compares_the_families_over_training_seeds(tmp_path, resources):
+    table = repro.run_repro("table3", out_dir=tmp_path / "out", scale="tiny", work_dir=tmp_path / "work",
+                            resources=resources)
+    rows = [line for line in table.splitlines() if line.startswith("| TokenBridge") or line.startswith("| continuous")]
+    assert len(rows) == 2 and all(" +- " in r for r in rows)
+    data = json.loads((tmp_path / "out" / "table3.json").read_text())
+    runs = data["runs"]
+    assert sorted((r["family"], r["seed"]) for r in runs) == [(f, s) for f in ("mar", "tokenbridge") for s in (0, 1, 2)]
+    # different training seeds give different generators, hence a spread
+    fds = [r["metrics"]["fd_cls"] for r in runs if r["family"] == "mar"]
+    assert len(set(fds)) == 3
+    assert {p["family"] for p in data["quality_vs_time"]} == {"tokenbridge", "mar"}
+    assert (tmp_path / "out" / "table3.png").stat().st_size > 0
+    md = (tmp_path / "out" / "table3.md").read_text()
+    assert "fd_cls:" in md and ("exceeds the spread" in md or "within the spread" in md)
+    # a second call reuses every trained run and evaluation
+    again = repro.run_repro("table3", out_dir=tmp_path / "out2", scale="tiny", work_dir=tmp_path / "work",
+                            resources=resources)
+    assert again.splitlines()[2].split("|")[5:9] == table.splitlines()[2].split("|")[5:9]

@@ -112,10 +112,11 @@ def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 
 def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.device = "cpu",
-                   ema: bool = True) -> nn.Module:
-    """A generator in eval mode from a shipped name ("fmnist"), an exported ``.safetensors`` or a training
-    ``checkpoint.pt`` (its EMA weights unless ``ema`` is False). ``generator.provenance`` holds the record:
-    family, sample (the sampling defaults), vae, vae_fingerprint, tokens, step."""
+                   ema: bool = True, family: str | None = None) -> nn.Module:
+    """A generator in eval mode from a shipped name ("fmnist", "fmnist-mar"), an exported ``.safetensors`` or a
+    training ``checkpoint.pt`` (its EMA weights unless ``ema`` is False). ``family``: the family expected (a file
+    holding another is refused, naming both). ``generator.provenance`` holds the record: family, sample (the
+    sampling defaults), vae, vae_fingerprint, tokens, step."""
     path = SHIPPED.get(str(spec), Path(spec))
     if not path.is_file():
         raise FileNotFoundError(f"generator weights not found: {path} (give a checkpoint.pt, an exported "
@@ -129,6 +130,8 @@ def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.devic
     else:
         ckpt = load_checkpoint(path)
         record, state = _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), ckpt["ema" if ema else "model"]
+    if family is not None and record["family"] != family:
+        raise ValueError(f"{path} holds a {record['family']!r} generator, but a {family!r} generator is expected here")
     model = get_family(record["family"]).from_config(record["config"])
     try:
         model.load_state_dict(state)

@@ -122,7 +122,7 @@ class DataConfig(Section):
     allow_large_images: bool = False  # open images beyond PIL's decompression-bomb limit
     sample_posterior: bool = False  # encode with a posterior sample instead of its mean
     store_latents: bool = True  # the token file also keeps the continuous latents (data-derived channel order)
-    latents_dtype: Literal["float16", "float32"] = "float32"  # of stored latents in shards (float16: half the disk)
+    latents_dtype: Literal["float16", "float32"] = "float32"  # of stored latents (float16: half the disk)
     shard_size: PositiveInt | None = None  # cache-latents writes a folder of shards of this many images (torchrun)
     flip: bool = False  # shards also keep the tokens of horizontally flipped images (MAR's augmentation)
     encode_batch: PositiveInt = 256  # images per VAE call while caching

@@ -35,6 +35,7 @@ from .distributed import barrier, init_distributed
 from .files import atomic_path, check_writable
 from .quantizer import DimensionwiseQuantizer
 from .rows import FileTensor, LazyRows, read_tensors
+from .tokens import LATENT_DTYPES as TOKEN_LATENT_DTYPES
 from .tokens import (TOKENS_FORMAT, CachedTokens, fit_quantizer, encode_latents, image_dataset, index_dtype,
                      latents_to_indices, rebuild_quantizer)
 from .vae import VAE, load_vae, vae_fingerprint
@@ -44,7 +45,7 @@ QUANTIZER_FILE = "quantizer.safetensors"
 SHARDS_FORMAT = "tokenbridge-shards"
 SHARD_FORMAT = "tokenbridge-shard"
 FORMAT_VERSION = 1
-LATENT_DTYPES = {None: None, "float16": torch.float16, "float32": torch.float32}
+LATENT_DTYPES = {None: None, **TOKEN_LATENT_DTYPES}
 
 
 def shard_file(k: int) -> str:

@@ -1,8 +1,8 @@
 """Token caches: encode a dataset once with a VAE, quantize it, and read it back for training.
 
 `cache_latents` writes one safetensors file: ``indices`` [N, h, w, C] (uint8 when levels <= 256, else int16;
-channel-last), ``labels`` int64 [N], optionally ``latents`` float32 [N, C, h, w] (scaled, channel-first; for the
-data-derived channel order), the quantizer's buffers as ``quantizer.<name>`` (so that training and sampling
+channel-last), ``labels`` int64 [N], optionally ``latents`` float32 or float16 [N, C, h, w] (scaled, channel-first;
+for the data-derived channel order and the continuous-token families), the quantizer's buffers as ``quantizer.<name>`` (so that training and sampling
 dequantize with exactly the quantizer that made the tokens) and string metadata: format, version, vae, vae_fingerprint,
 quantizer (JSON), levels, scaling_factor, data, split, num_classes, sample_posterior. `CachedTokens` reads it.
 """
@@ -28,6 +28,7 @@ from .vae import VAE, load_vae, vae_fingerprint
 
 TOKENS_FORMAT = "tokenbridge-tokens"
 FORMAT_VERSION = 1
+LATENT_DTYPES = {"float16": torch.float16, "float32": torch.float32}  # how token caches may store latents
 
 
 def image_dataset(data: DataConfig) -> Dataset:
@@ -77,7 +78,7 @@ def _encode_all(vae: VAE, quantizer: DimensionwiseQuantizer, dataset: Dataset, d
         indices.append(latents_to_indices(quantizer, lat).to("cpu", dtype))
         labels.append(torch.as_tensor(label).to("cpu", torch.int64))
         if data.store_latents:
-            latents.append(lat.cpu())
+            latents.append(lat.to("cpu", LATENT_DTYPES[data.latents_dtype]))
     tensors = {"indices": torch.cat(indices).contiguous(), "labels": torch.cat(labels).contiguous()}
     if data.store_latents:
         tensors["latents"] = torch.cat(latents).contiguous()
@@ -189,8 +190,10 @@ class CachedTokens(Dataset):
             raise ValueError(f"{self.path}: indices must be uint8/int16 [N, h, w, C], got {idx.dtype} {list(idx.shape)}")
         if lab.dtype != torch.int64 or lab.shape != (idx.shape[0],):
             raise ValueError(f"{self.path}: labels must be int64 [{idx.shape[0]}], got {lab.dtype} {list(lab.shape)}")
-        if lat is not None and (lat.ndim != 4 or lat.shape[0] != idx.shape[0] or lat.shape[1] != idx.shape[3]):
-            raise ValueError(f"{self.path}: latents shape {list(lat.shape)} does not match indices {list(idx.shape)}")
+        if lat is not None and (lat.ndim != 4 or lat.shape[0] != idx.shape[0] or lat.shape[1] != idx.shape[3]
+                                or lat.dtype not in LATENT_DTYPES.values()):
+            raise ValueError(f"{self.path}: latents {lat.dtype} {list(lat.shape)} do not match indices "
+                             f"{list(idx.shape)} (expected float16/float32 [N, C, h, w])")
 
     def __len__(self) -> int:
         return self.indices.shape[0]
@@ -203,19 +206,56 @@ class CachedTokens(Dataset):
         return self.indices[i].long(), self.labels[i]
 
 
+class LatentTokens(Dataset):
+    """The continuous latents of a token cache (CachedTokens or ShardedTokens) as (latents float32 [h, w, C]
+    channel-last, label long scalar) items: what the continuous-token families train on. Every other attribute
+    (grid_shape, num_classes, vae, path, ...) is the cache's. A cache without latents is refused; non-finite
+    latents are refused when the cache is opened (a file in memory) or when the item is read (shards)."""
+
+    def __init__(self, tokens: Dataset):
+        if getattr(tokens, "latents", None) is None:
+            raise ValueError(f"token file {tokens.path} stores no continuous latents; the continuous-token families "
+                             "train on latents: make it with `tokenbridge cache-latents` and data.store_latents=true "
+                             "(data.latents_dtype=float16 halves the file)")
+        self.tokens = tokens
+        if isinstance(tokens.latents, torch.Tensor):
+            self._check_finite(tokens.latents, "")
+
+    def _check_finite(self, latents: torch.Tensor, where: str) -> None:
+        if not bool(torch.isfinite(latents).all()):
+            raise ValueError(f"token file {self.tokens.path}: latents{where} hold NaN or inf values")
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "tokens":  # not set yet (unpickling): no delegation loop
+            raise AttributeError(name)
+        return getattr(self.tokens, name)
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        latents = self.tokens.latents[int(i)]
+        if not isinstance(self.tokens.latents, torch.Tensor):
+            self._check_finite(latents, f" of item {int(i)}")
+        return latents.permute(1, 2, 0).float(), self.tokens.labels[int(i)]
+
+
 class OnTheFlyTokens:
     """Turns an (images, labels) batch into (indices [B, h, w, C], labels) with a frozen VAE and a quantizer, for
-    training without a token cache (``data.source: images``)."""
+    training without a token cache (``data.source: images``); with ``quantizer=None`` into the continuous
+    latents (latents float [B, h, w, C], labels)."""
 
-    def __init__(self, data: DataConfig, quantizer: dict[str, Any], device: torch.device):
+    def __init__(self, data: DataConfig, quantizer: dict[str, Any] | None, device: torch.device):
         self.vae = load_vae(data.vae, device).eval().requires_grad_(False)
-        self.quantizer = DimensionwiseQuantizer(**quantizer).to(device)
-        if not self.quantizer.fitted:
+        self.quantizer = DimensionwiseQuantizer(**quantizer).to(device) if quantizer is not None else None
+        if self.quantizer is not None and not self.quantizer.fitted:
             raise ValueError("data.source=images cannot fit a calibrated quantizer per batch; use cache-latents")
         self.sample_posterior = data.sample_posterior
 
     def __call__(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = batch
         latents = encode_latents(self.vae, images, self.sample_posterior)
+        if self.quantizer is None:
+            return latents.permute(0, 2, 3, 1).contiguous(), labels
         return latents_to_indices(self.quantizer, latents), labels
 

@@ -34,7 +34,7 @@ from .files import FolderLock, atomic_path, check_writable
 from .optim import EMA, lr_at, param_groups
 from .generators import apply_preset, check_sample_options, get_family
 from .shards import ShardedTokens
-from .tokens import CachedTokens, OnTheFlyTokens, image_dataset
+from .tokens import CachedTokens, LatentTokens, OnTheFlyTokens, image_dataset
 from .vae import vae_fingerprint
 
 CONFIGS = Path(__file__).resolve().parent / "configs"
@@ -78,16 +78,20 @@ class TrainingData:
 
 
 def training_data(run: RunConfig, device: torch.device) -> TrainingData:
-    """The dataset a run's data section names: a token file (``source: tokens``) or images encoded per batch."""
+    """The dataset a run's data section names: a token file (``source: tokens``) or images encoded per batch; its
+    indices, or its continuous latents for a family whose ``items`` is ``"latents"``."""
     data = run.data
+    continuous = getattr(get_family(run.family), "items", "indices") == "latents"
     if data.source == "tokens":
         if not data.tokens:
             raise ConfigError("config key 'data.tokens' is required for data.source=tokens (a cache-latents file)")
         path = Path(data.tokens)
         tokens = ShardedTokens(path) if path.is_dir() or path.suffix == ".json" else CachedTokens(path)
+        if continuous:
+            tokens = LatentTokens(tokens)
         return TrainingData(tokens, None, {"tokens": str(data.tokens), "tokens_items": len(tokens),
                                            "vae": tokens.vae, "vae_fingerprint": tokens.vae_fingerprint})
-    prepare = OnTheFlyTokens(data, run.model["quantizer"], device)
+    prepare = OnTheFlyTokens(data, None if continuous else run.model["quantizer"], device)
     return TrainingData(image_dataset(data), prepare, {"tokens": None, "vae": data.vae,
                                                         "vae_fingerprint": vae_fingerprint(prepare.vae)})
 
@@ -186,7 +190,7 @@ class Trainer:
         self.total_steps, self.warmup_steps, self.peak_lr = _schedule(run, self.steps_per_epoch)
         D.seed_all(run.seed)  # the same initial weights on every rank (DDP also broadcasts rank 0's)
         family = get_family(run.family)
-        tokens = data.dataset if isinstance(data.dataset, (CachedTokens, ShardedTokens)) else None
+        tokens = data.dataset if isinstance(data.dataset, (CachedTokens, ShardedTokens, LatentTokens)) else None
         self.model = family.from_config(run.model, tokens).to(device)
         # record the resolved model config (channel order, quantizer of the token file) for rebuilding
         self.run = run.model_copy(update={"model": self.model.config})

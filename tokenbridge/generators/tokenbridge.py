@@ -23,15 +23,13 @@ from typing import Any, Literal
 import torch
 import torch.nn as nn
 from pydantic import Field, PositiveInt
-from tqdm import tqdm
 
-from ..backbone import MAR, patchify, random_masking, sample_orders, unpatchify
+from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
 from ..heads import DimensionwiseARHead, GroupedHead, ParallelHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
-from ..sampling import CFG_SCHEDULES, cfg_schedule as cfg_at, mask_schedule_list, num_masked_for_ratio
-from ..sampling import truncnorm_mask_ratio
+from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
 ORDERS = ("random", "confidence")
@@ -96,11 +94,7 @@ def expand_channel_order(order: list[int] | None, channels: int, patch_size: int
 def _fill_from_data(cfg: dict, given_quantizer: dict, data: Any) -> None:
     """grid, channels, classes and quantizer from a token dataset (tokenbridge.tokens.CachedTokens); a value the
     config gives (preset included) must agree with the data."""
-    h, w, c = data.grid_shape
-    for key, value in {"grid_size": [h, w], "channels": c, "num_classes": data.num_classes}.items():
-        if cfg[key] is not None and cfg[key] != value:
-            raise ConfigError(f"config key 'model.{key}' = {cfg[key]} but the token file {data.path} has {value}")
-        cfg[key] = value
+    fill_shapes(cfg, data)
     clash = {k: (cfg["quantizer"][k], data.quantizer_config.get(k)) for k in given_quantizer
              if cfg["quantizer"][k] != data.quantizer_config.get(k)}
     if clash:
@@ -116,16 +110,8 @@ def _fill_from_data(cfg: dict, given_quantizer: dict, data: Any) -> None:
         head["order"] = frequency_channel_order(latents)[0].tolist()
 
 
-def _make_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise ValueError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
-    return torch.Generator(device=device).manual_seed(generator)
-
-
 @register_family
-class TokenBridgeGenerator(nn.Module):
+class TokenBridgeGenerator(MaskedGenerator):
     """Quantizer + MAR backbone + head.
 
     loss((indices [B, H, W, C] long in [0, levels), labels [B] long in [0, num_classes])) -> scalar CE loss.
@@ -198,15 +184,6 @@ class TokenBridgeGenerator(nn.Module):
         return cls(cls.resolve_config(config, data), quantizer=data.make_quantizer() if data is not None else None)
 
     # ------------------------------------------------------------------ validation (public entry points only)
-    def _check_labels(self, labels: torch.Tensor) -> None:
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-            raise ValueError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'shape', type(labels))}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = unconditional), "
-                             f"got range [{int(labels.min())}, {int(labels.max())}]")
-
     def _check_batch(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
         """Shapes and dtypes only: value ranges are checked once where tokens enter (token file, quantizer), so a
         training step costs no device -> host synchronisation."""
@@ -233,39 +210,15 @@ class TokenBridgeGenerator(nn.Module):
         indices, labels = indices.long(), labels.to(indices.device).long()
         targets = patchify(indices, self.patch_size)  # [B, L, C*p*p]
         tokens = patchify(self.quantizer.dequantize(indices), self.patch_size)
-        if mask_ratio is None:
-            mask_ratio = float(truncnorm_mask_ratio(1, low=self.mask_ratio_min)[0])
-        num_masked = num_masked_for_ratio(mask_ratio, self.seq_len)
-        mask = random_masking(sample_orders(indices.shape[0], self.seq_len, device=indices.device), num_masked)
-        z = self.backbone(tokens, labels, mask)
+        z, mask = self._masked_features(tokens, labels, mask_ratio)
         return self.head.loss(z[mask], targets[mask])
-
-    def forward(self, indices: torch.Tensor, labels: torch.Tensor, mask_ratio: float | None = None) -> torch.Tensor:
-        """Same as ``loss((indices, labels), mask_ratio)``."""
-        return self.loss((indices, labels), mask_ratio)
 
     # ------------------------------------------------------------------ generation
     def _check_sampling(self, labels: torch.Tensor, num_iter: int, cfg: float | None, cfg_schedule: str,
-                        order: str) -> None:
-        self._check_labels(labels)
-        if labels.numel() == 0:
-            raise ValueError("labels is empty: pass at least one class index to sample")
+                        temperature: float, order: str) -> None:
+        self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if int(num_iter) != num_iter or num_iter < 1:
-            raise ValueError(f"num_iter must be a positive integer, got {num_iter}")
-        if cfg is not None and not 0 <= float(cfg) < float("inf"):  # also rejects NaN
-            raise ValueError(f"cfg must be finite and >= 0 (1.0 = no guidance), got {cfg}")
-
-    @staticmethod
-    def _positions(mask: torch.Tensor, orders: torch.Tensor | None, remaining: int, prev: int) -> torch.Tensor:
-        """Positions [N, m] to sample at one step: the next chunk of the random order, or (confidence order) every
-        still-masked position (argsort puts the masked ones, True, first)."""
-        if orders is not None:
-            return orders[:, remaining:prev]
-        return torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :prev]
 
     @torch.no_grad()
     def sample(
@@ -292,63 +245,19 @@ class TokenBridgeGenerator(nn.Module):
         callback: called after every step with the outputs so far plus ``step`` (1-based), ``num_iter`` and
         ``mask`` [N, H, W] bool (True = not generated yet; those latents are 0, the prior mean) — for live views.
         """
-        self._check_sampling(labels, num_iter, cfg, cfg_schedule, order)
+        self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order)
         device = next(self.parameters()).device
-        gen = _make_generator(generator, device)
+        gen = make_generator(generator, device)
         labels = labels.to(device).long()
-        n, seq_len, tdim = labels.shape[0], self.seq_len, self.backbone.token_dim
-        num_iter = min(int(num_iter), seq_len)
-        schedule = mask_schedule_list(num_iter, seq_len)
-        use_cfg = cfg is not None and float(cfg) != 1.0
-        if use_cfg:
-            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
-        idx = torch.zeros(n, seq_len, tdim, dtype=torch.long, device=device)
-        conf = torch.zeros(n, seq_len, device=device)
-        mask = torch.ones(n, seq_len, dtype=torch.bool, device=device)
-        orders = sample_orders(n, seq_len, device=device, generator=gen) if order == "random" else None
-        was_training = self.training
-        self.eval()
-        try:
-            prev = seq_len
-            for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
-                remaining = schedule[step]
-                tokens = self.indices_to_tokens(idx)
-                z = self.backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
-                                  torch.cat([mask, mask]) if use_cfg else mask)
-                pos = self._positions(mask, orders, remaining, prev)
-                m = pos.shape[1]
-                gather = pos.unsqueeze(-1).expand(n, m, z.shape[-1])
-                z_sel = torch.gather(z[:n], 1, gather).reshape(n * m, -1)
-                step_cfg = None
-                if use_cfg:
-                    z_sel = torch.cat([z_sel, torch.gather(z[n:], 1, gather).reshape(n * m, -1)])
-                    step_cfg = cfg_at(float(cfg), cfg_schedule, remaining / seq_len)
-                new_idx, logp = self.head.sample(z_sel, temperature=temperature, top_k=top_k, top_p=top_p,
-                                                 cfg=step_cfg, generator=gen)
-                new_idx, logp = new_idx.reshape(n, m, tdim), logp.reshape(n, m).float()
-                keep = prev - remaining
-                if keep < m:  # confidence order: keep the most likely of the sampled positions
-                    top = logp.topk(keep, dim=1).indices
-                    pos, logp = pos.gather(1, top), logp.gather(1, top)
-                    new_idx = new_idx.gather(1, top.unsqueeze(-1).expand(n, keep, tdim))
-                idx.scatter_(1, pos.unsqueeze(-1).expand(n, keep, tdim), new_idx.long())
-                conf.scatter_(1, pos, logp)
-                mask.scatter_(1, pos, False)
-                prev = remaining
-                if callback is not None:
-                    callback(self._partial(idx, conf, mask, step + 1, num_iter))
-        finally:
-            self.train(was_training)
-        return self._outputs(idx, conf)
 
-    def _partial(self, idx: torch.Tensor, conf: torch.Tensor, mask: torch.Tensor, step: int,
-                 num_iter: int) -> dict[str, torch.Tensor]:
-        """The outputs after ``step`` of ``num_iter`` steps, with not-yet-generated latents at 0."""
-        out = self._outputs(idx, conf)
-        p, (h, w) = self.patch_size, self.grid_size
-        grid_mask = mask.reshape(-1, h // p, w // p).repeat_interleave(p, 1).repeat_interleave(p, 2)
-        out["latents"] = out["latents"].masked_fill(grid_mask[:, None], 0.0)
-        return {**out, "mask": grid_mask, "step": torch.tensor(step), "num_iter": torch.tensor(num_iter)}
+        def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
+            return self.head.sample(z_sel, temperature=temperature, top_k=top_k, top_p=top_p, cfg=step_cfg,
+                                    generator=g)
+
+        idx = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, dtype=torch.long, device=device)
+        idx, conf = self._generate(labels, idx, self.indices_to_tokens, predict, num_iter, cfg, cfg_schedule,
+                                   order == "random", gen, progress, callback)
+        return self._outputs(idx, conf)
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:
         grid = unpatchify(idx, self.grid_size, self.patch_size)

@@ -9,7 +9,8 @@ it); train (tokenbridge.config.TrainConfig keys); eval (sampling + metrics setti
 eval.seed: sampling and NLL-mask seed, None = the run's seed; another value re-evaluates the same trained
 generators, which measures the evaluation's own noise); then one section per table. table2e.head_width_to_paper
 maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths divided by that
-factor); table5 holds tokenbridge.repro.speed.TimingOptions.
+factor); table5 holds tokenbridge.repro.speed.TimingOptions; table3 (TokenBridge vs continuous MAR) names the
+training seeds, the continuous model config and the speed and quality-vs-time settings (tokenbridge.repro.families).
 """
 from __future__ import annotations
 
@@ -45,6 +46,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "table2e": {"heads": [[8, 1], [16, 1]], "head_width_to_paper": 32},
         "table5": _timing(quick=True, repeats=1, warmup=0, budget=0.1, batches=[1], diffusion_steps=4, threads=1),
         "fig8": {"show_per_class": 1},
+        "table3": {"seeds": [0, 1, 2], "mar_model": {"preset": "tiny"}, "num_sampling_steps": 4,
+                   "num_iters": [2, 4], "diffusion_steps": [2], "speed_batch": 4, "speed_repeats": 1},
     },
     "small": {
         "seed": 0,
@@ -63,6 +66,9 @@ SCALES: dict[str, dict[str, Any]] = {
         "table2e": {"heads": [[32, 3], [64, 3], [64, 4], [128, 4]], "head_width_to_paper": 8},
         "table5": _timing(quick=True),
         "fig8": {"show_per_class": 2},
+        # the TokenBridge generator's fmnist backbone with a 128 x 3 diffusion head (as the shipped pair)
+        "table3": {"seeds": [0, 1, 2], "mar_model": {"preset": "fmnist"}, "num_sampling_steps": 100,
+                   "num_iters": [4, 8, 16], "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 3},
     },
     "paper": {
         "seed": 0,
@@ -81,6 +87,9 @@ SCALES: dict[str, dict[str, Any]] = {
         "table2e": {"heads": [[256, 3], [512, 3], [512, 4], [1024, 4], [1024, 6]], "head_width_to_paper": 1},
         "table5": _timing(),  # the paper's L sizes: AR head 1024 x 4, diffusion head 1024 x 3, 100 steps
         "fig8": {"show_per_class": 2},
+        "table3": {"seeds": [0, 1, 2], "num_sampling_steps": 100, "num_iters": [16, 64, 256],
+                   "mar_model": {"preset": "mar-l", "grid_size": None, "channels": None, "num_classes": None},
+                   "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 5},
     },
 }
 # Sections whose keys are checked downstream (the generator family, train.train): overrides may add keys there.

@@ -1,0 +1,187 @@
+"""ContinuousMARGenerator: MAR with a diffusion loss on the VAE's continuous latents (Li et al. 2024), the
+baseline TokenBridge claims to match, and the second stage of D2C.
+
+Training (`loss`): latents [B, H, W, C] are patchified to tokens, a random subset of positions is masked (the same
+truncated-normal ratio and random order as the TokenBridge generator), the backbone gives z per position and the
+diffusion head's loss is taken on the masked tokens, each drawn ``diffusion_batch_mul`` times with independent
+timesteps and noise (MAR: 4; more noise draws per backbone pass make the head's gradient less noisy for little
+backbone cost).
+
+Generation (`sample`): `num_iter` MAR steps on the cosine mask schedule in a random order; at every step the head
+draws the next chunk's tokens by DDPM respaced to `num_sampling_steps`, with the per-step noise scaled by
+`temperature` and classifier-free guidance on the predicted noise (cond and uncond rows in one batch).
+
+The head learns its variance (improved DDPM, as MAR): with 100 of 1,000 steps the learned interpolation between
+beta and beta~ matters for sample quality, and it costs one extra output per value.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveInt
+
+from ..backbone import MAR, patchify, unpatchify
+from ..config import ConfigError, Section, signature_model, validate
+from ..diffusion import DiffusionHead
+from .masked import MaskedGenerator, fill_shapes, make_generator
+from .registry import apply_preset, register_family
+
+BackboneConfig = signature_model(MAR, "MARBackboneConfig", exclude=("grid_size", "token_dim", "num_classes"))
+DiffusionHeadConfig = signature_model(DiffusionHead, "DiffusionHeadConfig", exclude=("z_dim", "token_dim"))
+
+
+class ContinuousMARConfig(Section):
+    """grid_size, channels and num_classes default to the training latents' (None: taken from the token file)."""
+
+    grid_size: tuple[PositiveInt, PositiveInt] | None = None  # latent grid (H, W)
+    channels: PositiveInt | None = None  # latent channels C
+    num_classes: PositiveInt | None = None
+    mask_ratio_min: float = Field(default=0.7, ge=0, lt=1)  # MAR: mask ratio ~ truncnorm on [0.7, 1]
+    diffusion_batch_mul: PositiveInt = 4  # MAR: noise draws per masked token per step
+    backbone: BackboneConfig = BackboneConfig()
+    head: DiffusionHeadConfig = DiffusionHeadConfig()
+
+
+@register_family
+class ContinuousMARGenerator(MaskedGenerator):
+    """MAR backbone + diffusion head on continuous latent tokens.
+
+    loss((latents [B, H, W, C] float, labels [B] long in [0, num_classes])) -> scalar diffusion loss.
+    sample(labels [N]) -> dict(latents [N, C, H, W] float). Label `num_classes` means unconditional.
+    """
+
+    family = "mar"
+    items = "latents"  # trains on a token cache's continuous latents (tokenbridge.tokens.LatentTokens)
+    presets: dict[str, dict] = {}  # filled at the end of this module
+
+    def __init__(self, config: dict) -> None:
+        super().__init__()
+        cfg = self.resolve_config(config)
+        if cfg["grid_size"] is None or cfg["channels"] is None or cfg["num_classes"] is None:
+            raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
+                              "generator without training data")
+        self.config = cfg
+        b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])
+        self.channels, self.patch_size = int(cfg["channels"]), p
+        self.backbone = MAR(grid_size=tuple(cfg["grid_size"]), token_dim=self.channels * p * p,
+                            num_classes=int(cfg["num_classes"]), **b)
+        self.head = DiffusionHead(z_dim=int(b["width"]), token_dim=self.channels * p * p, **cfg["head"])
+        self.grid_size, self.seq_len = self.backbone.grid_size, self.backbone.seq_len
+        self.num_classes = self.backbone.num_classes
+        self.mask_ratio_min = float(cfg["mask_ratio_min"])
+        self.diffusion_batch_mul = int(cfg["diffusion_batch_mul"])
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def resolve_config(cls, config: dict, data: Any = None) -> dict:
+        """Validate a model config (presets accepted); with ``data`` (a token dataset) fill grid, channels and
+        classes from it."""
+        cfg = validate(ContinuousMARConfig, apply_preset(cls, config), "model").model_dump(mode="json")
+        if data is not None:
+            fill_shapes(cfg, data)
+        return cfg
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        """Build a resolved config on the meta device (no memory, no time), so that a value the constructors
+        reject fails before any data is read."""
+        if config["grid_size"] is None or config["channels"] is None or config["num_classes"] is None:
+            return
+        try:
+            with torch.device("meta"):
+                cls(config)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model config: {e}") from None
+
+    @classmethod
+    def from_config(cls, config: dict, data: Any = None) -> ContinuousMARGenerator:
+        """Build from a model config; with ``data`` (a token dataset) its shapes are used."""
+        return cls(cls.resolve_config(config, data))
+
+    # ------------------------------------------------------------------ training
+    def _check_batch(self, latents: torch.Tensor, labels: torch.Tensor) -> None:
+        """Shapes and dtypes only: finiteness is checked where latents enter (tokenbridge.tokens.LatentTokens),
+        so that a training step costs no device -> host synchronisation."""
+        h, w = self.grid_size
+        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or not latents.is_floating_point():
+            raise ValueError(f"latents must be a float tensor [B, {h}, {w}, {self.channels}], got "
+                             f"{getattr(latents, 'dtype', type(latents))} {tuple(getattr(latents, 'shape', ()))}")
+        if tuple(latents.shape[1:]) != (h, w, self.channels):
+            raise ValueError(f"latents must be [B, {h}, {w}, {self.channels}] (channel-last), got shape "
+                             f"{tuple(latents.shape)}: a latent grid or channel count this generator was not built for")
+        if labels.dim() != 1 or labels.shape[0] != latents.shape[0] or labels.is_floating_point():
+            raise ValueError(f"labels must be integers [{latents.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
+
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], mask_ratio: float | None = None) -> torch.Tensor:
+        """Diffusion loss on the masked tokens of a batch (latents [B, H, W, C], labels [B]). mask_ratio=None
+        draws it from the truncated normal (MAR training)."""
+        latents, labels = batch
+        self._check_batch(latents, labels)
+        tokens = patchify(latents.float(), self.patch_size)  # [B, L, C*p*p]
+        z, mask = self._masked_features(tokens, labels.to(latents.device).long(), mask_ratio)
+        k = self.diffusion_batch_mul
+        return self.head.loss(z[mask].repeat(k, 1), tokens[mask].repeat(k, 1))
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg: float | None = 1.0,
+               cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
+               num_sampling_steps: int = 100, generator: torch.Generator | int | None = None, progress: bool = False,
+               callback: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+        """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
+
+        num_iter: MAR steps (capped at the sequence length L). num_sampling_steps: DDPM steps per token, respaced
+        from the head's training steps (MAR: 100 of 1,000). temperature scales the DDPM noise (0: the mean path).
+        cfg None or 1.0 runs without guidance; otherwise eps = eps_u + cfg_t (eps_c - eps_u), cfg_t by
+        `cfg_schedule`. generator: None (global RNG), an int seed or a torch.Generator on the model's device.
+        Returns dict(latents [N, C, H, W] float). callback: called after every MAR step with the outputs so far
+        plus ``step``, ``num_iter`` and ``mask`` [N, H, W] bool (True = not generated yet; those latents are 0).
+        """
+        self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
+        train_steps = len(self.head.schedule)
+        if int(num_sampling_steps) != num_sampling_steps or not 1 <= num_sampling_steps <= train_steps:
+            raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {num_sampling_steps}")
+        device = next(self.parameters()).device
+        gen = make_generator(generator, device)
+        labels = labels.to(device).long()
+
+        def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
+            x = self.head.sample(z_sel, num_steps=int(num_sampling_steps), temperature=float(temperature),
+                                 cfg=step_cfg, generator=g)
+            return x, None
+
+        values = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, device=device)
+        values, score = self._generate(labels, values, lambda v: v, predict, num_iter, cfg, cfg_schedule, True, gen,
+                                       progress, callback)
+        return self._outputs(values, score)
+
+    def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:
+        grid = unpatchify(values, self.grid_size, self.patch_size)
+        return {"latents": grid.permute(0, 3, 1, 2).contiguous()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets (one place names the sizes; `model: {preset: NAME}` in a config)
+
+# Embedded default: the TokenBridge generator's fmnist backbone (tokenbridge.py) with a diffusion head.
+_FMNIST_BACKBONE = {"width": 192, "encoder_depth": 3, "decoder_depth": 3, "num_heads": 4, "buffer_size": 8}
+# ImageNet 256x256 on MAR's KL-16 VAE (16x16x16 tokens). Sizes, buffer and dropout of MAR's mar_base / mar_large /
+# mar_huge with the diffusion heads of its training commands (diffloss_d x diffloss_w: 6x1024, 8x1280, 12x1536).
+_IMAGENET = {"grid_size": [16, 16], "channels": 16, "num_classes": 1000}
+_PAPER = {"buffer_size": 64, "dropout": 0.1, "attn_dropout": 0.1}
+ContinuousMARGenerator.presets.update({
+    "tiny": {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
+             "backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2, "buffer_size": 2},
+             "head": {"width": 32, "depth": 1}},
+    "fmnist": {"grid_size": [8, 8], "channels": 4, "num_classes": 10, "backbone": _FMNIST_BACKBONE,
+               "head": {"width": 128, "depth": 3}},
+    "mar-b": {**_IMAGENET, "backbone": {"width": 768, "encoder_depth": 12, "decoder_depth": 12, "num_heads": 12,
+                                        **_PAPER}, "head": {"width": 1024, "depth": 6}},
+    "mar-l": {**_IMAGENET, "backbone": {"width": 1024, "encoder_depth": 16, "decoder_depth": 16, "num_heads": 16,
+                                        **_PAPER}, "head": {"width": 1280, "depth": 8}},
+    "mar-h": {**_IMAGENET, "backbone": {"width": 1280, "encoder_depth": 20, "decoder_depth": 20, "num_heads": 16,
+                                        **_PAPER}, "head": {"width": 1536, "depth": 12}},
+})

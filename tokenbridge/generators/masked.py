@@ -1,0 +1,174 @@
+"""What the masked-autoregressive (MAR) families share: label and option checks, the training mask, and the
+generation loop.
+
+Both the TokenBridge generator (discrete tokens, a categorical head) and the continuous MAR generator (latent
+tokens, a diffusion head) run the same MAR backbone the same way; they differ in what a token is and in the head
+that draws it. A family subclasses `MaskedGenerator`, sets ``backbone``, ``grid_size``, ``seq_len``,
+``num_classes``, ``patch_size`` and ``mask_ratio_min``, and gives `_generate` two functions: how its stored
+values become backbone inputs, and how its head draws the values of some positions from z.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from ..backbone import random_masking, sample_orders
+from ..config import ConfigError
+from ..sampling import CFG_SCHEDULES, cfg_schedule as cfg_at, mask_schedule_list, num_masked_for_ratio
+from ..sampling import truncnorm_mask_ratio
+
+# predict(z_sel [n*m (2n*m with cfg), W], step cfg or None, generator) -> (values [n*m, D], score [n*m] or None)
+Predict = Callable[[torch.Tensor, float | None, torch.Generator | None], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def make_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
+    """None (the global RNG), a torch.Generator (used as is) or an int seed (a new generator on ``device``)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return generator
+    if isinstance(generator, bool) or not isinstance(generator, int):
+        raise ValueError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
+    return torch.Generator(device=device).manual_seed(generator)
+
+
+def fill_shapes(cfg: dict[str, Any], data: Any) -> None:
+    """Set a model config's grid_size, channels and num_classes from a token dataset (``grid_shape`` (h, w, C),
+    ``num_classes``, ``path``); a value the config already gives (a preset's included) must agree with the data."""
+    h, w, c = data.grid_shape
+    for key, value in {"grid_size": [h, w], "channels": c, "num_classes": data.num_classes}.items():
+        if cfg[key] is not None and cfg[key] != value:
+            raise ConfigError(f"config key 'model.{key}' = {cfg[key]} but the token file {data.path} has {value}")
+        cfg[key] = value
+
+
+class MaskedGenerator(nn.Module):
+    """Base of the MAR-style families (not registered itself). Label `num_classes` means unconditional."""
+
+    backbone: nn.Module
+    grid_size: tuple[int, int]
+    seq_len: int
+    num_classes: int
+    patch_size: int
+    mask_ratio_min: float
+
+    # ------------------------------------------------------------------ checks (public entry points only)
+    def _check_labels(self, labels: torch.Tensor) -> None:
+        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
+            raise ValueError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'shape', type(labels))}")
+        if labels.is_floating_point() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = unconditional), "
+                             f"got range [{int(labels.min())}, {int(labels.max())}]")
+
+    def _check_mar_options(self, labels: torch.Tensor, num_iter: int, cfg: float | None, cfg_schedule: str,
+                           temperature: float) -> None:
+        self._check_labels(labels)
+        if labels.numel() == 0:
+            raise ValueError("labels is empty: pass at least one class index to sample")
+        if cfg_schedule not in CFG_SCHEDULES:
+            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
+        if int(num_iter) != num_iter or num_iter < 1:
+            raise ValueError(f"num_iter must be a positive integer, got {num_iter}")
+        if cfg is not None and not 0 <= float(cfg) < float("inf"):  # also rejects NaN
+            raise ValueError(f"cfg must be finite and >= 0 (1.0 = no guidance), got {cfg}")
+        if not 0 <= float(temperature) < float("inf"):
+            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
+
+    # ------------------------------------------------------------------ training
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, mask_ratio: float | None = None) -> torch.Tensor:
+        """Same as ``loss((tokens, labels), mask_ratio)`` (the family's token grid: indices or latents)."""
+        return self.loss((tokens, labels), mask_ratio)
+
+    def _masked_features(self, tokens: torch.Tensor, labels: torch.Tensor,
+                         mask_ratio: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """MAR training input: tokens [B, L, D] float, labels [B] -> (z [B, L, W], mask [B, L] bool, True = the
+        positions the loss is taken on). mask_ratio None draws one ratio for the batch from the truncated normal."""
+        if mask_ratio is None:
+            mask_ratio = float(truncnorm_mask_ratio(1, low=self.mask_ratio_min)[0])
+        num_masked = num_masked_for_ratio(mask_ratio, self.seq_len)
+        mask = random_masking(sample_orders(tokens.shape[0], self.seq_len, device=tokens.device), num_masked)
+        return self.backbone(tokens, labels, mask), mask
+
+    # ------------------------------------------------------------------ generation
+    @staticmethod
+    def _positions(mask: torch.Tensor, orders: torch.Tensor | None, remaining: int, prev: int) -> torch.Tensor:
+        """Positions [N, m] to sample at one step: the next chunk of the random order, or (confidence order) every
+        still-masked position (argsort puts the masked ones, True, first)."""
+        if orders is not None:
+            return orders[:, remaining:prev]
+        return torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :prev]
+
+    def _generate(self, labels: torch.Tensor, values: torch.Tensor, to_tokens: Callable[[torch.Tensor], torch.Tensor],
+                  predict: Predict, num_iter: int, cfg: float | None, cfg_schedule: str, random_order: bool,
+                  gen: torch.Generator | None, progress: bool,
+                  callback: Callable[[dict[str, torch.Tensor]], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MAR loop: ``num_iter`` steps on the cosine mask schedule; each step runs the backbone on the values
+        so far and lets ``predict`` draw the values of the next positions (the random order's next chunk, or with
+        ``random_order`` False every masked position, keeping the highest-scoring ones). With cfg != 1 the
+        unconditional rows run in the same 2N batch and ``predict`` gets [cond; uncond] features.
+
+        labels [N] on the model's device; values [N, L, D] (zeros, the dtype the family stores) is filled in
+        place. Returns (values, score [N, L] float: each position's score when it was drawn, 0 without scores).
+        """
+        n, seq_len, device = labels.shape[0], self.seq_len, labels.device
+        num_iter = min(int(num_iter), seq_len)
+        schedule = mask_schedule_list(num_iter, seq_len)
+        use_cfg = cfg is not None and float(cfg) != 1.0
+        if use_cfg:
+            labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
+        tdim = values.shape[-1]
+        score = torch.zeros(n, seq_len, device=device)
+        mask = torch.ones(n, seq_len, dtype=torch.bool, device=device)
+        orders = sample_orders(n, seq_len, device=device, generator=gen) if random_order else None
+        was_training = self.training
+        self.eval()
+        try:
+            prev = seq_len
+            for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
+                remaining = schedule[step]
+                tokens = to_tokens(values)
+                z = self.backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
+                                  torch.cat([mask, mask]) if use_cfg else mask)
+                pos = self._positions(mask, orders, remaining, prev)
+                m = pos.shape[1]
+                gather = pos.unsqueeze(-1).expand(n, m, z.shape[-1])
+                z_sel = torch.gather(z[:n], 1, gather).reshape(n * m, -1)
+                step_cfg = None
+                if use_cfg:
+                    z_sel = torch.cat([z_sel, torch.gather(z[n:], 1, gather).reshape(n * m, -1)])
+                    step_cfg = cfg_at(float(cfg), cfg_schedule, remaining / seq_len)
+                new, new_score = predict(z_sel, step_cfg, gen)
+                new = new.reshape(n, m, tdim)
+                new_score = new_score.reshape(n, m).float() if new_score is not None else score.new_zeros(n, m)
+                keep = prev - remaining
+                if keep < m:  # confidence order: keep the most likely of the sampled positions
+                    top = new_score.topk(keep, dim=1).indices
+                    pos, new_score = pos.gather(1, top), new_score.gather(1, top)
+                    new = new.gather(1, top.unsqueeze(-1).expand(n, keep, tdim))
+                values.scatter_(1, pos.unsqueeze(-1).expand(n, keep, tdim), new.to(values.dtype))
+                score.scatter_(1, pos, new_score)
+                mask.scatter_(1, pos, False)
+                prev = remaining
+                if callback is not None:
+                    callback(self._partial(values, score, mask, step + 1, num_iter))
+        finally:
+            self.train(was_training)
+        return values, score
+
+    def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The family's sample() outputs (with ``latents [N, C, H, W]``) from the loop's values and scores."""
+        raise NotImplementedError
+
+    def _partial(self, values: torch.Tensor, score: torch.Tensor, mask: torch.Tensor, step: int,
+                 num_iter: int) -> dict[str, torch.Tensor]:
+        """The outputs after ``step`` of ``num_iter`` steps, with not-yet-generated latents at 0 (the prior mean)."""
+        out = self._outputs(values, score)
+        p, (h, w) = self.patch_size, self.grid_size
+        grid_mask = mask.reshape(-1, h // p, w // p).repeat_interleave(p, 1).repeat_interleave(p, 2)
+        out["latents"] = out["latents"].masked_fill(grid_mask[:, None], 0.0)
+        return {**out, "mask": grid_mask, "step": torch.tensor(step), "num_iter": torch.tensor(num_iter)}

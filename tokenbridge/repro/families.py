@@ -1,0 +1,206 @@
+"""`tokenbridge repro table3`: TokenBridge vs continuous MAR (diffusion loss) at equal backbone, data and training
+steps: the paper's headline claim at small scale.
+
+Every (family, training seed) pair is trained with the budget's train section on the same cached train split (the
+TokenBridge generator on its indices, continuous MAR on the latents of the same file), then scored on
+``eval.per_class`` samples per class with the classifier metrics against the test split (FD_cls, k-NN precision
+and recall, class accuracy). Rows give mean +- sd over the training seeds; a difference is called real only where
+it exceeds the sum of the two sds. The time columns are measured in this process, families alternating: training
+seconds per step (median of the logged windows after the first) and end-to-end sampling images/s (sampling + VAE
+decode of ``table3.speed_batch`` images, median of ``table3.speed_repeats``). The plot puts quality against
+sampling time as num_iter (both families) and the diffusion steps (continuous MAR) vary, on the seed-0 generators.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..checkpoint import load_generator
+from ..classifier import classifier_metrics
+from ..generate import generate
+from ..markdown import markdown_table
+from ..train import train
+from .plots import pyplot, save_figure
+from .runs import Context, _write_json, class_labels, count_params, short_hash, token_file
+
+FAMILIES = {"tokenbridge": "TokenBridge (AR head)", "mar": "continuous MAR (diffusion head)"}
+METRICS = ("fd_cls", "precision", "recall", "class_accuracy")
+
+
+@dataclass
+class FamilyRun:
+    family: str
+    seed: int
+    run_dir: Path
+    model: nn.Module
+    train: dict  # elapsed_s, step, loss, s_per_step
+    metrics: dict  # fd_cls, precision, recall, class_accuracy, is_cls
+
+
+def _model_config(ctx: Context, family: str) -> dict:
+    return ctx.budget["model"] if family == "tokenbridge" else ctx.budget["table3"]["mar_model"]
+
+
+def _s_per_step(run_dir: Path) -> float:
+    """Median seconds per step over the logged windows after the first (which holds start-up costs)."""
+    rates = [json.loads(line).get("it_s") for line in (run_dir / "log.jsonl").read_text().splitlines()]
+    rates = [r for r in rates[1:] or rates if r]
+    return 1.0 / statistics.median(rates)
+
+
+def train_family(ctx: Context, family: str, seed: int) -> tuple[Path, dict]:
+    """Train (or reuse a finished run of the same configuration) one family at one training seed."""
+    train_cfg = {k: v for k, v in ctx.budget["train"].items() if k != "device"}
+    tokens = token_file(ctx, ctx.budget["model"], "train")  # indices and latents of the same images
+    config = {"seed": seed, "family": family, "data": {"source": "tokens", "tokens": str(tokens)},
+              "model": _model_config(ctx, family), "train": train_cfg}
+    run_dir = ctx.work_dir / "runs" / f"table3-{family}-seed{seed}-{short_hash({**config, 'data': tokens.name})}"
+    info_path = run_dir / "repro_train.json"
+    if info_path.is_file():
+        return run_dir, {**json.loads(info_path.read_text()), "reused": True}
+    metrics = train({**config, "out_dir": str(run_dir), "train": {**train_cfg, "device": ctx.device}})
+    info = {**{k: metrics[k] for k in ("elapsed_s", "loss", "step")}, "s_per_step": _s_per_step(run_dir)}
+    _write_json(info_path, info)
+    return run_dir, {**info, "reused": False}
+
+
+def _options(family: str, e: dict, num_iter: int | None = None, steps: int | None = None) -> dict[str, Any]:
+    options = {"num_iter": num_iter or e["num_iter"], "cfg": e["cfg"], "cfg_schedule": e["cfg_schedule"],
+               "temperature": e["temperature"]}
+    if family == "mar":
+        options["num_sampling_steps"] = steps or e["num_sampling_steps"]
+    return options
+
+
+def score(ctx: Context, model: nn.Module, family: str, per_class: int, **sizes: int | None) -> dict[str, float]:
+    """Classifier metrics of ``per_class`` samples per class at the eval settings (num_iter / steps overridable)."""
+    e = {**ctx.budget["eval"], "num_sampling_steps": ctx.budget["table3"]["num_sampling_steps"]}
+    labels = class_labels(per_class)
+    result = generate(model, labels.tolist(), vae=ctx.res.vae, seed=ctx.eval_seed, device=ctx.device,
+                      batch_size=e["batch_size"], **_options(family, e, sizes.get("num_iter"), sizes.get("steps")))
+    return classifier_metrics(result["images"], labels, real_images=ctx.res.images("test", e["real_images"]),
+                              classifier=ctx.res.classifier, device=ctx.device)
+
+
+def evaluate_family(ctx: Context, family: str, seed: int) -> FamilyRun:
+    run_dir, info = train_family(ctx, family, seed)
+    model = load_generator(run_dir / "checkpoint.pt", device=ctx.device, family=family)
+    key = short_hash({"eval": ctx.budget["eval"], "table3": ctx.budget["table3"]["num_sampling_steps"],
+                      "classifier": ctx.res.fingerprint("classifier")})
+    path = run_dir / f"repro_eval_{key}.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else None
+    if metrics is None:
+        metrics = score(ctx, model, family, ctx.budget["eval"]["per_class"])
+        _write_json(path, metrics)
+    return FamilyRun(family, seed, run_dir, model, info, metrics)
+
+
+def sampling_speed(ctx: Context, models: dict[str, nn.Module], batch: int, repeats: int,
+                   sizes: dict[str, dict] | None = None) -> dict[str, float]:
+    """End-to-end images/s per family (median of ``repeats``, families alternating, one warm-up call each)."""
+    e = {**ctx.budget["eval"], "num_sampling_steps": ctx.budget["table3"]["num_sampling_steps"]}
+    labels = [i % 10 for i in range(batch)]
+    times: dict[str, list[float]] = {f: [] for f in models}
+    for r in range(repeats + 1):
+        for family, model in models.items():
+            start = time.perf_counter()
+            generate(model, labels, vae=ctx.res.vae, seed=r, device=ctx.device,
+                     **_options(family, e, **(sizes or {}).get(family, {})))
+            if r:  # the first round is the warm-up
+                times[family].append(time.perf_counter() - start)
+    return {f: batch / statistics.median(t) for f, t in times.items()}
+
+
+def _mean_sd(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _pm(values: list[float], digits: int = 3) -> str:
+    mean, sd = _mean_sd(values)
+    return f"{mean:.{digits}f} +- {sd:.{digits}f}"
+
+
+def _verdicts(runs: dict[str, list[FamilyRun]]) -> list[str]:
+    """One line per metric: which family is ahead, and whether the gap exceeds the sum of the two sds."""
+    lines = []
+    for m in METRICS:
+        (mt, st), (mm, sm) = (_mean_sd([r.metrics[m] for r in runs[f]]) for f in ("tokenbridge", "mar"))
+        better_tb = mt < mm if m == "fd_cls" else mt > mm
+        real = abs(mt - mm) > st + sm
+        lead = "TokenBridge" if better_tb else "continuous MAR"
+        lines.append(f"{m}: {lead} ahead by {abs(mt - mm):.3f} (sds {st:.3f}, {sm:.3f}): "
+                     + ("exceeds the spread" if real else "within the spread, no difference shown"))
+    return lines
+
+
+def quality_vs_time(ctx: Context, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
+    """FD_cls and images/s of the seed-0 generators as num_iter (and the diffusion steps) vary."""
+    t3, points = ctx.budget["table3"], []
+    per_class = max(2, ctx.budget["eval"]["per_class"] // 2)
+    settings = [("tokenbridge", {"num_iter": n}) for n in t3["num_iters"]]
+    settings += [("mar", {"num_iter": n}) for n in t3["num_iters"]]
+    settings += [("mar", {"num_iter": max(t3["num_iters"]), "steps": s}) for s in t3["diffusion_steps"]]
+    for family, sizes in settings:
+        fd = score(ctx, models[family], family, per_class, **sizes)["fd_cls"]
+        speed = sampling_speed(ctx, {family: models[family]}, t3["speed_batch"], 1, {family: sizes})[family]
+        points.append({"family": family, **sizes, "fd_cls": fd, "images_s": speed})
+    return points
+
+
+def plot_quality_vs_time(points: list[dict[str, Any]], path: Path) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for family, marker in (("tokenbridge", "o"), ("mar", "s")):
+        for vary in ("num_iter", "steps"):
+            pts = [p for p in points if p["family"] == family and (("steps" in p) == (vary == "steps"))]
+            if not pts:
+                continue
+            xs, ys = [1.0 / p["images_s"] * 1000 for p in pts], [p["fd_cls"] for p in pts]
+            label = f"{FAMILIES[family]}, {'diffusion steps' if vary == 'steps' else 'num_iter'} varied"
+            ax.plot(xs, ys, marker=marker, linestyle="-" if vary == "num_iter" else "--", label=label)
+            for x, y, p in zip(xs, ys, pts):
+                ax.annotate(str(p.get("steps", p["num_iter"])), (x, y), textcoords="offset points", xytext=(4, 4),
+                            fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("sampling time per image (ms, end to end, batch as in the table)")
+    ax.set_ylabel("FD_cls (lower is better)")
+    ax.legend(fontsize=7)
+    ax.set_title("Quality against sampling time (seed-0 generators)")
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
+def table3(ctx: Context) -> str:
+    t3 = ctx.budget["table3"]
+    runs = {f: [evaluate_family(ctx, f, s) for s in t3["seeds"]] for f in FAMILIES}
+    first = {f: runs[f][0].model for f in FAMILIES}
+    speed = [sampling_speed(ctx, first, t3["speed_batch"], t3["speed_repeats"])]
+    rows = []
+    for f, label in FAMILIES.items():
+        rs = runs[f]
+        rows.append([label, f"{count_params(rs[0].model) / 1e6:.2f}M", f"{count_params(rs[0].model.head) / 1e6:.2f}M",
+                     _pm([r.train["s_per_step"] for r in rs], 2)]
+                    + [_pm([r.metrics[m] for r in rs], 2 if m == "fd_cls" else 3) for m in METRICS]
+                    + [f"{speed[0][f]:.1f}"])
+    table = markdown_table(["family", "params", "head", "train s/step", "FD_cls", "precision", "recall",
+                            "class acc.", f"images/s (batch {t3['speed_batch']})"], rows)
+    points = quality_vs_time(ctx, first)
+    plot_quality_vs_time(points, ctx.out_dir / "table3.png")
+    _write_json(ctx.out_dir / "table3.json", {
+        "runs": [{"family": r.family, "seed": r.seed, "train": r.train, "metrics": r.metrics}
+                 for f in FAMILIES for r in runs[f]], "images_s": speed[0], "quality_vs_time": points})
+    e = ctx.budget["eval"]
+    ctx.notes += [f"{len(t3['seeds'])} training seeds per family ({t3['seeds']}); mean +- sd over them. Budget: "
+                  f"{ctx.budget['train']['steps']} steps at batch {ctx.budget['train']['global_batch']} for both; "
+                  f"{10 * e['per_class']} samples per generator, num_iter {e['num_iter']}, cfg {e['cfg']} "
+                  f"({e['cfg_schedule']}), temperature {e['temperature']}; diffusion head "
+                  f"{t3['num_sampling_steps']} DDPM steps.", *_verdicts(runs),
+                  "Per-seed values and the quality-vs-time points: `table3.json`."]
+    return table
