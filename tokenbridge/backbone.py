@@ -92,13 +92,14 @@ class Block(nn.Module):
     """Pre-LN transformer block: x + Attn(LN(x)), then x + MLP(LN(x))."""
 
     def __init__(
-        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, attn_dropout: float = 0.0
+        self, dim: int, num_heads: int, mlp_ratio: float = 4.0, dropout: float = 0.0, attn_dropout: float = 0.0,
+        eps: float = 1e-5,
     ) -> None:
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
         self.attn = Attention(dim, num_heads, attn_dropout=attn_dropout, dropout=dropout)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = nn.Sequential(
             nn.Linear(dim, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, dim), nn.Dropout(dropout)
         )
@@ -113,6 +114,9 @@ class MAR(nn.Module):
 
     forward(tokens [B, L, token_dim] float, labels [B] long in [0, num_classes], mask [B, L] bool True=masked)
     -> z [B, L, width]. Label `num_classes` means unconditional.
+
+    norm_eps: epsilon of every LayerNorm (1e-5, torch's default, as trained here; the official MAR and TokenBridge
+    models use 1e-6, which their converted weights need, see tokenbridge.convert).
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class MAR(nn.Module):
         attn_dropout: float = 0.0,
         grad_checkpointing: bool = False,
         patch_size: int = 1,
+        norm_eps: float = 1e-5,
     ) -> None:
         super().__init__()
         h, w = (int(v) for v in grid_size)
@@ -157,18 +162,18 @@ class MAR(nn.Module):
         self.class_emb = nn.Embedding(num_classes + 1, width)
         self.token_proj = nn.Linear(token_dim, width)
         self.encoder_pos = nn.Parameter(torch.zeros(1, total, width))
-        self.encoder_in_norm = nn.LayerNorm(width)
+        self.encoder_in_norm = nn.LayerNorm(width, eps=norm_eps)
         self.encoder = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, dropout, attn_dropout) for _ in range(encoder_depth)
+            Block(width, num_heads, mlp_ratio, dropout, attn_dropout, norm_eps) for _ in range(encoder_depth)
         )
-        self.encoder_norm = nn.LayerNorm(width)
+        self.encoder_norm = nn.LayerNorm(width, eps=norm_eps)
         self.decoder_embed = nn.Linear(width, width)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         self.decoder_pos = nn.Parameter(torch.zeros(1, total, width))
         self.decoder = nn.ModuleList(
-            Block(width, num_heads, mlp_ratio, dropout, attn_dropout) for _ in range(decoder_depth)
+            Block(width, num_heads, mlp_ratio, dropout, attn_dropout, norm_eps) for _ in range(decoder_depth)
         )
-        self.decoder_norm = nn.LayerNorm(width)
+        self.decoder_norm = nn.LayerNorm(width, eps=norm_eps)
         # The head is shared across positions, so z carries an explicit position signal (MAR does the same).
         self.output_pos = nn.Parameter(torch.zeros(1, self.seq_len, width))
         self._init_weights()

@@ -22,13 +22,16 @@ from torch import nn
 
 from .files import atomic_path
 from .generators import get_family
+from .generators.pretrained import build_generator, read_pretrained
 
 CKPT_FORMAT = "tokenbridge-train-checkpoint"
 EXPORT_FORMAT = "tokenbridge-generator"
 FORMAT_VERSION = 2
 CHECKPOINT_NAME = "checkpoint.pt"
 WEIGHTS = Path(__file__).resolve().parent / "weights"
-SHIPPED = {"fmnist": WEIGHTS / "fmnist_generator.safetensors"}  # names `--model` accepts besides paths
+# names `--model` accepts besides paths: the embedded TokenBridge and continuous MAR generators
+SHIPPED = {"fmnist": WEIGHTS / "fmnist_generator.safetensors",
+           "fmnist-mar": WEIGHTS / "fmnist_mar_generator.safetensors"}
 
 _CKPT_KEYS = ("format", "version", "step", "epoch", "batch_in_epoch", "model", "ema", "optimizer", "rng", "config")
 
@@ -71,14 +74,18 @@ def _record(config: dict, provenance: dict, step: int, ema: bool) -> dict[str, A
 
 def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, ema: bool = True,
                    half: bool = False) -> Path:
-    """Write a checkpoint's EMA (or raw) weights as a self-describing .safetensors generator.
+    """Write a checkpoint's EMA (or raw) weights as a self-describing .safetensors generator. A pretrained folder
+    is also taken (its one set of weights and its record; ``ema`` does not apply).
 
     half: store float32 tensors as float16 (half the file; they load back into float32 parameters). Float64
     buffers such as the quantizer's tables stay exact."""
-    ckpt = load_checkpoint(ckpt_path)
-    state = {k: (v.half() if half and v.dtype == torch.float32 else v).contiguous()
-             for k, v in ckpt["ema" if ema else "model"].items()}
-    return save_generator_weights(state, _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), out_path)
+    if Path(ckpt_path).is_dir():
+        record, state = read_pretrained(ckpt_path)
+    else:
+        ckpt = load_checkpoint(ckpt_path)
+        record, state = _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), ckpt["ema" if ema else "model"]
+    state = {k: (v.half() if half and v.dtype == torch.float32 else v).contiguous() for k, v in state.items()}
+    return save_generator_weights(state, record, out_path)
 
 
 def save_generator_weights(state: dict[str, torch.Tensor], record: dict[str, Any],
@@ -113,15 +120,18 @@ def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.device = "cpu",
                    ema: bool = True, family: str | None = None) -> nn.Module:
-    """A generator in eval mode from a shipped name ("fmnist", "fmnist-mar"), an exported ``.safetensors`` or a
-    training ``checkpoint.pt`` (its EMA weights unless ``ema`` is False). ``family``: the family expected (a file
-    holding another is refused, naming both). ``generator.provenance`` holds the record: family, sample (the
-    sampling defaults), vae, vae_fingerprint, tokens, step."""
+    """A generator in eval mode from a shipped name ("fmnist", "fmnist-mar"), an exported ``.safetensors``, a
+    pretrained folder (config.json + model.safetensors, `save_pretrained`; it holds one set of weights, so ``ema``
+    does not apply) or a training ``checkpoint.pt`` (its EMA weights unless ``ema`` is False). ``family``: the
+    family expected (a file holding another is refused, naming both). ``generator.provenance`` holds the record:
+    family, sample (the sampling defaults), vae, vae_fingerprint, tokens, step."""
     path = SHIPPED.get(str(spec), Path(spec))
-    if not path.is_file():
+    if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"generator weights not found: {path} (give a checkpoint.pt, an exported "
-                                f".safetensors or one of {sorted(SHIPPED)})")
-    if path.suffix == ".safetensors":
+                                f".safetensors, a pretrained folder or one of {sorted(SHIPPED)})")
+    if path.is_dir():
+        record, state = read_pretrained(path)
+    elif path.suffix == ".safetensors":
         record, state = _read_export(path)
         if record.get("ema", True) != ema:
             kind = "EMA" if record.get("ema", True) else "raw"
@@ -132,10 +142,4 @@ def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.devic
         record, state = _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), ckpt["ema" if ema else "model"]
     if family is not None and record["family"] != family:
         raise ValueError(f"{path} holds a {record['family']!r} generator, but a {family!r} generator is expected here")
-    model = get_family(record["family"]).from_config(record["config"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not fit the recorded {record['family']} config: {e}") from e
-    model.provenance = record
-    return model.to(device).eval()
+    return build_generator(get_family(record["family"]), record, state, path, device)

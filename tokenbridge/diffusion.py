@@ -14,6 +14,7 @@ and returns N rows.
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 import torch.nn as nn
@@ -103,9 +104,9 @@ class DiffusionSchedule:
 class _DiffusionBlock(nn.Module):
     """Residual AdaLN MLP block: x + gate * MLP(modulate(LN(x))), modulation from cond."""
 
-    def __init__(self, width: int):
+    def __init__(self, width: int, affine_norm: bool = False):
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm = nn.LayerNorm(width, elementwise_affine=affine_norm, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.ada = nn.Linear(width, 3 * width)
 
@@ -120,17 +121,29 @@ class DiffusionHead(nn.Module):
 
     eps-prediction with learned-range variance (improved DDPM), cosine schedule with `train_steps` steps
     (`self.schedule`); sampling is DDPM respaced to `num_steps`. MAR-L: width 1024, depth 3, token_dim 16.
+
+    Options for the official MAR layout (tokenbridge.convert; the defaults are this package's own head):
+    affine_block_norm: the residual blocks' LayerNorm has a learned scale and bias (MAR's `in_ln`);
+    final_chunks: how the final AdaLN splits its modulation, "scale_shift" (default) or "shift_scale" (MAR);
+    full_batch_noise: with guidance, draw every step's noise over the doubled [cond; uncond] batch and keep the
+    first half, and draw it at the last step too, as MAR does (the same distribution; it matters only for matching
+    a seed's random stream).
     """
 
-    def __init__(self, z_dim: int, token_dim: int, width: int = 1024, depth: int = 3, train_steps: int = 1000):
+    def __init__(self, z_dim: int, token_dim: int, width: int = 1024, depth: int = 3, train_steps: int = 1000,
+                 affine_block_norm: bool = False, final_chunks: Literal["scale_shift", "shift_scale"] = "scale_shift",
+                 full_batch_noise: bool = False):
         super().__init__()
         if min(z_dim, token_dim, width, depth, train_steps) < 1:
             raise ValueError(f"bad DiffusionHead sizes: z_dim={z_dim} token_dim={token_dim} width={width}")
+        if final_chunks not in ("scale_shift", "shift_scale"):
+            raise ValueError(f"final_chunks must be 'scale_shift' or 'shift_scale', got {final_chunks!r}")
+        self.final_chunks, self.full_batch_noise = final_chunks, bool(full_batch_noise)
         self.z_dim, self.token_dim = z_dim, token_dim
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.z_cond = nn.Linear(z_dim, width)
         self.x_in = nn.Linear(token_dim, width)
-        self.blocks = nn.ModuleList(_DiffusionBlock(width) for _ in range(depth))
+        self.blocks = nn.ModuleList(_DiffusionBlock(width, affine_block_norm) for _ in range(depth))
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, 2 * token_dim)
@@ -151,6 +164,8 @@ class DiffusionHead(nn.Module):
         for block in self.blocks:
             h = block(h, cond)
         scale, shift = self.ada_out(cond).chunk(2, dim=-1)
+        if self.final_chunks == "shift_scale":
+            scale, shift = shift, scale
         eps, v = self.out(modulate(self.norm_out(h), shift, scale)).chunk(2, dim=-1)
         return eps, v
 
@@ -194,7 +209,11 @@ class DiffusionHead(nn.Module):
             if scale is not None:
                 eps, v = guide(eps, scale), v[:n]
             mean, logvar = s.p_mean_logvar(x, i, eps, v)
-            if i > 0:
+            if self.full_batch_noise:  # MAR: noise for every row of the batch, at every step
+                rows = n if scale is None else 2 * n
+                noise = torch.randn(rows, self.token_dim, device=x.device, dtype=x.dtype, generator=generator)[:n]
+                x = mean + temperature * torch.exp(0.5 * logvar) * noise if i > 0 else mean
+            elif i > 0:
                 noise = torch.randn(x.shape, device=x.device, dtype=x.dtype, generator=generator)
                 x = mean + temperature * torch.exp(0.5 * logvar) * noise
             else:

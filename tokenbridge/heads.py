@@ -305,6 +305,10 @@ class _ChannelARHead(_DiscreteHead):
         scale, shift = mod.chunk(2, dim=-1)
         return modulate(self.norm_out(h), shift, scale)
 
+    def _start(self, z: Tensor) -> Tensor:
+        """The first step's input before its position embedding: Linear(z) [N, 1, W]."""
+        return self.z_in(z)[:, None]
+
     def _prefix_logits(self, z: Tensor, tokens: Tensor) -> Tensor:
         """Teacher forcing: logits [N, L, vocab] of steps 0..L-1 given the classes of steps 0..L-2 ([N, L-1])."""
         x, cond = self._prefix_hidden(z, tokens)
@@ -313,7 +317,7 @@ class _ChannelARHead(_DiscreteHead):
     def _prefix_hidden(self, z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
         """The last block's output [N, L, W] and the conditioning [N, L, W] of steps 0..L-1 (teacher forcing)."""
         length = tokens.shape[1] + 1
-        x = [self.z_in(z)[:, None]]
+        x = [self._start(z)]
         if length > 1:
             x.append(self.tok_emb(tokens + self.emb_offset[: length - 1]))
         x = self.drop(torch.cat(x, 1) + self.pos_emb[:length])
@@ -363,7 +367,7 @@ class _ChannelARHead(_DiscreteHead):
             # once, not once per step). Large batches are compute bound and would hold N*S*(6*depth+2)*W floats.
             mods = [f(cond) for f in ada] if z.shape[0] * self.steps <= self.precompute_max_rows else None
             cache = [KVCache(self.steps) for _ in self.blocks]
-            x = self.z_in(z)[:, None] + self.pos_emb[0]
+            x = self._start(z) + self.pos_emb[0]
         for t in range(self.steps):
             if use_cache:
                 step_mods = [m[:, t : t + 1] for m in mods] if mods else [f(cond[:, t : t + 1]) for f in ada]

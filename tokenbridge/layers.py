@@ -93,22 +93,27 @@ class KVCache:
 
 
 class AdaLNBlock(nn.Module):
-    """Pre-LN causal self-attention (qk-norm) + MLP, DiT-style AdaLN (shift/scale/gate for each), per position."""
+    """Pre-LN causal self-attention (qk-norm) + MLP, DiT-style AdaLN (shift/scale/gate for each), per position.
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float, attn_dropout: float):
+    affine_norm: the two pre-norms have a learned scale and bias (the official TokenBridge channel blocks); default
+    without. exact_gelu: the MLP uses the exact GELU (official) instead of its tanh approximation (default)."""
+
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float, dropout: float, attn_dropout: float,
+                 affine_norm: bool = False, exact_gelu: bool = False):
         super().__init__()
         if width % num_heads:
             raise ValueError(f"width={width} must be divisible by num_heads={num_heads}")
         self.num_heads, self.head_dim = num_heads, width // num_heads
         self.attn_dropout = attn_dropout
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=affine_norm, eps=1e-6)
         self.qkv = nn.Linear(width, 3 * width)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
         self.proj = nn.Linear(width, width)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=affine_norm, eps=1e-6)
         hidden = int(width * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
+        gelu = nn.GELU() if exact_gelu else nn.GELU(approximate="tanh")
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), gelu, nn.Linear(hidden, width))
         self.drop = nn.Dropout(dropout)
         self.ada = nn.Linear(width, 6 * width)  # applied to silu(cond)
 

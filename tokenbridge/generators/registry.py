@@ -10,6 +10,7 @@ A family is an ``nn.Module`` class registered with `register_family` that offers
 - ``from_config(config, data=None)`` and the attribute ``config`` (the resolved config);
 - optionally ``check_config(config)``: raise ConfigError for values only the constructors can judge;
 - ``loss(batch) -> scalar``: one training step's loss for a batch of the training dataset;
+- it gets ``save_pretrained(dir)`` / ``from_pretrained(dir)`` (generators/pretrained.py) unless it has its own;
 - ``sample(labels, ...) -> dict`` with ``latents [N, C, h, w]`` (for the VAE to decode); its keyword parameters,
   with their defaults, are the family's sampling options (`sample_options`).
 
@@ -23,6 +24,7 @@ from typing import Any
 from torch import nn
 
 from ..config import ConfigError, Section, merge, signature_model, validate
+from .pretrained import PretrainedMethods
 
 FAMILIES: dict[str, type[nn.Module]] = {}
 # sample() parameters that are not sampling options: the class labels, the random source, the progress bar and a
@@ -35,6 +37,9 @@ def register_family(cls: type[nn.Module]) -> type[nn.Module]:
     for attr in ("family", "presets", "resolve_config", "from_config", "loss", "sample"):
         if not hasattr(cls, attr):
             raise TypeError(f"generator family {cls.__name__} lacks '{attr}' (see tokenbridge.generators.registry)")
+    for name in ("save_pretrained", "from_pretrained"):  # pretrained folders (generators/pretrained.py)
+        if not hasattr(cls, name):
+            setattr(cls, name, PretrainedMethods.__dict__[name])
     FAMILIES[cls.family] = cls
     return cls
 

@@ -8,7 +8,8 @@ Generation (`sample`): `num_iter` MAR steps with the cosine mask schedule. "rand
 permutation's next chunk at every step; "confidence" order (paper Fig. 8) samples every still-masked position and
 keeps the ones whose sampled tokens have the highest log-probability. Sampled indices are de-quantized and fed
 back as continuous inputs. Classifier-free guidance runs conditional and unconditional rows as one 2N batch
-through backbone and head; the head mixes the logits.
+through the backbone; the head mixes the logits (``cfg_mix="logits"``, the default), or the backbone's features
+are mixed before the head, z_u + cfg * (z_c - z_u) (``cfg_mix="z"``, the released code's way).
 
 The model config (`TokenBridgeConfig`) takes the constructors' own keyword arguments in its `quantizer`,
 `backbone` and `head` sections; their defaults are those constructors' defaults. `PRESETS` names the sizes.
@@ -27,13 +28,17 @@ from pydantic import Field, PositiveInt
 from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
 from ..heads import DimensionwiseARHead, GroupedHead, ParallelHead
+from ..official_head import OfficialARHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
 ORDERS = ("random", "confidence")
-HEADS: dict[str, type[nn.Module]] = {"ar": DimensionwiseARHead, "parallel": ParallelHead, "grouped": GroupedHead}
+CFG_MIXES = ("logits", "z")
+# "official": the released TokenBridge head's layout (tokenbridge.official_head; converted checkpoints use it)
+HEADS: dict[str, type[nn.Module]] = {"ar": DimensionwiseARHead, "parallel": ParallelHead, "grouped": GroupedHead,
+                                     "official": OfficialARHead}
 # "frequency": the data-derived order (paper Sec. 3.2), computed from the training tokens when training starts
 ChannelOrder = list[int] | Literal["frequency"] | None
 
@@ -215,10 +220,29 @@ class TokenBridgeGenerator(MaskedGenerator):
 
     # ------------------------------------------------------------------ generation
     def _check_sampling(self, labels: torch.Tensor, num_iter: int, cfg: float | None, cfg_schedule: str,
-                        temperature: float, order: str) -> None:
+                        temperature: float, order: str, cfg_mix: str = "logits") -> None:
         self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
         if order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+        if cfg_mix not in CFG_MIXES:
+            raise ValueError(f"cfg_mix must be one of {CFG_MIXES}, got {cfg_mix!r}")
+
+    def _z_guidance(self, cfg: float | None, cfg_schedule: str, num_iter: int) -> Callable:
+        """cfg_mix="z": guide(z_sel, step_cfg) -> (z_u + s * (z_c - z_u), None) for the [cond; uncond] rows. As in
+        the released sampler, whose mask length never drops below 1, the last step's linear scale is
+        1 + (cfg - 1) * (L - 1) / L rather than cfg."""
+        steps, calls = min(int(num_iter), self.seq_len), [0]
+
+        def guide(z_sel: torch.Tensor, step_cfg: float | None) -> tuple[torch.Tensor, None]:
+            calls[0] += 1
+            if step_cfg is None:
+                return z_sel, None
+            if calls[0] == steps and cfg_schedule == "linear":
+                step_cfg = 1.0 + (float(cfg) - 1.0) * (self.seq_len - 1) / self.seq_len
+            cond, uncond = z_sel.chunk(2)
+            return uncond + step_cfg * (cond - uncond), None
+
+        return guide
 
     @torch.no_grad()
     def sample(
@@ -231,6 +255,7 @@ class TokenBridgeGenerator(MaskedGenerator):
         top_k: int = 0,
         top_p: float = 1.0,
         order: Literal["random", "confidence"] = "random",
+        cfg_mix: Literal["logits", "z"] = "logits",
         generator: torch.Generator | int | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
@@ -244,13 +269,18 @@ class TokenBridgeGenerator(MaskedGenerator):
         when it was sampled; with patch_size p > 1 every latent position of a patch gets its token's value).
         callback: called after every step with the outputs so far plus ``step`` (1-based), ``num_iter`` and
         ``mask`` [N, H, W] bool (True = not generated yet; those latents are 0, the prior mean) — for live views.
+        cfg_mix: "logits" (guidance on the head's logits at every channel step) or "z" (on the backbone's features
+        before the head, the released code's way; see `_z_guidance`).
         """
-        self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order)
+        self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
+        z_guide = self._z_guidance(cfg, cfg_schedule, num_iter) if cfg_mix == "z" else None
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
 
         def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
+            if z_guide is not None:
+                z_sel, step_cfg = z_guide(z_sel, step_cfg)
             return self.head.sample(z_sel, temperature=temperature, top_k=top_k, top_p=top_p, cfg=step_cfg,
                                     generator=g)
 
@@ -292,3 +322,27 @@ TokenBridgeGenerator.presets.update({
                                                 "num_heads": 16, **_PAPER_DROPOUT},
                       "head": {"kind": "ar", "width": 1024, "depth": 6, "num_heads": 8, "dropout": 0.1}},
 })
+
+# The released TokenBridge-L / H (tokenbridge.convert): MAR's LayerNorm eps 1e-6, the released head layout, the
+# hard-coded KL-16 channel order, the quantizer's boundaries clamped at +-3, and the released sampling settings.
+OFFICIAL_CHANNEL_ORDER = [8, 1, 10, 9, 6, 12, 4, 0, 3, 11, 7, 14, 2, 15, 13, 5]
+_OFFICIAL_BACKBONE = {"buffer_size": 64, "norm_eps": 1e-6, **_PAPER_DROPOUT}
+_OFFICIAL_HEAD = {"kind": "official", "width": 1024, "num_heads": 8, "mlp_ratio": 4.0, "order": OFFICIAL_CHANNEL_ORDER,
+                  "first_token_timestep": True, **_PAPER_DROPOUT}
+TokenBridgeGenerator.presets.update({
+    "tokenbridge-l-official": {**_IMAGENET, "quantizer": {"levels": 64, "tails": "official"},
+                               "backbone": {"width": 1024, "encoder_depth": 16, "decoder_depth": 16, "num_heads": 16,
+                                            **_OFFICIAL_BACKBONE},
+                               "head": {**_OFFICIAL_HEAD, "depth": 4}},
+    "tokenbridge-h-official": {**_IMAGENET, "quantizer": {"levels": 64, "tails": "official"},
+                               "backbone": {"width": 1280, "encoder_depth": 20, "decoder_depth": 20, "num_heads": 16,
+                                            **_OFFICIAL_BACKBONE},
+                               "head": {**_OFFICIAL_HEAD, "depth": 6}},
+})
+# the released evaluation commands' settings (README of the official code): 256 MAR steps, linear cfg on z
+OFFICIAL_SAMPLING = {
+    "tokenbridge-l-official": {"num_iter": 256, "cfg": 3.1, "cfg_schedule": "linear", "temperature": 0.96,
+                               "cfg_mix": "z"},
+    "tokenbridge-h-official": {"num_iter": 256, "cfg": 3.45, "cfg_schedule": "linear", "temperature": 0.91,
+                               "cfg_mix": "z"},
+}

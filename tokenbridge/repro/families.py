@@ -5,13 +5,15 @@ Every (family, training seed) pair is trained with the budget's train section on
 TokenBridge generator on its indices, continuous MAR on the latents of the same file), then scored on
 ``eval.per_class`` samples per class with the classifier metrics against the test split (FD_cls, k-NN precision
 and recall, class accuracy). Rows give mean +- sd over the training seeds; a difference is called real only where
-it exceeds the sum of the two sds. The time columns are measured in this process, families alternating: training
-seconds per step (median of the logged windows after the first) and end-to-end sampling images/s (sampling + VAE
-decode of ``table3.speed_batch`` images, median of ``table3.speed_repeats``). The plot puts quality against
-sampling time as num_iter (both families) and the diffusion steps (continuous MAR) vary, on the seed-0 generators.
+it exceeds the sum of the two sds. The time columns are measured in this process, families alternating: seconds
+per training step (forward, backward, AdamW at the training batch) and end-to-end sampling images/s (sampling +
+VAE decode of ``table3.speed_batch`` images), each the median of ``table3.speed_repeats`` rounds. The plot puts
+quality against sampling time as num_iter (both families) and the diffusion steps (continuous MAR) vary, on the
+seed-0 generators.
 """
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -26,9 +28,9 @@ from ..checkpoint import load_generator
 from ..classifier import classifier_metrics
 from ..generate import generate
 from ..markdown import markdown_table
-from ..train import train
+from ..tokens import CachedTokens, LatentTokens
 from .plots import pyplot, save_figure
-from .runs import Context, _write_json, class_labels, count_params, short_hash, token_file
+from .runs import Context, _write_json, class_labels, count_params, short_hash, token_file, train_once
 
 FAMILIES = {"tokenbridge": "TokenBridge (AR head)", "mar": "continuous MAR (diffusion head)"}
 METRICS = ("fd_cls", "precision", "recall", "class_accuracy")
@@ -48,13 +50,6 @@ def _model_config(ctx: Context, family: str) -> dict:
     return ctx.budget["model"] if family == "tokenbridge" else ctx.budget["table3"]["mar_model"]
 
 
-def _s_per_step(run_dir: Path) -> float:
-    """Median seconds per step over the logged windows after the first (which holds start-up costs)."""
-    rates = [json.loads(line).get("it_s") for line in (run_dir / "log.jsonl").read_text().splitlines()]
-    rates = [r for r in rates[1:] or rates if r]
-    return 1.0 / statistics.median(rates)
-
-
 def train_family(ctx: Context, family: str, seed: int) -> tuple[Path, dict]:
     """Train (or reuse a finished run of the same configuration) one family at one training seed."""
     train_cfg = {k: v for k, v in ctx.budget["train"].items() if k != "device"}
@@ -62,13 +57,7 @@ def train_family(ctx: Context, family: str, seed: int) -> tuple[Path, dict]:
     config = {"seed": seed, "family": family, "data": {"source": "tokens", "tokens": str(tokens)},
               "model": _model_config(ctx, family), "train": train_cfg}
     run_dir = ctx.work_dir / "runs" / f"table3-{family}-seed{seed}-{short_hash({**config, 'data': tokens.name})}"
-    info_path = run_dir / "repro_train.json"
-    if info_path.is_file():
-        return run_dir, {**json.loads(info_path.read_text()), "reused": True}
-    metrics = train({**config, "out_dir": str(run_dir), "train": {**train_cfg, "device": ctx.device}})
-    info = {**{k: metrics[k] for k in ("elapsed_s", "loss", "step")}, "s_per_step": _s_per_step(run_dir)}
-    _write_json(info_path, info)
-    return run_dir, {**info, "reused": False}
+    return run_dir, train_once(ctx, config, run_dir)
 
 
 def _options(family: str, e: dict, num_iter: int | None = None, steps: int | None = None) -> dict[str, Any]:
@@ -116,6 +105,31 @@ def sampling_speed(ctx: Context, models: dict[str, nn.Module], batch: int, repea
             if r:  # the first round is the warm-up
                 times[family].append(time.perf_counter() - start)
     return {f: batch / statistics.median(t) for f, t in times.items()}
+
+
+def step_times(ctx: Context, models: dict[str, nn.Module], repeats: int, steps: int = 3) -> dict[str, float]:
+    """Seconds per training step (forward, backward, AdamW) of each family on the same training images at the
+    budget's batch, median of ``repeats`` rounds of ``steps`` steps, families alternating: measured here rather than
+    read from the training logs, whose runs met different machine load."""
+    tokens = CachedTokens(token_file(ctx, ctx.budget["model"], "train"))
+    batch = int(ctx.budget["train"]["global_batch"])
+    inputs = {"tokenbridge": tokens.indices[:batch].long(), "mar": LatentTokens(tokens).latents[:batch].float()}
+    inputs["mar"] = inputs["mar"].permute(0, 2, 3, 1).contiguous()
+    labels = tokens.labels[:batch]
+    times: dict[str, list[float]] = {f: [] for f in models}
+    trainees = {f: copy.deepcopy(m).train() for f, m in models.items()}
+    optims = {f: torch.optim.AdamW(m.parameters(), lr=1e-4, foreach=True) for f, m in trainees.items()}
+    for r in range(repeats + 1):
+        for family, model in trainees.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                loss = model.loss((inputs[family].to(ctx.device), labels.to(ctx.device)))
+                optims[family].zero_grad(set_to_none=True)
+                loss.backward()
+                optims[family].step()
+            if r:  # the first round is the warm-up
+                times[family].append((time.perf_counter() - start) / steps)
+    return {f: statistics.median(t) for f, t in times.items()}
 
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
@@ -182,11 +196,12 @@ def table3(ctx: Context) -> str:
     runs = {f: [evaluate_family(ctx, f, s) for s in t3["seeds"]] for f in FAMILIES}
     first = {f: runs[f][0].model for f in FAMILIES}
     speed = [sampling_speed(ctx, first, t3["speed_batch"], t3["speed_repeats"])]
+    step_s = step_times(ctx, first, t3["speed_repeats"])
     rows = []
     for f, label in FAMILIES.items():
         rs = runs[f]
         rows.append([label, f"{count_params(rs[0].model) / 1e6:.2f}M", f"{count_params(rs[0].model.head) / 1e6:.2f}M",
-                     _pm([r.train["s_per_step"] for r in rs], 2)]
+                     f"{step_s[f]:.3f}"]
                     + [_pm([r.metrics[m] for r in rs], 2 if m == "fd_cls" else 3) for m in METRICS]
                     + [f"{speed[0][f]:.1f}"])
     table = markdown_table(["family", "params", "head", "train s/step", "FD_cls", "precision", "recall",
@@ -195,7 +210,8 @@ def table3(ctx: Context) -> str:
     plot_quality_vs_time(points, ctx.out_dir / "table3.png")
     _write_json(ctx.out_dir / "table3.json", {
         "runs": [{"family": r.family, "seed": r.seed, "train": r.train, "metrics": r.metrics}
-                 for f in FAMILIES for r in runs[f]], "images_s": speed[0], "quality_vs_time": points})
+                 for f in FAMILIES for r in runs[f]], "images_s": speed[0], "train_s_per_step": step_s,
+        "quality_vs_time": points})
     e = ctx.budget["eval"]
     ctx.notes += [f"{len(t3['seeds'])} training seeds per family ({t3['seeds']}); mean +- sd over them. Budget: "
                   f"{ctx.budget['train']['steps']} steps at batch {ctx.budget['train']['global_batch']} for both; "

@@ -258,13 +258,19 @@ def train_variant(ctx: Context, model_cfg: dict, label: str) -> tuple[Path, dict
     finished = sorted((ctx.work_dir / "runs").glob(f"*-{config_hash}/repro_train.json"))
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
     run_dir = finished[0].parent if finished else ctx.work_dir / "runs" / f"{slug}-{config_hash}"
+    return run_dir, train_once(ctx, config, run_dir)
+
+
+def train_once(ctx: Context, config: dict, run_dir: Path) -> dict:
+    """Train the run ``config`` into ``run_dir`` on ctx.device, unless a finished run is there already. Returns
+    info: elapsed_s, loss, step, reused."""
     info_path = run_dir / "repro_train.json"
     if info_path.is_file():
-        return run_dir, {**json.loads(info_path.read_text()), "reused": True}
-    metrics = train({**config, "out_dir": str(run_dir), "train": {**train_cfg, "device": ctx.device}})
+        return {**json.loads(info_path.read_text()), "reused": True}
+    metrics = train({**config, "out_dir": str(run_dir), "train": {**config["train"], "device": ctx.device}})
     info = {k: metrics[k] for k in ("elapsed_s", "loss", "step")}
     _write_json(info_path, info)
-    return run_dir, {**info, "reused": False}
+    return {**info, "reused": False}
 
 
 def evaluate_variant(ctx: Context, model: nn.Module, model_cfg: dict, run_dir: Path) -> tuple[dict, torch.Tensor]:

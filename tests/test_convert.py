@@ -1,0 +1,240 @@
+"""Official TokenBridge / MAR checkpoints -> tokenbridge generators (tokenbridge.convert), checked on official-format
+checkpoints built here (official key names and shapes, random tensors, a small configuration) against a reference
+of the released math (tests/official_format.py)."""
+
+from __future__ import annotations
+
+import official_format as off
+import pytest
+import torch
+
+from tokenbridge.checkpoint import load_generator
+from tokenbridge.cli import main
+from tokenbridge.convert import (
+    ConversionError,
+    convert,
+    convert_mar,
+    convert_tokenbridge,
+)
+from tokenbridge.generators import ContinuousMARGenerator, TokenBridgeGenerator
+
+ATOL = 2e-5
+
+
+def _tb(ckpt=None, **options):
+    return convert_tokenbridge(ckpt or off.tokenbridge_checkpoint(), num_heads=off.HEADS,
+                               head_num_heads=off.HEAD_HEADS, **options)
+
+
+def _mar(ckpt=None):
+    return convert_mar(ckpt or off.mar_checkpoint(), num_heads=off.HEADS)
+
+
+def _inputs(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(3, off.L, off.C, generator=g)
+    mask = torch.zeros(3, off.L, dtype=torch.bool)
+    for row in range(3):
+        mask[row, torch.randperm(off.L, generator=g)[:11]] = True
+    return tokens, torch.tensor([1, 5, 9]), mask
+
+
+# ---------------------------------------------------------------------------------------------- strict mapping
+
+
+def test_tokenbridge_every_key_consumed_and_ema_buffers_from_model():
+    ckpt = off.tokenbridge_checkpoint()
+    model = _tb(ckpt)
+    assert isinstance(model, TokenBridgeGenerator) and model.config["head"]["kind"] == "official"
+    source = model.provenance["source"]
+    assert sorted(source["buffers_from_model"]) == sorted(["reconstruction_values", "boundaries", "channel_mask"])
+    assert model.provenance["ema"] and model.provenance["step"] == 399
+    assert model.head.order.tolist() == off.ORDER
+    assert model.backbone.encoder_norm.eps == 1e-6 and model.quantizer.tails == "official"
+    # every official tensor landed: the EMA weights, the fake latent as the unconditional class row
+    ema = ckpt["model_ema"]
+    assert torch.equal(model.backbone.class_emb.weight[-1], ema["fake_latent"][0])
+    assert torch.equal(model.head.out_w[3], ema["channel_heads.3.weight"].t())
+    assert torch.equal(model.head.tok_emb.weight[2 * off.LEVELS:3 * off.LEVELS], ema["token_embeddings.2.weight"])
+    raw = convert_tokenbridge(ckpt, "model", num_heads=off.HEADS, head_num_heads=off.HEAD_HEADS)
+    assert torch.equal(raw.backbone.mask_token, ckpt["model"]["mask_token"]) and not raw.provenance["ema"]
+
+
+def test_mar_every_key_consumed():
+    model = _mar()
+    assert isinstance(model, ContinuousMARGenerator) and model.family == "mar"
+    head = model.config["head"]
+    assert head["affine_block_norm"] and head["final_chunks"] == "shift_scale" and head["full_batch_noise"]
+
+
+def test_family_told_by_keys():
+    assert convert(off.mar_checkpoint(), num_heads=off.HEADS).family == "mar"
+    assert convert(off.tokenbridge_checkpoint(), num_heads=off.HEADS, head_num_heads=off.HEAD_HEADS).family == \
+        "tokenbridge"
+    with pytest.raises(ConversionError, match="official MAR checkpoint"):
+        _tb(off.mar_checkpoint())
+
+
+@pytest.mark.parametrize("weights", ["model_ema", "model"])
+def test_renamed_missing_unexpected_and_wrong_shape_are_named(weights):
+    ckpt = off.tokenbridge_checkpoint()
+    sd = ckpt[weights]
+    sd["encoder_blocks.0.mlp.fc_1.weight"] = sd.pop("encoder_blocks.0.mlp.fc1.weight")  # renamed
+    del sd["channel_heads.3.bias"]  # missing
+    sd["token_embeddings.2.weight"] = torch.zeros(off.LEVELS + 1, off.W)  # wrong shape
+    sd["extra.thing"] = torch.zeros(2)  # unexpected
+    with pytest.raises(ConversionError) as err:
+        convert_tokenbridge(ckpt, weights, num_heads=off.HEADS, head_num_heads=off.HEAD_HEADS)
+    message = str(err.value)
+    for name in ("encoder_blocks.0.mlp.fc1.weight", "encoder_blocks.0.mlp.fc_1.weight", "channel_heads.3.bias",
+                 "extra.thing"):
+        assert name in message
+    assert f"token_embeddings.2.weight: ({off.LEVELS + 1}, {off.W}), expected ({off.LEVELS}, {off.W})" in message
+
+
+def test_mar_wrong_shape_and_missing_named():
+    ckpt = off.mar_checkpoint()
+    ckpt["model_ema"]["diffloss.net.res_blocks.1.in_ln.weight"] = torch.zeros(3)
+    del ckpt["model_ema"]["diffloss.net.final_layer.linear.bias"]
+    with pytest.raises(ConversionError, match=r"res_blocks\.1\.in_ln\.weight: \(3,\), expected") as err:
+        _mar(ckpt)
+    assert "diffloss.net.final_layer.linear.bias" in str(err.value)
+
+
+def test_quantizer_tables_checked():
+    ckpt = off.tokenbridge_checkpoint()
+    ckpt["model"]["reconstruction_values"] = ckpt["model"]["reconstruction_values"] * 1.1
+    with pytest.raises(ConversionError, match="reconstruction_values differs"):
+        _tb(ckpt)
+
+
+# ---------------------------------------------------------------------------------------------- the released math
+
+
+@pytest.mark.parametrize("family", ["tokenbridge", "mar"])
+def test_backbone_z_matches_official(family):
+    ckpt = off.tokenbridge_checkpoint() if family == "tokenbridge" else off.mar_checkpoint()
+    model, sd = (_tb(ckpt), ckpt["model_ema"]) if family == "tokenbridge" else (_mar(ckpt), ckpt["model_ema"])
+    out_pos = "output_pos_embed" if family == "tokenbridge" else "diffusion_pos_embed_learned"
+    tokens, labels, mask = _inputs()
+    with torch.no_grad():
+        z = model.backbone(tokens, labels, mask)
+        ref = off.ref_backbone(sd, tokens, sd["class_emb.weight"][labels], mask, out_pos)
+        torch.testing.assert_close(z, ref, atol=ATOL, rtol=1e-5)
+        uncond = model.backbone(tokens, torch.full_like(labels, off.CLASSES), mask)
+        ref_u = off.ref_backbone(sd, tokens, sd["fake_latent"].expand(3, -1), mask, out_pos)
+        torch.testing.assert_close(uncond, ref_u, atol=ATOL, rtol=1e-5)
+
+
+def _head_case(seed=0):
+    ckpt = off.tokenbridge_checkpoint(seed)
+    model = _tb(ckpt)
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(5, off.D, generator=g)
+    indices = torch.randint(0, off.LEVELS, (5, off.C), generator=g)
+    return model, ckpt["model_ema"], z, indices, indices[:, off.ORDER]
+
+
+def test_head_logits_training_path_match_official():
+    model, sd, z, indices, classes = _head_case()
+    with torch.no_grad():
+        torch.testing.assert_close(model.head.step_logits(z, indices), off.ref_head(sd, z, classes, False),
+                                   atol=ATOL, rtol=1e-5)
+        # natural-order forward is the same logits, un-permuted
+        torch.testing.assert_close(model.head(z, indices), off.ref_head(sd, z, classes, False)[:, model.head.inverse],
+                                   atol=ATOL, rtol=1e-5)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_head_logits_sampling_path_match_official_cached_and_uncached(use_cache):
+    model, sd, z, indices, classes = _head_case(1)
+    logits = model.head.sampling_logits(z, indices, use_cache=use_cache)
+    torch.testing.assert_close(logits, off.ref_head(sd, z, classes, True), atol=ATOL, rtol=1e-5)
+
+
+def test_cached_and_uncached_agree_in_official_layout():
+    model, _, z, indices, _ = _head_case(2)
+    cached = model.head.sampling_logits(z, indices, use_cache=True)
+    uncached = model.head.sampling_logits(z, indices, use_cache=False)
+    torch.testing.assert_close(cached, uncached, atol=1e-5, rtol=1e-5)
+    a = model.head.sample(z, temperature=1.0, generator=torch.Generator().manual_seed(3), use_cache=True)
+    b = model.head.sample(z, temperature=1.0, generator=torch.Generator().manual_seed(3), use_cache=False)
+    assert torch.equal(a[0], b[0])
+
+
+def test_first_token_quirk_is_the_first_input_only():
+    ckpt = off.tokenbridge_checkpoint(4)
+    with_quirk, without = _tb(ckpt), _tb(ckpt, first_token_timestep=False)
+    g = torch.Generator().manual_seed(4)
+    z, indices = torch.randn(4, off.D, generator=g), torch.randint(0, off.LEVELS, (4, off.C), generator=g)
+    on, off_ = with_quirk.head.sampling_logits(z, indices), without.head.sampling_logits(z, indices)
+    assert not torch.allclose(on[:, 0], off_[:, 0], atol=1e-4)  # the first channel's logits move
+    # ... only through the first input: the training path ignores the option, and with e_0 = 0 it is a no-op
+    torch.testing.assert_close(with_quirk.head.step_logits(z, indices), without.head.step_logits(z, indices))
+    torch.testing.assert_close(off_, without.head.step_logits(z, indices), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        with_quirk.head.cond_pos[0].zero_()
+        without.head.cond_pos[0].zero_()
+    torch.testing.assert_close(with_quirk.head.sampling_logits(z, indices), without.head.sampling_logits(z, indices))
+
+
+def test_diffusion_mlp_matches_official():
+    ckpt = off.mar_checkpoint(5)
+    model, sd = _mar(ckpt), ckpt["model_ema"]
+    g = torch.Generator().manual_seed(5)
+    x, c = torch.randn(6, off.C, generator=g), torch.randn(6, off.D, generator=g)
+    t = torch.tensor([0, 5, 999, 500, 17, 250])
+    with torch.no_grad():
+        eps, v = model.head.denoise(x, t, model.head.z_cond(c))
+        ref = off.ref_mlp(sd, x, t, c)
+    torch.testing.assert_close(torch.cat([eps, v], 1), ref, atol=1e-4, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CFG on z
+
+
+def test_cfg_on_z_with_cfg_one_equals_no_guidance():
+    model = _tb()
+    labels = torch.tensor([0, 3])
+    base = model.sample(labels, num_iter=4, generator=1, cfg=None)
+    for mix in ("z", "logits"):
+        out = model.sample(labels, num_iter=4, generator=1, cfg=1.0, cfg_mix=mix)
+        assert torch.equal(out["indices"], base["indices"])
+    guide = model._z_guidance(1.0, "constant", 4)
+    z = torch.randn(6, off.D)
+    mixed, scale = guide(z, 1.0)
+    assert scale is None
+    torch.testing.assert_close(mixed, z[:3])  # u + 1 * (c - u): c up to rounding
+
+
+def test_cfg_on_z_mixes_features_before_the_head():
+    model = _tb()
+    guide = model._z_guidance(3.0, "linear", 2)
+    zc, zu = torch.randn(4, off.D), torch.randn(4, off.D)
+    mixed, _ = guide(torch.cat([zc, zu]), 2.0)
+    torch.testing.assert_close(mixed, zu + 2.0 * (zc - zu))
+    last, _ = guide(torch.cat([zc, zu]), 3.0)  # the last step: the released sampler's mask length is still 1
+    torch.testing.assert_close(last, zu + (1 + 2.0 * (off.L - 1) / off.L) * (zc - zu))
+    a = model.sample(torch.tensor([1, 2]), num_iter=3, cfg=3.0, cfg_mix="z", generator=0)
+    b = model.sample(torch.tensor([1, 2]), num_iter=3, cfg=3.0, cfg_mix="logits", generator=0)
+    assert a["indices"].shape == b["indices"].shape == (2, off.SIDE, off.SIDE, off.C)
+    with pytest.raises(ValueError, match="cfg_mix"):
+        model.sample(torch.tensor([1]), cfg_mix="eps")
+
+
+# ---------------------------------------------------------------------------------------------- the command
+
+
+def test_convert_command_writes_a_loadable_folder(tmp_path, capsys):
+    path = tmp_path / "checkpoint-last.pth"
+    torch.save(off.tokenbridge_checkpoint(), path)
+    out = tmp_path / "tb-l"
+    main(["convert", str(tmp_path), str(out), "--num-heads", str(off.HEADS), "--head-num-heads",
+          str(off.HEAD_HEADS), "--vae", "kl16:/nowhere/kl16.ckpt"])
+    assert "wrote" in capsys.readouterr().out
+    model = load_generator(out)
+    assert model.provenance["source"]["path"] == str(path) and model.provenance["vae"] == "kl16:/nowhere/kl16.ckpt"
+    reference = _tb()
+    z, labels, mask = _inputs()
+    with torch.no_grad():
+        assert torch.equal(model.backbone(z, labels, mask), reference.backbone(z, labels, mask))

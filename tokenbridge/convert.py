@@ -1,0 +1,396 @@
+"""Released checkpoints -> tokenbridge generators: official TokenBridge-L/H and MAR-B/L/H.
+
+An official ``checkpoint-last.pth`` is a dict with ``model``, ``model_ema``, ``optimizer``, ``epoch`` (and
+``scaler``, ``args``). `convert_tokenbridge` builds a `TokenBridgeGenerator` with the released layout (MAR backbone
+with LayerNorm eps 1e-6, `official_head.OfficialARHead`, the quantizer with boundaries clamped at +-3, the
+hard-coded KL-16 channel order) and `convert_mar` a `ContinuousMARGenerator` (the same backbone and a
+`DiffusionHead` with MAR's affine block norms, (shift, scale) final modulation and doubled-batch noise). Sizes
+are read from the tensors' shapes (attention heads, which no shape shows, from the released models' table).
+
+The mapping is strict: every key of the checkpoint must be consumed and every tensor of the generator filled;
+missing keys, unexpected keys and shape mismatches are all named in one `ConversionError`. The released
+TokenBridge ``model_ema`` holds parameters only: its missing buffers (``reconstruction_values``, ``boundaries``,
+``channel_mask``) are taken from ``model``. The unconditional class is MAR's ``fake_latent`` parameter; it becomes
+class row ``num_classes`` of the backbone's class embedding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .generators.mar import ContinuousMARGenerator
+from .generators.tokenbridge import (
+    OFFICIAL_CHANNEL_ORDER,
+    OFFICIAL_SAMPLING,
+    TokenBridgeGenerator,
+)
+from .quantizer import gaussian_bins
+
+__all__ = [
+    "MAR_SAMPLING",
+    "OFFICIAL_NUM_HEADS",
+    "ConversionError",
+    "Rule",
+    "apply_rules",
+    "convert",
+    "convert_mar",
+    "convert_tokenbridge",
+    "detect_family",
+    "load_official_state",
+    "read_checkpoint",
+]
+
+# backbone width -> attention heads of the released models (mar_base / large / huge, tokenbridge_large / huge)
+OFFICIAL_NUM_HEADS = {768: 12, 1024: 16, 1280: 16}
+OFFICIAL_HEAD_NUM_HEADS = 8  # the channel head's, in every released TokenBridge size
+_TOKENBRIDGE_BUFFERS = ("reconstruction_values", "boundaries", "channel_mask")
+# the released MAR evaluation commands (README of LTH14/mar), keyed by (backbone width, diffusion head depth)
+MAR_SAMPLING = {(768, 6): {"cfg": 2.9}, (1024, 8): {"cfg": 3.0}, (1280, 12): {"cfg": 3.2}}
+_MAR_SAMPLING_COMMON = {"num_iter": 256, "num_sampling_steps": 100, "cfg_schedule": "linear", "temperature": 1.0}
+
+
+class ConversionError(ValueError):
+    """A checkpoint that does not fit the official layout; the message names every offending key."""
+
+
+@dataclass
+class Rule:
+    """One tensor of ours made from official tensors: ``target`` = ``fn(*sources)``; ``shapes`` are the shapes
+    the sources must have."""
+
+    target: str
+    sources: list[str]
+    shapes: list[tuple[int, ...]]
+    fn: Callable[..., Tensor] = field(default=lambda t: t)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# reading the checkpoint
+
+
+def read_checkpoint(path: str | os.PathLike, trust_pickle: bool = False) -> dict:
+    """torch.load an official checkpoint on the CPU, weights_only=True (argparse.Namespace, its ``args``, allowed)
+    unless ``trust_pickle``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"official checkpoint not found: {path}")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+    except Exception as e:
+        raise ConversionError(f"{path} could not be read as a torch checkpoint ({e}); if it is a trusted file "
+                              "holding other Python objects, pass trust_pickle=True (--trust-pickle)") from e
+
+
+def load_official_state(source: str | os.PathLike | dict, weights: str = "model_ema",
+                        trust_pickle: bool = False) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(state dict, info) of an official checkpoint (a path or the loaded dict). weights: "model_ema" or "model".
+    The buffers missing from the released ``model_ema`` (reconstruction_values, boundaries, channel_mask) are
+    taken from ``model`` and listed in info["from_model"]; a missing parameter is not.
+    The file is read with weights_only=True (argparse.Namespace allowed); trust_pickle=True reads any pickle."""
+    if weights not in ("model", "model_ema"):
+        raise ValueError(f"weights must be 'model' or 'model_ema', got {weights!r}")
+    info: dict[str, Any] = {"weights": weights, "from_model": []}
+    ckpt = source
+    if not isinstance(source, dict):
+        path = Path(source)
+        path = path / "checkpoint-last.pth" if path.is_dir() else path
+        info["path"] = str(path)
+        ckpt = read_checkpoint(path, trust_pickle)
+    if not isinstance(ckpt, dict) or weights not in ckpt or not isinstance(ckpt[weights], dict):
+        found = sorted(ckpt) if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise ConversionError(f"not an official checkpoint: no {weights!r} state dict (found {found})")
+    state = dict(ckpt[weights])
+    if weights == "model_ema" and isinstance(ckpt.get("model"), dict):
+        for key in _TOKENBRIDGE_BUFFERS:  # buffers only: a parameter missing from the EMA stays missing
+            if key not in state and key in ckpt["model"]:
+                state[key] = ckpt["model"][key]
+                info["from_model"].append(key)
+    if "epoch" in ckpt:
+        info["epoch"] = int(ckpt["epoch"])
+    return state, info
+
+
+def detect_family(state: dict[str, Tensor]) -> str:
+    """"tokenbridge" (a channel head) or "mar" (a diffusion loss) from an official state dict's keys."""
+    if any(k.startswith("channel_heads.") for k in state):
+        return "tokenbridge"
+    if any(k.startswith("diffloss.") for k in state):
+        return "mar"
+    raise ConversionError("neither an official TokenBridge checkpoint (no channel_heads.*) nor an official MAR "
+                          "one (no diffloss.*)")
+
+
+def _shape(state: dict[str, Tensor], key: str) -> tuple[int, ...]:
+    if key not in state:
+        raise ConversionError(f"missing key {key!r}, needed to read the model's size")
+    return tuple(state[key].shape)
+
+
+def _ratio(state: dict[str, Tensor], pattern: str, width: int) -> float:
+    """MLP hidden width over ``width`` from any block's fc1 weight matching ``pattern`` (4.0, the released
+    models', when none is there: the strict check then names the missing keys)."""
+    shapes = [v.shape[0] for k, v in state.items() if re.fullmatch(pattern, k)]
+    return shapes[0] / width if shapes else 4.0
+
+
+def _count(state: dict[str, Tensor], prefix: str) -> int:
+    """Number of consecutive indexed children ``prefix.0``, ``prefix.1``, ... in the state dict."""
+    found = {int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"\.(\d+)\.", k))}
+    return max(found) + 1 if found else 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sizes -> our configs
+
+
+def _backbone_config(state: dict[str, Tensor], out_pos_key: str, num_heads: int | None,
+                     patch_size: int) -> tuple[dict, dict]:
+    """(shape fields, backbone section) of our config from an official MAR backbone's tensor shapes."""
+    width, token_dim = _shape(state, "z_proj.weight")
+    seq_len = _shape(state, out_pos_key)[1]
+    total = _shape(state, "encoder_pos_embed_learned")[1]
+    dec_out, dec_in = _shape(state, "decoder_embed.weight")
+    if dec_out != width or dec_in != width:
+        raise ConversionError(f"decoder_embed.weight has shape {(dec_out, dec_in)}: only equal encoder and decoder "
+                              f"widths ({width}) are supported")
+    side = math.isqrt(seq_len)
+    if side * side != seq_len or token_dim % (patch_size * patch_size):
+        raise ConversionError(f"{out_pos_key} has {seq_len} positions: not a square grid of tokens of "
+                              f"{token_dim} values with patch_size {patch_size}")
+    heads = num_heads or OFFICIAL_NUM_HEADS.get(width)
+    if heads is None:
+        raise ConversionError(f"no released model has width {width}: give num_heads (--num-heads)")
+    shapes = {"grid_size": [side * patch_size] * 2, "channels": token_dim // (patch_size * patch_size),
+              "num_classes": _shape(state, "class_emb.weight")[0]}
+    backbone = {"width": width, "encoder_depth": _count(state, "encoder_blocks"),
+                "decoder_depth": _count(state, "decoder_blocks"), "num_heads": heads,
+                "mlp_ratio": _ratio(state, r"(en|de)coder_blocks\.\d+\.mlp\.fc1\.weight", width),
+                "buffer_size": total - seq_len, "patch_size": patch_size, "norm_eps": 1e-6, "dropout": 0.1,
+                "attn_dropout": 0.1}
+    return shapes, backbone
+
+
+def _tokenbridge_config(state: dict[str, Tensor], num_heads: int | None, head_num_heads: int,
+                        order: Sequence[int], first_token_timestep: bool,
+                        value_range: tuple[float, float], std_range: float) -> dict:
+    shapes, backbone = _backbone_config(state, "output_pos_embed", num_heads, 1)
+    head_width = _shape(state, "condition_proj.weight")[0]
+    levels = _shape(state, "channel_heads.0.weight")[0]
+    head = {"kind": "official", "width": head_width, "depth": _count(state, "channel_blocks"),
+            "num_heads": head_num_heads, "order": list(order),
+            "mlp_ratio": _ratio(state, r"channel_blocks\.\d+\.mlp\.fc1\.weight", head_width),
+            "first_token_timestep": first_token_timestep, "dropout": 0.1, "attn_dropout": 0.1}
+    quantizer = {"levels": levels, "value_range": list(value_range), "std_range": std_range, "tails": "official"}
+    return {**shapes, "quantizer": quantizer, "backbone": backbone, "head": head}
+
+
+def _mar_config(state: dict[str, Tensor], num_heads: int | None, patch_size: int) -> dict:
+    shapes, backbone = _backbone_config(state, "diffusion_pos_embed_learned", num_heads, patch_size)
+    head = {"width": _shape(state, "diffloss.net.input_proj.weight")[0],
+            "depth": _count(state, "diffloss.net.res_blocks"), "train_steps": 1000, "affine_block_norm": True,
+            "final_chunks": "shift_scale", "full_batch_noise": True}
+    return {**shapes, "backbone": backbone, "head": head}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# key rules
+
+
+def _same(ours: dict[str, Tensor], target: str, source: str) -> Rule:
+    return Rule(target, [source], [tuple(ours[target].shape)])
+
+
+def _module(ours: dict[str, Tensor], target: str, source: str, names: Sequence[str] = ("weight", "bias")) -> list[Rule]:
+    return [_same(ours, f"{target}.{n}", f"{source}.{n}") for n in names]
+
+
+def _backbone_rules(ours: dict[str, Tensor], out_pos_key: str) -> list[Rule]:
+    cls = ours["backbone.class_emb.weight"]
+    rules = [Rule("backbone.class_emb.weight", ["class_emb.weight", "fake_latent"],
+                  [(cls.shape[0] - 1, cls.shape[1]), (1, cls.shape[1])], lambda c, f: torch.cat([c, f])),
+             _same(ours, "backbone.encoder_pos", "encoder_pos_embed_learned"),
+             _same(ours, "backbone.mask_token", "mask_token"),
+             _same(ours, "backbone.decoder_pos", "decoder_pos_embed_learned"),
+             _same(ours, "backbone.output_pos", out_pos_key)]
+    for target, source in (("token_proj", "z_proj"), ("encoder_in_norm", "z_proj_ln"), ("encoder_norm", "encoder_norm"),
+                           ("decoder_embed", "decoder_embed"), ("decoder_norm", "decoder_norm")):
+        rules += _module(ours, f"backbone.{target}", source)
+    for ours_stack, stack in (("encoder", "encoder_blocks"), ("decoder", "decoder_blocks")):
+        depth = sum(1 for k in ours if re.fullmatch(rf"backbone\.{ours_stack}\.\d+\.norm1\.weight", k))
+        for i in range(depth):
+            t, s = f"backbone.{ours_stack}.{i}", f"{stack}.{i}"
+            for a, b in (("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
+                         ("norm2", "norm2"), ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")):
+                rules += _module(ours, f"{t}.{a}", f"{s}.{b}")
+    return rules
+
+
+def _channel_head_rules(ours: dict[str, Tensor]) -> list[Rule]:
+    steps, width, vocab = ours["head.out_w"].shape
+    rules = _module(ours, "head.z_in", "condition_proj") + _module(ours, "head.channel_norm", "channel_norm")
+    rules += _module(ours, "head.ada_out", "channel_final.adaLN_modulation.1")
+    rules += [Rule("head.pos_emb", ["channel_embed"], [(1, steps, width)], lambda t: t[0]),
+              Rule("head.cond_pos", ["timesteps_embeddings"], [(1, steps, width)], lambda t: t[0]),
+              Rule("head.tok_emb.weight", [f"token_embeddings.{i}.weight" for i in range(steps - 1)],
+                   [(vocab, width)] * (steps - 1), lambda *t: torch.cat(t)),
+              Rule("head.out_w", [f"channel_heads.{i}.weight" for i in range(steps)], [(vocab, width)] * steps,
+                   lambda *t: torch.stack([w.t() for w in t])),
+              Rule("head.out_b", [f"channel_heads.{i}.bias" for i in range(steps)], [(vocab,)] * steps,
+                   lambda *t: torch.stack(t))]
+    depth = sum(1 for k in ours if re.fullmatch(r"head\.blocks\.\d+\.qkv\.weight", k))
+    for i in range(depth):
+        t, s = f"head.blocks.{i}", f"channel_blocks.{i}"
+        for a, b in (("norm1", "norm1"), ("qkv", "attn.qkv"), ("q_norm", "attn.q_norm"), ("k_norm", "attn.k_norm"),
+                     ("proj", "attn.proj"), ("norm2", "norm2"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"),
+                     ("ada", "adaLN_modulation.1")):
+            rules += _module(ours, f"{t}.{a}", f"{s}.{b}")
+    return rules
+
+
+def _diffusion_head_rules(ours: dict[str, Tensor]) -> list[Rule]:
+    net = "diffloss.net"
+    rules: list[Rule] = []
+    for a, b in (("time_mlp.0", "time_embed.mlp.0"), ("time_mlp.2", "time_embed.mlp.2"), ("z_cond", "cond_embed"),
+                 ("x_in", "input_proj"), ("out", "final_layer.linear"), ("ada_out", "final_layer.adaLN_modulation.1")):
+        rules += _module(ours, f"head.{a}", f"{net}.{b}")
+    depth = sum(1 for k in ours if re.fullmatch(r"head\.blocks\.\d+\.ada\.weight", k))
+    for i in range(depth):
+        for a, b in (("norm", "in_ln"), ("mlp.0", "mlp.0"), ("mlp.2", "mlp.2"), ("ada", "adaLN_modulation.1")):
+            rules += _module(ours, f"head.blocks.{i}.{a}", f"{net}.res_blocks.{i}.{b}")
+    return rules
+
+
+def apply_rules(rules: list[Rule], official: dict[str, Tensor], ours: dict[str, Tensor],
+                consumed_elsewhere: Sequence[str] = (), derived: Callable[[str], bool] = lambda k: False
+                ) -> dict[str, Tensor]:
+    """Our state dict from the official one by ``rules``; raise ConversionError naming every missing key,
+    unexpected key and shape mismatch. ``consumed_elsewhere``: official keys checked by the caller;
+    ``derived(key)``: our keys that come from the config, not from the checkpoint."""
+    missing, mismatched, new = [], [], {}
+    for rule in rules:
+        absent = [s for s in rule.sources if s not in official]
+        missing += absent
+        bad = [f"{s}: {tuple(official[s].shape)}, expected {e}" for s, e in zip(rule.sources, rule.shapes)
+               if s in official and tuple(official[s].shape) != tuple(e)]
+        mismatched += bad
+        if not absent and not bad:
+            new[rule.target] = rule.fn(*(official[s] for s in rule.sources)).to(ours[rule.target].dtype)
+    used = {s for rule in rules for s in rule.sources} | set(consumed_elsewhere)
+    unexpected = sorted(set(official) - used)
+    problems = [f"{name} ({len(keys)}): {', '.join(keys)}" for name, keys in
+                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
+    if problems:
+        raise ConversionError("the checkpoint does not fit the official layout; " + "; ".join(problems))
+    unfilled = sorted(k for k in ours if k not in new and not derived(k))
+    if unfilled:  # a rule table out of step with the model: a bug here, not in the checkpoint
+        raise RuntimeError(f"conversion rules leave these tensors unfilled: {unfilled}")
+    return new
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the converters
+
+
+def _check_tokenbridge_buffers(model: TokenBridgeGenerator, official: dict[str, Tensor]) -> list[str]:
+    """Check the official quantizer tables and channel mask against the converted model's; returns their keys."""
+    q = model.quantizer
+    boundaries, values = gaussian_bins(q.levels, q.std_range, "official")
+    steps = model.head.steps
+    mask = torch.full((steps, steps), float("-inf")).triu(1)
+    problems = []
+    for key, expected, tol in (("reconstruction_values", values, 1e-5), ("boundaries", boundaries, 1e-5),
+                               ("channel_mask", mask, 0.0)):
+        if key not in official:
+            problems.append(f"missing key {key!r}")
+        elif tuple(official[key].shape) != tuple(expected.shape):
+            problems.append(f"{key}: shape {tuple(official[key].shape)}, expected {tuple(expected.shape)}")
+        elif not torch.allclose(official[key].double(), expected.double(), atol=tol, rtol=0, equal_nan=True):
+            problems.append(f"{key} differs from this quantizer's (levels {q.levels}, +-{q.std_range} clamped)")
+    if problems:
+        raise ConversionError("; ".join(problems))
+    return list(_TOKENBRIDGE_BUFFERS)
+
+
+def _finish(model: nn.Module, state: dict[str, Tensor], info: dict[str, Any], fmt: str, sample: dict,
+            vae: str | None) -> nn.Module:
+    model.load_state_dict(state, strict=False)  # strictness was enforced by apply_rules
+    source = {"format": fmt, **{k: v for k, v in info.items() if k != "from_model"},
+              "buffers_from_model": info["from_model"]}
+    model.provenance = {"family": model.family, "config": model.config, "sample": sample, "vae": vae,
+                        "vae_fingerprint": None, "tokens": None, "step": info.get("epoch", 0),
+                        "ema": info["weights"] == "model_ema", "source": source}
+    return model.eval()
+
+
+def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_ema", *,
+                        num_heads: int | None = None, head_num_heads: int = OFFICIAL_HEAD_NUM_HEADS,
+                        order: Sequence[int] = OFFICIAL_CHANNEL_ORDER, first_token_timestep: bool = True,
+                        value_range: tuple[float, float] = (-5.0, 5.0), std_range: float = 3.0,
+                        vae: str | None = None, trust_pickle: bool = False) -> TokenBridgeGenerator:
+    """An official TokenBridge checkpoint (path, folder holding checkpoint-last.pth, or the loaded dict) -> a
+    TokenBridgeGenerator computing the released functions. weights: "model_ema" (default) or "model".
+    first_token_timestep: reproduce the released sampler's first-input quirk (see official_head). vae: the VAE
+    spec to record (e.g. "kl16:/path/kl16.ckpt"). Sampling defaults: the released settings for L and H."""
+    official, info = load_official_state(source, weights, trust_pickle)
+    if detect_family(official) != "tokenbridge":
+        raise ConversionError("this is an official MAR checkpoint: use convert_mar (--family mar)")
+    config = _tokenbridge_config(official, num_heads, head_num_heads, order, first_token_timestep,
+                                 value_range, std_range)
+    model = TokenBridgeGenerator(TokenBridgeGenerator.resolve_config(config))
+    ours = model.state_dict()
+    buffers = _check_tokenbridge_buffers(model, official)
+    rules = _backbone_rules(ours, "output_pos_embed") + _channel_head_rules(ours)
+    state = apply_rules(rules, official, ours, buffers, lambda k: k.startswith("quantizer.")
+                        or k in ("head.order", "head.inverse"))
+    size = (config["backbone"]["width"], config["head"]["depth"])
+    preset = {(1024, 4): "tokenbridge-l-official", (1280, 6): "tokenbridge-h-official"}.get(size)
+    sample = dict(OFFICIAL_SAMPLING[preset]) if preset else {"cfg_mix": "z"}
+    return _finish(model, state, info, "official-tokenbridge", sample, vae)
+
+
+def convert_mar(source: str | os.PathLike | dict, weights: str = "model_ema", *, num_heads: int | None = None,
+                patch_size: int = 1, vae: str | None = None, trust_pickle: bool = False) -> ContinuousMARGenerator:
+    """An official MAR checkpoint -> a ContinuousMARGenerator (family "mar") computing the released functions:
+    backbone z, and the diffusion MLP's (eps, variance) outputs. Sampling defaults: the released settings for
+    MAR-B/L/H (cfg 2.9 / 3.0 / 3.2, temperature 1.0, 256 MAR steps, 100 diffusion steps)."""
+    official, info = load_official_state(source, weights, trust_pickle)
+    if detect_family(official) != "mar":
+        raise ConversionError("this is an official TokenBridge checkpoint: use convert_tokenbridge (--family "
+                              "tokenbridge)")
+    config = _mar_config(official, num_heads, patch_size)
+    model = ContinuousMARGenerator(ContinuousMARGenerator.resolve_config(config))
+    ours = model.state_dict()
+    rules = _backbone_rules(ours, "diffusion_pos_embed_learned") + _diffusion_head_rules(ours)
+    state = apply_rules(rules, official, ours)
+    size = (config["backbone"]["width"], config["head"]["depth"])
+    sample = {**_MAR_SAMPLING_COMMON, **MAR_SAMPLING[size]} if size in MAR_SAMPLING else {}
+    return _finish(model, state, info, "official-mar", sample, vae)
+
+
+def convert(source: str | os.PathLike | dict, family: str | None = None, weights: str = "model_ema",
+            **options: Any) -> nn.Module:
+    """Either converter, chosen by ``family`` ("tokenbridge" / "mar") or, when None, by the checkpoint's keys."""
+    path = None
+    if not isinstance(source, dict):  # read the file once
+        path = Path(source) / "checkpoint-last.pth" if Path(source).is_dir() else Path(source)
+        source = read_checkpoint(path, options.pop("trust_pickle", False))
+    if family is None:
+        family = detect_family(load_official_state(source, weights)[0])
+    if family not in ("tokenbridge", "mar"):
+        raise ValueError(f"family must be 'tokenbridge' or 'mar', got {family!r}")
+    converter = convert_tokenbridge if family == "tokenbridge" else convert_mar
+    model = converter(source, weights, **options)
+    if path is not None:
+        model.provenance["source"]["path"] = str(path)
+    return model
