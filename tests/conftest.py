@@ -1,5 +1,9 @@
 import gzip
+import os
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,3 +51,24 @@ def fake_fashion_mnist():
         return root
 
     return make
+
+
+def run_torchrun(script: Path, *args: str, log_dir: Path, nproc: int = 2, timeout: int = 120) -> None:
+    """Run ``script`` under torchrun with ``nproc`` CPU processes; on failure, fail with every rank's own output."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+           "PYTHONFAULTHANDLER": "1", "TORCH_SHOW_CPP_STACKTRACES": "1"}
+    # --standalone: the rendezvous binds a free port itself (a port picked here and closed again could be taken by
+    # another process before torchrun binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+           "--log-dir", str(log_dir), "--tee", "3", str(script), *args]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0:
+        logs = sorted(log_dir.rglob("*.log"))  # every rank's stdout and stderr (--tee)
+        ranks = "\n".join(f"--- {p.relative_to(log_dir)}\n{p.read_text()[-4000:]}" for p in logs)
+        pytest.fail(f"torchrun exited with {res.returncode}:\n{res.stderr[-3000:]}\n{ranks}")
+
+
+@pytest.fixture()
+def torchrun():
+    """`run_torchrun`: a script under torchrun with CPU processes; a failure shows every rank's own output."""
+    return run_torchrun

@@ -4,9 +4,6 @@ the errors a user meets first."""
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -197,14 +194,10 @@ DDP_SCRIPT = ROW_SEEDED_SOURCE + textwrap.dedent('''
 ''')
 
 
-def test_two_process_gloo_ddp_equals_one_process(tmp_path):
+def test_two_process_gloo_ddp_equals_one_process(tmp_path, torchrun):
     script = tmp_path / "ddp_run.py"
     script.write_text(DDP_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(T.__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(script), str(tmp_path / "ddp")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(script, str(tmp_path / "ddp"), log_dir=tmp_path / "logs", timeout=180)
     single = {**tiny_run(tmp_path / "one", steps=4, ckpt_every=4), "family": "mar-row-seeded"}
     single["model"] = {"preset": "tiny"}
     T.train(single, dataset=tiny_latents())

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from .checkpoint import export_weights, load_generator
+from .checkpoint import SHIPPED, export_weights, load_generator
 from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
+from .convert import convert as convert_official
 from .data import as_tensors
 from .distributed import TrainingInterrupted
 from .evaluate import evaluate_samples, read_samples
@@ -29,6 +30,7 @@ from .reconstruct import run_reconstruct
 from .repro import run_repro
 from .shards import cache_shards
 from .sources import image_source
+from .sweep import describe_best, run_sweep, sweep_table
 from .tokens import cache_latents
 from .train import load_run_config, train
 from .ui import launch as launch_ui
@@ -105,7 +107,7 @@ def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
         out = args.out or run.data.tokens
         if not out:
             raise ConfigError(f"{args.config} sets no data.tokens: give --out")
-        return run.data, run.model["quantizer"], out
+        return run.data, run.model.get("quantizer"), out
     if args.overrides:
         raise ConfigError(f"key=value overrides {args.overrides} need --config")
     if not args.out:
@@ -143,6 +145,17 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"wrote {export_weights(args.checkpoint, args.out, ema=not args.raw, half=args.half)}")
 
 
+def cmd_convert(args: argparse.Namespace) -> None:
+    check_writable(Path(args.out) / "config.json", "pretrained folder")
+    options = _given(args, num_heads="num_heads", head_num_heads="head_num_heads", vae="vae")
+    if args.no_first_token_timestep:
+        options["first_token_timestep"] = False
+    model = convert_official(args.checkpoint, family=args.family, weights=args.weights,
+                             trust_pickle=args.trust_pickle, **options)
+    print(f"wrote {model.save_pretrained(args.out)} ({model.family}, {sum(p.numel() for p in model.parameters()):,} "
+          f"parameters, {args.weights}; sampling defaults {model.provenance['sample']})")
+
+
 # ---------------------------------------------------------------------------------------------- sample / evaluate
 def cmd_sample(args: argparse.Namespace) -> None:
     check_writable(Path(args.out) / "samples.png", "sample output")
@@ -177,9 +190,18 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(result, indent=1))
 
 
+# ---------------------------------------------------------------------------------------------- sweep
+def cmd_sweep(args: argparse.Namespace) -> None:
+    result = run_sweep(args.model, cfg=args.cfg, temperature=args.temperature, num_iter=args.num_iter,
+                       per_class=args.per_class, seed=args.seed, device=_device(args.device), out=args.out,
+                       overwrite=args.overwrite)
+    print(sweep_table(result["rows"]))
+    print(f"\n{describe_best(result)}\nwrote {args.out}/sweep.md, sweep.json, sweep.png")
+
+
 # ---------------------------------------------------------------------------------------------- demo-ui
 def cmd_demo_ui(args: argparse.Namespace) -> None:
-    launch_ui(args.model or ["fmnist"], vae=args.vae, device=_device(args.device), host=args.host, port=args.port,
+    launch_ui(args.model or sorted(SHIPPED), vae=args.vae, device=_device(args.device), host=args.host, port=args.port,
               allow_other_vae=args.allow_other_vae, **_given(args, max_images="max_images"))
 
 
@@ -283,14 +305,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("export", help="checkpoint.pt -> self-describing .safetensors (EMA weights, config, VAE)")
-    p.add_argument("checkpoint")
+    p.add_argument("checkpoint", help="a training checkpoint.pt or a pretrained folder")
     p.add_argument("out")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--half", action="store_true", help="store float32 tensors as float16")
     p.set_defaults(func=cmd_export)
 
+    p = sub.add_parser("convert", help="official TokenBridge / MAR checkpoint-last.pth -> a pretrained folder "
+                                       "(config.json + model.safetensors) computing the released functions")
+    p.add_argument("checkpoint", help="checkpoint-last.pth (or the folder holding it)")
+    p.add_argument("out", help="the pretrained folder to write (every --model option takes it)")
+    p.add_argument("--family", choices=["tokenbridge", "mar"], help="default: told by the checkpoint's keys")
+    p.add_argument("--weights", choices=["model_ema", "model"], default="model_ema")
+    p.add_argument("--num-heads", type=_positive_int, help="backbone attention heads (default: the released "
+                                                            "models' for that width: 768 -> 12, 1024/1280 -> 16)")
+    p.add_argument("--head-num-heads", type=_positive_int, help=f"TokenBridge channel-head attention heads ({lib})")
+    p.add_argument("--no-first-token-timestep", action="store_true",
+                   help="TokenBridge: leave out the released sampler's first-input quirk (see official_head.py)")
+    p.add_argument("--vae", help="the VAE spec to record, e.g. kl16:/path/kl16.ckpt (else give --vae to sample)")
+    p.add_argument("--trust-pickle", action="store_true", help="read a checkpoint holding arbitrary Python objects")
+    p.set_defaults(func=cmd_convert)
+
     p = sub.add_parser("sample", help="class-conditional samples from a generator of any family")
-    p.add_argument("--model", help="fmnist (embedded, the default), a checkpoint.pt or an exported .safetensors")
+    p.add_argument("--model", help="fmnist (embedded, the default), a checkpoint.pt, an exported .safetensors or a "
+                                   "pretrained folder")
     p.add_argument("--vae", help="default: the VAE the generator was trained on")
     p.add_argument("--allow-other-vae", action="store_true", help="decode with a VAE other than the recorded one")
     p.add_argument("--raw-weights", action="store_true", help="a checkpoint's raw weights instead of its EMA")
@@ -313,9 +351,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser("sweep", help="sample a generator over a cfg x temperature (x num_iter) grid and score each "
+                                     "cell like `evaluate` (FD, precision, recall, class accuracy)")
+    p.add_argument("--model", default="fmnist", help="fmnist (embedded), a checkpoint.pt, an export or a folder")
+    p.add_argument("--cfg", type=float, nargs="+", help="guidance scales (left out: the generator's own, not swept)")
+    p.add_argument("--temperature", type=float, nargs="+", help="temperatures (left out: the generator's own)")
+    p.add_argument("--num-iter", type=int, nargs="+", help="MAR steps (left out: the generator's own)")
+    p.add_argument("--per-class", type=_positive_int, default=100, help="samples of each class in every cell")
+    p.add_argument("--seed", type=int, default=0, help="one seed for every cell (cells differ only in settings)")
+    p.add_argument("--out", default="out/sweep", help="folder for sweep.md, sweep.json, sweep.png")
+    p.add_argument("--overwrite", action="store_true", help="replace the sweep results already in --out")
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_sweep)
+
     p = sub.add_parser("demo-ui", help="browser demo: pick a class and the knobs, watch the image form (needs the ui "
                                        "extra: pip install 'tokenbridge[ui]')")
-    p.add_argument("--model", action="append", help="a generator (repeatable): fmnist, a checkpoint.pt or an export")
+    p.add_argument("--model", action="append", help="a generator (repeatable): fmnist, fmnist-mar, checkpoint, export, "
+                   "folder (default: both shipped ones)")
     p.add_argument("--vae", help="default: each generator's recorded VAE")
     p.add_argument("--allow-other-vae", action="store_true")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
@@ -325,7 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo_ui)
 
     p = sub.add_parser("repro", help="reproduce a paper table/figure at small scale into docs/results/")
-    p.add_argument("name", help="table1, table2a..table2e, table5, fig8 or all")
+    p.add_argument("name", help="table1, table2a..table2e, table5, fig8, table3 (TokenBridge vs continuous MAR) or all")
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
     p.add_argument("--scale", help=f"tiny (smoke test), small (2 CPU cores) or paper (GPUs) {lib}")
     p.add_argument("--out", help=f"results folder {lib}")

@@ -35,6 +35,13 @@ def init_distributed(device_cfg: str) -> tuple[int, int, torch.device, bool]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size(), device, False
     if world > 1:
+        # DistributedDataParallel imports torch._dynamo on first use, which imports torch.distributed.nn, whose
+        # functions take `group=group.WORLD` as a default argument: imported after the group exists, they keep it
+        # for good, destroy_process_group cannot free it, and its gloo threads (two workers and the TCP loop) live
+        # on into interpreter exit, which they now and then abort ("terminate called without an active
+        # exception", SIGABRT; torch 2.13). Imported before the group, those defaults are None.
+        from torch import _dynamo  # noqa: F401  (`import torch._dynamo` would make `torch` local here)
+
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         return dist.get_rank(), dist.get_world_size(), device, True
     return 0, 1, device, False
