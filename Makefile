@@ -34,10 +34,12 @@ test: install data
 demo: install data
 	$(TB) reconstruct --out $(OUT)/reconstruct
 	$(TB) sample --labels 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out $(OUT)/samples --show-confidence --evaluate
+	$(TB) sample --model fmnist-mar --labels 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out $(OUT)/samples-mar --evaluate
 
 bench: install
 	$(PY) benchmarks/quantizer.py
 	$(PY) benchmarks/heads.py
+	$(PY) benchmarks/generators.py
 
 # The demo page in a real headless browser (Debian's chromium): load, generate, screenshot -> docs/img/ui.png.
 ui-check: install

@@ -79,6 +79,21 @@ def test_head_cfg_of_one_equals_no_guidance():
     assert not torch.allclose(stronger, plain, atol=1e-3)
 
 
+def test_clip_denoised_bounds_the_predicted_clean_tokens():
+    torch.manual_seed(0)
+    head = DiffusionHead(z_dim=8, token_dim=4, width=16, depth=2, train_steps=100)
+    for p in head.parameters():  # a wild, untrained head: its eps is far from the truth at every step
+        torch.nn.init.normal_(p, std=0.3)
+    z = torch.randn(32, 8)
+    free = head.sample(z, num_steps=20, generator=torch.Generator().manual_seed(0))
+    clipped = head.sample(z, num_steps=20, generator=torch.Generator().manual_seed(0), clip_denoised=2.0)
+    assert float(free.abs().max()) > 2.0
+    # the last DDPM step returns the (clipped) predicted x0 itself
+    assert float(clipped.abs().max()) <= 2.0 + 1e-5
+    with pytest.raises(ValueError, match="clip_denoised"):
+        tiny_model().sample(torch.tensor([0]), clip_denoised=0.0)
+
+
 def test_diffusion_loss_falls_on_a_tiny_overfit_batch():
     """One fixed batch of 8 grids, 150 Adam steps: the loss averaged over 20 fixed draws (mask, timesteps, noise)
     must fall below half of its value at initialisation (measured: about 1.1 -> 0.25)."""
@@ -216,6 +231,14 @@ def test_export_then_generate_through_the_common_sampler(tmp_path):
     exported = C.export_weights(tmp_path / "run" / C.CHECKPOINT_NAME, tmp_path / "mar.safetensors")
     model = C.load_generator(exported, family="mar")
     assert isinstance(model, ContinuousMARGenerator) and model.provenance["family"] == "mar"
+    # sampling defaults chosen after training are recorded at export, validated first
+    with_clip = C.export_weights(tmp_path / "run" / C.CHECKPOINT_NAME, tmp_path / "clip.safetensors",
+                                 sample={"clip_denoised": 3.0})
+    assert C.load_generator(with_clip).provenance["sample"]["clip_denoised"] == 3.0
+    with pytest.raises(ConfigError, match="clip_denoised"):
+        C.export_weights(tmp_path / "run" / C.CHECKPOINT_NAME, tmp_path / "bad.safetensors",
+                         sample={"clip_denoised": "wide"})
+    assert not (tmp_path / "bad.safetensors").exists()
     out = generate(exported, [0, 1, 2], vae="fmnist", seed=4, num_iter=2, num_sampling_steps=3, cfg=2.0)
     again = generate(exported, [0, 1, 2], vae="fmnist", seed=4, num_iter=2, num_sampling_steps=3, cfg=2.0)
     assert out["images"].shape == (3, 1, 32, 32) and torch.equal(out["images"], again["images"])

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .files import atomic_path
-from .generators import get_family
+from .generators import check_sample_options, get_family
 from .generators.pretrained import build_generator, read_pretrained
 
 CKPT_FORMAT = "tokenbridge-train-checkpoint"
@@ -73,17 +73,21 @@ def _record(config: dict, provenance: dict, step: int, ema: bool) -> dict[str, A
 
 
 def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, ema: bool = True,
-                   half: bool = False) -> Path:
+                   half: bool = False, sample: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint's EMA (or raw) weights as a self-describing .safetensors generator. A pretrained folder
     is also taken (its one set of weights and its record; ``ema`` does not apply).
 
     half: store float32 tensors as float16 (half the file; they load back into float32 parameters). Float64
-    buffers such as the quantizer's tables stay exact."""
+    buffers such as the quantizer's tables stay exact. sample: sampling defaults to record over the run's
+    (validated against the family's sampling options before anything is read)."""
     if Path(ckpt_path).is_dir():
         record, state = read_pretrained(ckpt_path)
     else:
         ckpt = load_checkpoint(ckpt_path)
         record, state = _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), ckpt["ema" if ema else "model"]
+    if sample:
+        record["sample"] = {**record.get("sample", {}),
+                            **check_sample_options(get_family(record["family"]), sample, prefix="export --sample")}
     state = {k: (v.half() if half and v.dtype == torch.float32 else v).contiguous() for k, v in state.items()}
     return save_generator_weights(state, record, out_path)
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from .checkpoint import SHIPPED, export_weights, load_generator
 from .classifier import class_accuracy, load_classifier, train_classifier
@@ -50,6 +51,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return value
+
+
+def _key_value(text: str) -> str:
+    if "=" not in text or not text.split("=", 1)[0].strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return text
 
 
 def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
@@ -142,7 +149,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    print(f"wrote {export_weights(args.checkpoint, args.out, ema=not args.raw, half=args.half)}")
+    sample = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.sample or [])}
+    print(f"wrote {export_weights(args.checkpoint, args.out, ema=not args.raw, half=args.half, sample=sample)}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -309,6 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--half", action="store_true", help="store float32 tensors as float16")
+    p.add_argument("--sample", action="append", metavar="KEY=VALUE", type=_key_value,
+                   help="record this sampling default over the run's (repeatable), e.g. --sample clip_denoised=5")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert", help="official TokenBridge / MAR checkpoint-last.pth -> a pretrained folder "

@@ -92,10 +92,14 @@ class DiffusionSchedule:
         mean = self.at("coef_x0", i, x0) * x0 + self.at("coef_xt", i, x0) * x
         return mean, self.at("post_logvar", i, x0)
 
-    def p_mean_logvar(self, x: Tensor, i: Tensor | int, eps: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def p_mean_logvar(self, x: Tensor, i: Tensor | int, eps: Tensor, v: Tensor,
+                      clip: float | None = None) -> tuple[Tensor, Tensor]:
         """Model mean and log-variance [N, D] of x_{i-1} given x_i = x and the model's eps and v [N, D]: v in
-        [-1, 1] interpolates the log-variance between the posterior's (beta~) and beta."""
+        [-1, 1] interpolates the log-variance between the posterior's (beta~) and beta. clip: the predicted x0 is
+        clamped to [-clip, clip] (None: not clamped, as MAR)."""
         x0 = (x - self.at("sqrt_1m_ac", i, x) * eps) / self.at("sqrt_ac", i, x)
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
         mean, post_logvar = self.q_posterior(x0, x, i)
         frac = (v + 1) / 2
         return mean, frac * self.at("log_betas", i, x) + (1 - frac) * post_logvar
@@ -192,10 +196,13 @@ class DiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: Tensor, num_steps: int = 100, temperature: float = 1.0, cfg: float | Tensor | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, clip_denoised: float | None = None) -> Tensor:
         """Token [N, token_dim] by DDPM respaced to num_steps; temperature scales the per-step noise.
         z: [N, z_dim], or with cfg [2N, z_dim] (N conditional then N unconditional rows) and
-        eps = e_u + cfg * (e_c - e_u); cfg: float or [N] tensor."""
+        eps = e_u + cfg * (e_c - e_u); cfg: float or [N] tensor. clip_denoised: clamp each step's predicted x0 to
+        [-clip_denoised, clip_denoised]. Respacing makes the first steps sensitive to eps errors (at t = 999,
+        x0 = (x - sqrt(1 - a) eps) / sqrt(a) with sqrt(a) ~ 5e-5), so a model trained briefly can diverge
+        without it; None keeps MAR's unclipped sampler."""
         check_z(z, self.z_dim)
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -208,7 +215,7 @@ class DiffusionHead(nn.Module):
             eps, v = self.denoise(x if scale is None else x.repeat(2, 1), t, z_cond)
             if scale is not None:
                 eps, v = guide(eps, scale), v[:n]
-            mean, logvar = s.p_mean_logvar(x, i, eps, v)
+            mean, logvar = s.p_mean_logvar(x, i, eps, v, clip_denoised)
             if self.full_batch_noise:  # MAR: noise for every row of the batch, at every step
                 rows = n if scale is None else 2 * n
                 noise = torch.randn(rows, self.token_dim, device=x.device, dtype=x.dtype, generator=generator)[:n]

@@ -129,12 +129,15 @@ class ContinuousMARGenerator(MaskedGenerator):
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg: float | None = 1.0,
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
-               num_sampling_steps: int = 100, generator: torch.Generator | int | None = None, progress: bool = False,
+               num_sampling_steps: int = 100, clip_denoised: float | None = None,
+               generator: torch.Generator | int | None = None, progress: bool = False,
                callback: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
         """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
 
         num_iter: MAR steps (capped at the sequence length L). num_sampling_steps: DDPM steps per token, respaced
         from the head's training steps (MAR: 100 of 1,000). temperature scales the DDPM noise (0: the mean path).
+        clip_denoised: clamp the head's predicted clean token to [-clip_denoised, clip_denoised] at every DDPM step
+        (None: MAR's unclipped sampler; see DiffusionHead.sample for why a briefly trained head needs it).
         cfg None or 1.0 runs without guidance; otherwise eps = eps_u + cfg_t (eps_c - eps_u), cfg_t by
         `cfg_schedule`. generator: None (global RNG), an int seed or a torch.Generator on the model's device.
         Returns dict(latents [N, C, H, W] float). callback: called after every MAR step with the outputs so far
@@ -144,13 +147,15 @@ class ContinuousMARGenerator(MaskedGenerator):
         train_steps = len(self.head.schedule)
         if int(num_sampling_steps) != num_sampling_steps or not 1 <= num_sampling_steps <= train_steps:
             raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {num_sampling_steps}")
+        if clip_denoised is not None and not 0 < float(clip_denoised) < float("inf"):
+            raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip_denoised}")
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
 
         def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
             x = self.head.sample(z_sel, num_steps=int(num_sampling_steps), temperature=float(temperature),
-                                 cfg=step_cfg, generator=g)
+                                 cfg=step_cfg, generator=g, clip_denoised=clip_denoised)
             return x, None
 
         values = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, device=device)

@@ -65,12 +65,18 @@ def _options(family: str, e: dict, num_iter: int | None = None, steps: int | Non
                "temperature": e["temperature"]}
     if family == "mar":
         options["num_sampling_steps"] = steps or e["num_sampling_steps"]
+        options["clip_denoised"] = e["clip_denoised"]
     return options
+
+
+def _eval_settings(ctx: Context) -> dict[str, Any]:
+    """The eval section plus the diffusion head's sampler settings of the table3 section."""
+    return {**ctx.budget["eval"], **{k: ctx.budget["table3"][k] for k in ("num_sampling_steps", "clip_denoised")}}
 
 
 def score(ctx: Context, model: nn.Module, family: str, per_class: int, **sizes: int | None) -> dict[str, float]:
     """Classifier metrics of ``per_class`` samples per class at the eval settings (num_iter / steps overridable)."""
-    e = {**ctx.budget["eval"], "num_sampling_steps": ctx.budget["table3"]["num_sampling_steps"]}
+    e = _eval_settings(ctx)
     labels = class_labels(per_class)
     result = generate(model, labels.tolist(), vae=ctx.res.vae, seed=ctx.eval_seed, device=ctx.device,
                       batch_size=e["batch_size"], **_options(family, e, sizes.get("num_iter"), sizes.get("steps")))
@@ -81,7 +87,8 @@ def score(ctx: Context, model: nn.Module, family: str, per_class: int, **sizes: 
 def evaluate_family(ctx: Context, family: str, seed: int) -> FamilyRun:
     run_dir, info = train_family(ctx, family, seed)
     model = load_generator(run_dir / "checkpoint.pt", device=ctx.device, family=family)
-    key = short_hash({"eval": ctx.budget["eval"], "table3": ctx.budget["table3"]["num_sampling_steps"],
+    sampler = {k: ctx.budget["table3"][k] for k in ("num_sampling_steps", "clip_denoised")}
+    key = short_hash({"eval": ctx.budget["eval"], "table3": sampler,
                       "classifier": ctx.res.fingerprint("classifier")})
     path = run_dir / f"repro_eval_{key}.json"
     metrics = json.loads(path.read_text()) if path.is_file() else None
@@ -94,7 +101,7 @@ def evaluate_family(ctx: Context, family: str, seed: int) -> FamilyRun:
 def sampling_speed(ctx: Context, models: dict[str, nn.Module], batch: int, repeats: int,
                    sizes: dict[str, dict] | None = None) -> dict[str, float]:
     """End-to-end images/s per family (median of ``repeats``, families alternating, one warm-up call each)."""
-    e = {**ctx.budget["eval"], "num_sampling_steps": ctx.budget["table3"]["num_sampling_steps"]}
+    e = _eval_settings(ctx)
     labels = [i % 10 for i in range(batch)]
     times: dict[str, list[float]] = {f: [] for f in models}
     for r in range(repeats + 1):
@@ -217,6 +224,6 @@ def table3(ctx: Context) -> str:
                   f"{ctx.budget['train']['steps']} steps at batch {ctx.budget['train']['global_batch']} for both; "
                   f"{10 * e['per_class']} samples per generator, num_iter {e['num_iter']}, cfg {e['cfg']} "
                   f"({e['cfg_schedule']}), temperature {e['temperature']}; diffusion head "
-                  f"{t3['num_sampling_steps']} DDPM steps.", *_verdicts(runs),
+                  f"{t3['num_sampling_steps']} DDPM steps, predicted x0 clipped at {t3['clip_denoised']}.", *_verdicts(runs),
                   "Per-seed values and the quality-vs-time points: `table3.json`."]
     return table
