@@ -56,7 +56,8 @@ OFFICIAL_HEAD_NUM_HEADS = 8  # the channel head's, in every released TokenBridge
 _TOKENBRIDGE_BUFFERS = ("reconstruction_values", "boundaries", "channel_mask")
 # the released MAR evaluation commands (README of LTH14/mar), keyed by (backbone width, diffusion head depth)
 MAR_SAMPLING = {(768, 6): {"cfg": 2.9}, (1024, 8): {"cfg": 3.0}, (1280, 12): {"cfg": 3.2}}
-_MAR_SAMPLING_COMMON = {"num_iter": 256, "num_sampling_steps": 100, "cfg_schedule": "linear", "temperature": 1.0}
+_MAR_SAMPLING_COMMON = {"num_iter": 256, "num_sampling_steps": 100, "cfg_schedule": "linear", "temperature": 1.0,
+                        "released_cfg": True}
 
 
 class ConversionError(ValueError):

@@ -129,7 +129,7 @@ class ContinuousMARGenerator(MaskedGenerator):
     @torch.no_grad()
     def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg: float | None = 1.0,
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
-               num_sampling_steps: int = 100, clip_denoised: float | None = None,
+               num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
                generator: torch.Generator | int | None = None, progress: bool = False,
                callback: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
         """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
@@ -138,6 +138,8 @@ class ContinuousMARGenerator(MaskedGenerator):
         from the head's training steps (MAR: 100 of 1,000). temperature scales the DDPM noise (0: the mean path).
         clip_denoised: clamp the head's predicted clean token to [-clip_denoised, clip_denoised] at every DDPM step
         (None: MAR's unclipped sampler; see DiffusionHead.sample for why a briefly trained head needs it).
+        released_cfg: the last step's linear cfg scale is 1 + (cfg - 1)(L - 1)/L as in MAR's released sampler
+        (converted MAR checkpoints record it); False: the scale reaches cfg.
         cfg None or 1.0 runs without guidance; otherwise eps = eps_u + cfg_t (eps_c - eps_u), cfg_t by
         `cfg_schedule`. generator: None (global RNG), an int seed or a torch.Generator on the model's device.
         Returns dict(latents [N, C, H, W] float). callback: called after every MAR step with the outputs so far
@@ -160,7 +162,7 @@ class ContinuousMARGenerator(MaskedGenerator):
 
         values = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, device=device)
         values, score = self._generate(labels, values, lambda v: v, predict, num_iter, cfg, cfg_schedule, True, gen,
-                                       progress, callback)
+                                       progress, callback, released_cfg=bool(released_cfg))
         return self._outputs(values, score)
 
     def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:

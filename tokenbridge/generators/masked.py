@@ -106,7 +106,8 @@ class MaskedGenerator(nn.Module):
     def _generate(self, labels: torch.Tensor, values: torch.Tensor, to_tokens: Callable[[torch.Tensor], torch.Tensor],
                   predict: Predict, num_iter: int, cfg: float | None, cfg_schedule: str, random_order: bool,
                   gen: torch.Generator | None, progress: bool,
-                  callback: Callable[[dict[str, torch.Tensor]], None] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  callback: Callable[[dict[str, torch.Tensor]], None] | None,
+                  released_cfg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAR loop: ``num_iter`` steps on the cosine mask schedule; each step runs the backbone on the values
         so far and lets ``predict`` draw the values of the next positions (the random order's next chunk, or with
         ``random_order`` False every masked position, keeping the highest-scoring ones). With cfg != 1 the
@@ -114,6 +115,8 @@ class MaskedGenerator(nn.Module):
 
         labels [N] on the model's device; values [N, L, D] (zeros, the dtype the family stores) is filled in
         place. Returns (values, score [N, L] float: each position's score when it was drawn, 0 without scores).
+        released_cfg: the linear cfg schedule counts at least one masked position, as MAR's released sampler does
+        (its mask length never drops below 1), so the last step's scale is 1 + (cfg - 1)(L - 1)/L, not cfg.
         """
         n, seq_len, device = labels.shape[0], self.seq_len, labels.device
         num_iter = min(int(num_iter), seq_len)
@@ -141,7 +144,7 @@ class MaskedGenerator(nn.Module):
                 step_cfg = None
                 if use_cfg:
                     z_sel = torch.cat([z_sel, torch.gather(z[n:], 1, gather).reshape(n * m, -1)])
-                    step_cfg = cfg_at(float(cfg), cfg_schedule, remaining / seq_len)
+                    step_cfg = cfg_at(float(cfg), cfg_schedule, max(remaining, int(released_cfg)) / seq_len)
                 new, new_score = predict(z_sel, step_cfg, gen)
                 new = new.reshape(n, m, tdim)
                 new_score = new_score.reshape(n, m).float() if new_score is not None else score.new_zeros(n, m)
