@@ -8,6 +8,7 @@ import official_format as off
 import pytest
 import torch
 
+import tokenbridge.generators.tokenbridge as TB_MODULE
 from tokenbridge.checkpoint import load_generator
 from tokenbridge.cli import main
 from tokenbridge.convert import (
@@ -17,6 +18,7 @@ from tokenbridge.convert import (
     convert_tokenbridge,
 )
 from tokenbridge.generators import ContinuousMARGenerator, TokenBridgeGenerator
+from tokenbridge.layers import cfg_rows, guide
 
 ATOL = 2e-5
 
@@ -200,21 +202,26 @@ def test_cfg_on_z_with_cfg_one_equals_no_guidance():
     for mix in ("z", "logits"):
         out = model.sample(labels, num_iter=4, generator=1, cfg=1.0, cfg_mix=mix)
         assert torch.equal(out["indices"], base["indices"])
-    guide = model._z_guidance(1.0, "constant", 4)
     z = torch.randn(6, off.D)
-    mixed, scale = guide(z, 1.0)
-    assert scale is None
+    mixed = guide(z, cfg_rows(z, 1.0)[1])  # the mix cfg_mix="z" applies
     torch.testing.assert_close(mixed, z[:3])  # u + 1 * (c - u): c up to rounding
 
 
-def test_cfg_on_z_mixes_features_before_the_head():
+def test_cfg_on_z_mixes_features_before_the_head(monkeypatch):
     model = _tb()
-    guide = model._z_guidance(3.0, "linear", 2)
     zc, zu = torch.randn(4, off.D), torch.randn(4, off.D)
-    mixed, _ = guide(torch.cat([zc, zu]), 2.0)
-    torch.testing.assert_close(mixed, zu + 2.0 * (zc - zu))
-    last, _ = guide(torch.cat([zc, zu]), 3.0)  # the last step: the released sampler's mask length is still 1
-    torch.testing.assert_close(last, zu + (1 + 2.0 * (off.L - 1) / off.L) * (zc - zu))
+    torch.testing.assert_close(guide(torch.cat([zc, zu]), cfg_rows(zc.repeat(2, 1), 2.0)[1]), zu + 2.0 * (zc - zu))
+    scales, heads = [], []
+    monkeypatch.setattr(TB_MODULE, "cfg_rows", lambda z, cfg: scales.append(cfg) or cfg_rows(z, cfg))
+    head_sample = model.head.sample
+    monkeypatch.setattr(model.head, "sample", lambda z, **kw: heads.append((z.shape[0], kw["cfg"])) or
+                        head_sample(z, **kw))
+    model.sample(torch.tensor([1, 2]), num_iter=2, cfg=3.0, cfg_mix="z", generator=0)
+    # the head gets the mixed features (N rows per position, not 2N; no guidance of its own) ...
+    assert [c for _, c in heads] == [None, None] and sum(n for n, _ in heads) == 2 * off.L
+    # ... and the last step's linear scale stops at 1 + (cfg - 1)(L - 1)/L: the released sampler's mask length is 1
+    last = 1 + 2.0 * (off.L - 1) / off.L
+    assert len(scales) == 2 and scales[0] < last and scales[1] == pytest.approx(last)
     a = model.sample(torch.tensor([1, 2]), num_iter=3, cfg=3.0, cfg_mix="z", generator=0)
     b = model.sample(torch.tensor([1, 2]), num_iter=3, cfg=3.0, cfg_mix="logits", generator=0)
     assert a["indices"].shape == b["indices"].shape == (2, off.SIDE, off.SIDE, off.C)

@@ -28,6 +28,7 @@ from pydantic import Field, PositiveInt
 from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
 from ..heads import DimensionwiseARHead, GroupedHead, ParallelHead
+from ..layers import cfg_rows, guide
 from ..official_head import OfficialARHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
@@ -227,23 +228,6 @@ class TokenBridgeGenerator(MaskedGenerator):
         if cfg_mix not in CFG_MIXES:
             raise ValueError(f"cfg_mix must be one of {CFG_MIXES}, got {cfg_mix!r}")
 
-    def _z_guidance(self, cfg: float | None, cfg_schedule: str, num_iter: int) -> Callable:
-        """cfg_mix="z": guide(z_sel, step_cfg) -> (z_u + s * (z_c - z_u), None) for the [cond; uncond] rows. As in
-        the released sampler, whose mask length never drops below 1, the last step's linear scale is
-        1 + (cfg - 1) * (L - 1) / L rather than cfg."""
-        steps, calls = min(int(num_iter), self.seq_len), [0]
-
-        def guide(z_sel: torch.Tensor, step_cfg: float | None) -> tuple[torch.Tensor, None]:
-            calls[0] += 1
-            if step_cfg is None:
-                return z_sel, None
-            if calls[0] == steps and cfg_schedule == "linear":
-                step_cfg = 1.0 + (float(cfg) - 1.0) * (self.seq_len - 1) / self.seq_len
-            cond, uncond = z_sel.chunk(2)
-            return uncond + step_cfg * (cond - uncond), None
-
-        return guide
-
     @torch.no_grad()
     def sample(
         self,
@@ -270,23 +254,23 @@ class TokenBridgeGenerator(MaskedGenerator):
         callback: called after every step with the outputs so far plus ``step`` (1-based), ``num_iter`` and
         ``mask`` [N, H, W] bool (True = not generated yet; those latents are 0, the prior mean) — for live views.
         cfg_mix: "logits" (guidance on the head's logits at every channel step) or "z" (on the backbone's features
-        before the head, the released code's way; see `_z_guidance`).
+        before the head, the released code's way, whose linear schedule ends at 1 + (cfg - 1)(L - 1)/L because its
+        mask length never drops below 1).
         """
         self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
-        z_guide = self._z_guidance(cfg, cfg_schedule, num_iter) if cfg_mix == "z" else None
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
 
         def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
-            if z_guide is not None:
-                z_sel, step_cfg = z_guide(z_sel, step_cfg)
+            if cfg_mix == "z" and step_cfg is not None:  # mix [cond; uncond] features, then one head pass
+                z_sel, step_cfg = guide(z_sel, cfg_rows(z_sel, step_cfg)[1]), None
             return self.head.sample(z_sel, temperature=temperature, top_k=top_k, top_p=top_p, cfg=step_cfg,
                                     generator=g)
 
         idx = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, dtype=torch.long, device=device)
         idx, conf = self._generate(labels, idx, self.indices_to_tokens, predict, num_iter, cfg, cfg_schedule,
-                                   order == "random", gen, progress, callback)
+                                   order == "random", gen, progress, callback, released_cfg=cfg_mix == "z")
         return self._outputs(idx, conf)
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -28,7 +28,7 @@ from ..checkpoint import load_generator
 from ..classifier import classifier_metrics
 from ..generate import generate
 from ..markdown import markdown_table
-from ..tokens import CachedTokens, LatentTokens
+from ..tokens import CachedTokens
 from .plots import pyplot, save_figure
 from .runs import Context, _write_json, class_labels, count_params, short_hash, token_file, train_once
 
@@ -120,8 +120,8 @@ def step_times(ctx: Context, models: dict[str, nn.Module], repeats: int, steps: 
     read from the training logs, whose runs met different machine load."""
     tokens = CachedTokens(token_file(ctx, ctx.budget["model"], "train"))
     batch = int(ctx.budget["train"]["global_batch"])
-    inputs = {"tokenbridge": tokens.indices[:batch].long(), "mar": LatentTokens(tokens).latents[:batch].float()}
-    inputs["mar"] = inputs["mar"].permute(0, 2, 3, 1).contiguous()
+    latents = tokens.latents[:batch].float().permute(0, 2, 3, 1).contiguous()  # [B, h, w, C], as LatentTokens
+    inputs = {"tokenbridge": tokens.indices[:batch].long(), "mar": latents}
     labels = tokens.labels[:batch]
     times: dict[str, list[float]] = {f: [] for f in models}
     trainees = {f: copy.deepcopy(m).train() for f, m in models.items()}
