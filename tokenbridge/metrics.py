@@ -355,6 +355,23 @@ def precision_recall(
     return _coverage(fake, real, real_r, chunk), _coverage(real, fake, fake_r, chunk)
 
 
+def within_class_diversity(features: np.ndarray | torch.Tensor, labels: np.ndarray | torch.Tensor) -> float:
+    """Per-class diversity: the mean over classes (with >= 2 members) of the mean pairwise Euclidean distance
+    between the features [N, D] of that class's images (labels [N]). Higher = more varied within a class; compare
+    with the same number of real images per class."""
+    feats = torch.as_tensor(as_float64(features, "features"))
+    labels = check_labels(labels, feats.shape[0])
+    spreads = []
+    for c in labels.unique():
+        f = feats[labels == c]
+        if len(f) >= 2:
+            d = _pairwise_sq_dists(f, f).sqrt()
+            spreads.append(float(d.sum() / (len(f) * (len(f) - 1))))
+    if not spreads:
+        raise ValueError("within_class_diversity needs a class with at least 2 images")
+    return float(np.mean(spreads))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Inception Score formula
 

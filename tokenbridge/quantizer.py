@@ -453,3 +453,15 @@ class DimensionwiseQuantizer(nn.Module):
             return widths[0][indices]
         channel = torch.arange(indices.shape[-1], device=indices.device).expand_as(indices)
         return widths[channel, indices]
+
+    def finite_bin_width_at(self, indices: torch.Tensor) -> torch.Tensor:
+        """`bin_width_at` with the two unbounded outer bins given a finite width: twice the distance from their
+        reconstruction value to their inner midpoint (the value sits near the middle of the bin's mass). For
+        densities over the latents implied by a discrete model (tokenbridge.repro.runs.mean_log_bin_width)."""
+        mids, values = self._midpoints, self._latent_values  # [R, B-1], [R, B]
+        first, last = 2 * (mids[:, :1] - values[:, :1]).abs(), 2 * (values[:, -1:] - mids[:, -1:]).abs()
+        widths = torch.cat([first, mids[:, 1:] - mids[:, :-1], last], 1)  # [R, B]
+        if widths.shape[0] == 1:
+            return widths[0][indices]
+        channel = torch.arange(indices.shape[-1], device=indices.device).expand_as(indices)
+        return widths[channel, indices]

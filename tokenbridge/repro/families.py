@@ -30,7 +30,9 @@ from ..generate import generate
 from ..markdown import markdown_table
 from ..tokens import CachedTokens
 from .plots import pyplot, save_figure
-from .runs import Context, _write_json, class_labels, count_params, short_hash, token_file, train_once
+from .stats import pm, verdict
+from .runs import (DEFAULT_LABEL, Context, _write_json, class_labels, count_params, short_hash, token_file, train_once,
+                   train_variant, variant_model_config)
 
 FAMILIES = {"tokenbridge": "TokenBridge (AR head)", "mar": "continuous MAR (diffusion head)"}
 METRICS = ("fd_cls", "precision", "recall", "class_accuracy")
@@ -46,16 +48,15 @@ class FamilyRun:
     metrics: dict  # fd_cls, precision, recall, class_accuracy, is_cls
 
 
-def _model_config(ctx: Context, family: str) -> dict:
-    return ctx.budget["model"] if family == "tokenbridge" else ctx.budget["table3"]["mar_model"]
-
-
 def train_family(ctx: Context, family: str, seed: int) -> tuple[Path, dict]:
-    """Train (or reuse a finished run of the same configuration) one family at one training seed."""
+    """Train (or reuse a finished run of the same configuration) one family at one training seed; the TokenBridge
+    runs are the Table 2 ablations' default variant, so `repro all` trains them once."""
+    if family == "tokenbridge":
+        return train_variant(ctx, variant_model_config(ctx.budget["model"], {}), DEFAULT_LABEL, seed)
     train_cfg = {k: v for k, v in ctx.budget["train"].items() if k != "device"}
     tokens = token_file(ctx, ctx.budget["model"], "train")  # indices and latents of the same images
     config = {"seed": seed, "family": family, "data": {"source": "tokens", "tokens": str(tokens)},
-              "model": _model_config(ctx, family), "train": train_cfg}
+              "model": ctx.budget["table3"]["mar_model"], "train": train_cfg}
     run_dir = ctx.work_dir / "runs" / f"table3-{family}-seed{seed}-{short_hash({**config, 'data': tokens.name})}"
     return run_dir, train_once(ctx, config, run_dir)
 
@@ -139,26 +140,10 @@ def step_times(ctx: Context, models: dict[str, nn.Module], repeats: int, steps: 
     return {f: statistics.median(t) for f, t in times.items()}
 
 
-def _mean_sd(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _pm(values: list[float], digits: int = 3) -> str:
-    mean, sd = _mean_sd(values)
-    return f"{mean:.{digits}f} +- {sd:.{digits}f}"
-
-
 def _verdicts(runs: dict[str, list[FamilyRun]]) -> list[str]:
     """One line per metric: which family is ahead, and whether the gap exceeds the sum of the two sds."""
-    lines = []
-    for m in METRICS:
-        (mt, st), (mm, sm) = (_mean_sd([r.metrics[m] for r in runs[f]]) for f in ("tokenbridge", "mar"))
-        better_tb = mt < mm if m == "fd_cls" else mt > mm
-        real = abs(mt - mm) > st + sm
-        lead = "TokenBridge" if better_tb else "continuous MAR"
-        lines.append(f"{m}: {lead} ahead by {abs(mt - mm):.3f} (sds {st:.3f}, {sm:.3f}): "
-                     + ("exceeds the spread" if real else "within the spread, no difference shown"))
-    return lines
+    return [verdict(m, "TokenBridge", [r.metrics[m] for r in runs["tokenbridge"]], "continuous MAR",
+                    [r.metrics[m] for r in runs["mar"]]) for m in METRICS]
 
 
 def quality_vs_time(ctx: Context, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
@@ -200,7 +185,7 @@ def plot_quality_vs_time(points: list[dict[str, Any]], path: Path) -> None:
 
 def table3(ctx: Context) -> str:
     t3 = ctx.budget["table3"]
-    runs = {f: [evaluate_family(ctx, f, s) for s in t3["seeds"]] for f in FAMILIES}
+    runs = {f: [evaluate_family(ctx, f, s) for s in ctx.budget["train_seeds"]] for f in FAMILIES}
     first = {f: runs[f][0].model for f in FAMILIES}
     speed = [sampling_speed(ctx, first, t3["speed_batch"], t3["speed_repeats"])]
     step_s = step_times(ctx, first, t3["speed_repeats"])
@@ -209,7 +194,7 @@ def table3(ctx: Context) -> str:
         rs = runs[f]
         rows.append([label, f"{count_params(rs[0].model) / 1e6:.2f}M", f"{count_params(rs[0].model.head) / 1e6:.2f}M",
                      f"{step_s[f]:.3f}"]
-                    + [_pm([r.metrics[m] for r in rs], 2 if m == "fd_cls" else 3) for m in METRICS]
+                    + [pm([r.metrics[m] for r in rs], 2 if m == "fd_cls" else 3) for m in METRICS]
                     + [f"{speed[0][f]:.1f}"])
     table = markdown_table(["family", "params", "head", "train s/step", "FD_cls", "precision", "recall",
                             "class acc.", f"images/s (batch {t3['speed_batch']})"], rows)
@@ -220,7 +205,7 @@ def table3(ctx: Context) -> str:
                  for f in FAMILIES for r in runs[f]], "images_s": speed[0], "train_s_per_step": step_s,
         "quality_vs_time": points})
     e = ctx.budget["eval"]
-    ctx.notes += [f"{len(t3['seeds'])} training seeds per family ({t3['seeds']}); mean +- sd over them. Budget: "
+    ctx.notes += [f"{len(ctx.budget['train_seeds'])} training seeds per family ({ctx.budget['train_seeds']}); mean +- sd over them. Budget: "
                   f"{ctx.budget['train']['steps']} steps at batch {ctx.budget['train']['global_batch']} for both; "
                   f"{10 * e['per_class']} samples per generator, num_iter {e['num_iter']}, cfg {e['cfg']} "
                   f"({e['cfg_schedule']}), temperature {e['temperature']}; diffusion head "

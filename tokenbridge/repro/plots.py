@@ -10,6 +10,7 @@ import torch
 
 from ..images import image_grid
 from .runs import VariantResult
+from .stats import mean_sd
 from .speed import HeadTiming
 
 
@@ -33,32 +34,36 @@ def _gray(images: torch.Tensor, nrow: int) -> np.ndarray:
     return np.array(image_grid(images, nrow=nrow, scale=2).convert("L"))
 
 
-def plot_variants(results: list[VariantResult], path: Path, title: str) -> None:
-    """Training loss curves, NLL / FD_cls / accuracy bars and one sample per class for every variant."""
+def plot_variants(results: list[list[VariantResult]], path: Path, title: str) -> None:
+    """Training loss curves (first seed), NLL / FD_cls / accuracy bars (mean, error bar = sd over the training
+    seeds) and one sample per class (first seed) for every variant."""
     plt = pyplot()
     n = len(results)
     fig = plt.figure(figsize=(15, 3.6 + 0.75 * n))
     grid = fig.add_gridspec(2, 4, height_ratios=[3.6, 0.75 * n])
-    labels = [r.variant.label for r in results]
+    labels = [seeds[0].variant.label for seeds in results]
     ax = fig.add_subplot(grid[0, 0])
-    for r in results:
+    for seeds in results:
+        r = seeds[0]
         log = [json.loads(line) for line in (r.run_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
             if (r.run_dir / "log.jsonl").is_file() else []
         ax.plot([x["step"] for x in log], [x["loss"] for x in log], label=r.variant.label)
-    ax.set(title="training loss (nats/channel)", xlabel="step")
+    ax.set(title=f"training loss (nats/channel), seed {results[0][0].seed}", xlabel="step")
     ax.legend(fontsize=7)
-    for k, (key, name) in enumerate([("nll", "held-out NLL (lower = better)"), ("fd_cls", "FD_cls (lower)"),
+    for k, (key, name) in enumerate([("density_nll", "density NLL (lower = better)"), ("fd_cls", "FD_cls (lower)"),
                                      ("class_accuracy", "class accuracy (higher)")]):
         ax = fig.add_subplot(grid[0, k + 1])
-        ax.bar(range(n), [r.metrics[key] for r in results], color=[f"C{i}" for i in range(n)])
+        stats = [mean_sd([r.metrics[key] for r in seeds]) for seeds in results]
+        ax.bar(range(n), [m for m, _ in stats], yerr=[sd for _, sd in stats], capsize=4,
+               color=[f"C{i}" for i in range(n)])
         ax.set_xticks(range(n), labels, rotation=20, fontsize=7)
-        ax.set_title(name, fontsize=9)
+        ax.set_title(f"{name}, mean +- sd over {len(results[0])} seeds", fontsize=8)
     ax = fig.add_subplot(grid[1, :])
-    strips = [_gray(r.samples, len(r.samples)) for r in results]
+    strips = [_gray(seeds[0].samples, len(seeds[0].samples)) for seeds in results]
     ax.imshow(np.concatenate(strips, axis=0), cmap="gray", vmin=0, vmax=255)
     ax.set_yticks([(i + 0.5) * strips[0].shape[0] for i in range(n)], labels, fontsize=8)
     ax.set_xticks([])
-    ax.set_title("one sample per class (0-9), same seed", fontsize=9)
+    ax.set_title("one sample per class (0-9), same sampling seed, first training seed", fontsize=9)
     fig.suptitle(title)
     fig.tight_layout()
     save_figure(fig, path)

@@ -178,15 +178,23 @@ class Variant:
     paper: float | None = None
 
 
+# run-folder name of the budget's own model config, shared by table2a (AR head), 2b (frequency order), 2c (B = 64),
+# fig8 and table3 (TokenBridge row): trained once per seed
+DEFAULT_LABEL = "default"
+
+
 @dataclass
 class VariantResult:
+    """One training seed of one variant."""
+
     variant: Variant
+    seed: int
     run_dir: Path
     model_config: dict  # the trained generator's resolved config
     head_params: int
     total_params: int
     train: dict  # elapsed_s, loss, step, reused
-    metrics: dict  # nll, fd_cls, is_cls, class_accuracy, precision, recall, confidence, eval_s
+    metrics: dict  # nll, density_nll, fd_cls, is_cls, class_accuracy, precision, recall, confidence, eval_s
     samples: torch.Tensor  # [10, C, H, W]: the first sample of each class
 
 
@@ -244,12 +252,13 @@ def evaluate_samples(ctx: Context, model: nn.Module, order: str = "random") -> t
     return metrics, result
 
 
-def train_variant(ctx: Context, model_cfg: dict, label: str) -> tuple[Path, dict]:
-    """Train the generator of `model_cfg` with the budget's train section on the cached train tokens, or reuse a
-    finished run of the same configuration. Returns (run_dir, info: elapsed_s, loss, step, reused)."""
+def train_variant(ctx: Context, model_cfg: dict, label: str, seed: int) -> tuple[Path, dict]:
+    """Train the generator of `model_cfg` with the budget's train section and training seed `seed` on the cached
+    train tokens, or reuse a finished run of the same configuration. Returns (run_dir, info: elapsed_s, loss, step,
+    reused)."""
     train_cfg = {k: v for k, v in ctx.budget["train"].items() if k != "device"}
     tokens = token_file(ctx, model_cfg, "train")
-    config = {"seed": ctx.seed, "family": TokenBridgeGenerator.family,
+    config = {"seed": int(seed), "family": TokenBridgeGenerator.family,
               "data": {"source": "tokens", "tokens": str(tokens)}, "model": model_cfg, "train": train_cfg}
     # the token file's name already encodes the VAE, quantizer and image count
     config_hash = short_hash({**config, "data": tokens.name})
@@ -257,7 +266,7 @@ def train_variant(ctx: Context, model_cfg: dict, label: str) -> tuple[Path, dict
     # B=64 row) is trained once: any finished run with the same configuration is reused
     finished = sorted((ctx.work_dir / "runs").glob(f"*-{config_hash}/repro_train.json"))
     slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")
-    run_dir = finished[0].parent if finished else ctx.work_dir / "runs" / f"{slug}-{config_hash}"
+    run_dir = finished[0].parent if finished else ctx.work_dir / "runs" / f"{slug}-seed{seed}-{config_hash}"
     return run_dir, train_once(ctx, config, run_dir)
 
 
@@ -286,8 +295,10 @@ def evaluate_variant(ctx: Context, model: nn.Module, model_cfg: dict, run_dir: P
         return json.loads(metrics_path.read_text()), load_file(str(samples_path))["samples"]
     start = time.time()
     metrics, result = evaluate_samples(ctx, model)
-    metrics["nll"] = heldout_nll(model, CachedTokens(test_tokens), e["nll_mask_ratio"], ctx.eval_seed,
-                                 e["batch_size"], e["nll_images"], ctx.device)
+    tokens = CachedTokens(test_tokens)
+    metrics["nll"] = heldout_nll(model, tokens, e["nll_mask_ratio"], ctx.eval_seed, e["batch_size"], e["nll_images"],
+                                 ctx.device)
+    metrics["density_nll"] = metrics["nll"] + mean_log_bin_width(model.quantizer, tokens.indices[:e["nll_images"]])
     metrics["eval_s"] = time.time() - start
     samples = result["images"][::int(e["per_class"])].contiguous()
     save_file({"samples": samples}, str(samples_path))
@@ -295,11 +306,23 @@ def evaluate_variant(ctx: Context, model: nn.Module, model_cfg: dict, run_dir: P
     return metrics, samples
 
 
-def run_variant(ctx: Context, variant: Variant) -> VariantResult:
-    """Train (or reuse) the generator of `variant` with the budget's train section, then evaluate it."""
+def run_variant(ctx: Context, variant: Variant) -> list[VariantResult]:
+    """Train (or reuse) the generator of `variant` once per training seed of the budget, then evaluate each."""
     model_cfg = variant_model_config(ctx.budget["model"], variant.changes)
-    run_dir, info = train_variant(ctx, model_cfg, variant.label)
-    model = load_generator(run_dir / "checkpoint.pt", device=ctx.device)
-    metrics, samples = evaluate_variant(ctx, model, model_cfg, run_dir)
-    return VariantResult(variant, run_dir, model.config, count_params(model.head), count_params(model), info,
-                         metrics, samples)
+    label = DEFAULT_LABEL if model_cfg == variant_model_config(ctx.budget["model"], {}) else variant.label
+    results = []
+    for seed in ctx.budget["train_seeds"]:
+        run_dir, info = train_variant(ctx, model_cfg, label, seed)
+        model = load_generator(run_dir / "checkpoint.pt", device=ctx.device)
+        metrics, samples = evaluate_variant(ctx, model, model_cfg, run_dir)
+        results.append(VariantResult(variant, int(seed), run_dir, model.config, count_params(model.head),
+                                     count_params(model), info, metrics, samples))
+    return results
+
+
+def mean_log_bin_width(quantizer: nn.Module, indices: torch.Tensor) -> float:
+    """Mean log width (latent units) of the bins of `indices` [N, h, w, C]: added to a discrete NLL (nats per
+    channel) it gives the NLL of the piecewise-uniform density the discrete model implies over the latents, which
+    is comparable across B (the discrete NLL alone grows with B even for a perfect model)."""
+    widths = quantizer.finite_bin_width_at(indices.long())
+    return float(widths.double().log().mean())

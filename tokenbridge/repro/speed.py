@@ -20,6 +20,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from ..diffusion import DiffusionHead
 from ..heads import DimensionwiseARHead
@@ -107,10 +108,16 @@ class TimingRow:
     spread: float
     runs: int
     over_cached: float  # ms / the cached AR head's ms at the same batch size
+    gflop: float = 0.0  # floating-point work of one call (torch's FLOP counter: matmuls and attention)
 
     @property
     def per_token(self) -> float:
         return self.ms / self.batch
+
+    @property
+    def gflops(self) -> float:
+        """Achieved GFLOP/s of the call."""
+        return self.gflop / (self.ms / 1e3)
 
 
 @dataclass
@@ -119,6 +126,7 @@ class HeadTiming:
 
     setup: str
     rows: list[TimingRow]
+    matmul_gflops: float = 0.0  # the same run's float32 matmul throughput (the roofline the heads are held to)
 
     def row(self, method: str, batch: int) -> TimingRow:
         return next(r for r in self.rows if r.method == method and r.batch == batch)
@@ -130,12 +138,18 @@ class HeadTiming:
                 f"diffusion_over_cached_b{small}={self.row('diffusion', small).over_cached:.2f} "
                 f"diffusion_over_cached_b{big}={self.row('diffusion', big).over_cached:.2f}")
 
+    def percent_of_matmul(self, row: TimingRow) -> float:
+        """A row's achieved GFLOP/s as a percentage of this run's matmul throughput."""
+        return 100 * row.gflops / self.matmul_gflops if self.matmul_gflops else 0.0
+
     def report(self) -> str:
         """Setup line, a text table and the summary line (the output of benchmarks/heads.py)."""
-        lines = [self.setup,
-                 f"{'method':<12} {'batch':>5} {'ms/call':>12} {'+-':>8} {'runs':>4} {'ms/token':>10} {'x cached':>9}"]
+        lines = [self.setup + f"; matmul throughput of this run {self.matmul_gflops:.1f} GFLOP/s",
+                 f"{'method':<12} {'batch':>5} {'ms/call':>12} {'+-':>8} {'runs':>4} {'ms/token':>10} {'x cached':>9} "
+                 f"{'GFLOP':>8} {'GFLOP/s':>8} {'% matmul':>8}"]
         lines += [f"{r.method:<12} {r.batch:>5} {r.ms:>12.2f} {r.spread:>8.2f} {r.runs:>4} {r.per_token:>10.3f} "
-                  f"{r.over_cached:>9.2f}" for r in self.rows]
+                  f"{r.over_cached:>9.2f} {r.gflop:>8.3f} {r.gflops:>8.1f} {self.percent_of_matmul(r):>8.1f}"
+                  for r in self.rows]
         return "\n".join(lines + [self.summary()])
 
 
@@ -159,6 +173,22 @@ def time_interleaved(fns: dict[str, Callable[[], object]], device: torch.device,
             times[name].append((time.perf_counter() - start) * 1e3)
             spent += times[name][-1]
     return times
+
+
+def count_gflop(fn: Callable[[], object]) -> float:
+    """GFLOP of one call of ``fn`` by torch's FLOP counter (matmuls, convolutions, attention; elementwise work is
+    not counted, so achieved rates are lower bounds)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def matmul_gflops(device: torch.device, size: int = 1024, repeats: int = 5) -> float:
+    """float32 GFLOP/s of a [size, size] @ [size, size] matmul on ``device`` (median of ``repeats``): the peak the
+    heads' achieved rates are compared with (a roofline)."""
+    a = torch.randn(size, size, device=device)
+    times = time_interleaved({"mm": lambda: a @ a}, device, repeats, 1, 1e9)["mm"]
+    return 2 * size ** 3 / (statistics.median(times) / 1e3) / 1e9
 
 
 def build_heads(sizes: HeadSizes, device: str | torch.device) -> tuple[DimensionwiseARHead, DiffusionHead]:
@@ -201,8 +231,9 @@ def _measure(options: TimingOptions, device: torch.device) -> HeadTiming:
                                  options.repeats, options.warmup, options.budget)
         base = statistics.median(times["ar_cached"])
         rows += [TimingRow(name, batch, statistics.median(ts), (max(ts) - min(ts)) / 2, len(ts),
-                           statistics.median(ts) / base) for name, ts in times.items()]
-    return HeadTiming(setup, rows)
+                           statistics.median(ts) / base, count_gflop(lambda f=methods[name]: f(z)))
+                 for name, ts in times.items()]
+    return HeadTiming(setup, rows, matmul_gflops(device))
 
 
 def time_heads(options: TimingOptions | None = None, device: str | torch.device | None = None) -> HeadTiming:

@@ -6,7 +6,8 @@ ordering of the variants, never the values.
 """
 from __future__ import annotations
 
-import math
+import copy
+import dataclasses
 import shlex
 from collections.abc import Callable
 
@@ -17,7 +18,11 @@ from ..markdown import fmt, markdown_table
 from ..reconstruct import quantizer_settings, reconstruction_table, save_histograms, save_reconstruction_grid
 from .families import table3
 from .plots import plot_head_times, plot_orders, plot_variants
-from .runs import Context, Variant, VariantResult, count_params, evaluate_samples, run_variant
+from ..checkpoint import load_generator
+from ..classifier import classifier_features
+from ..metrics import within_class_diversity
+from .runs import Context, Variant, VariantResult, evaluate_samples, evaluate_variant, run_variant
+from .stats import pm, verdict
 from .speed import TimingOptions, time_heads
 
 TITLES = {
@@ -62,56 +67,96 @@ def _params(n: int) -> str:
 # Generator ablations (table2a-e)
 
 
-def variant_table(results: list[VariantResult]) -> str:
-    header = ["variant", "paper gFID", "head params", "total params", "held-out NLL", "NLL - ln B", "FD_cls",
-              "IS_cls", "class acc", "precision", "recall", "train loss", "train min"]
+SEED_METRICS = ("nll", "density_nll", "fd_cls", "precision", "recall", "class_accuracy")
+
+
+def _column(rows: list[VariantResult], key: str) -> list[float]:
+    return [r.metrics[key] for r in rows]
+
+
+def variant_table(results: list[list[VariantResult]]) -> str:
+    """One row per variant: mean +- sd over its training seeds."""
+    header = ["variant", "paper gFID", "head params", "total params", "held-out NLL", "density NLL", "FD_cls",
+              "precision", "recall", "class acc", "train min"]
     rows = []
-    for r in results:
-        m, levels = r.metrics, r.model_config["quantizer"]["levels"]
+    for seeds in results:
+        r = seeds[0]
         rows.append([r.variant.label, _paper(r.variant.paper), _params(r.head_params), _params(r.total_params),
-                     fmt(m["nll"], 4), fmt(m["nll"] - math.log(levels), 4), fmt(m["fd_cls"], 2), fmt(m["is_cls"], 2),
-                     m["class_accuracy"], m["precision"], m["recall"], fmt(r.train["loss"], 4),
-                     fmt(r.train["elapsed_s"] / 60, 1)])
+                     pm(_column(seeds, "nll"), 4), pm(_column(seeds, "density_nll"), 4),
+                     pm(_column(seeds, "fd_cls"), 2), pm(_column(seeds, "precision")), pm(_column(seeds, "recall")),
+                     pm(_column(seeds, "class_accuracy")),
+                     fmt(sum(x.train["elapsed_s"] for x in seeds) / 60 / len(seeds), 1)])
     return markdown_table(header, rows)
 
 
-def _variant_notes(ctx: Context, results: list[VariantResult]) -> list[str]:
-    """Budget, evaluation settings and one line per variant, for the markdown."""
-    e, t, bb = ctx.budget["eval"], ctx.budget["train"], results[0].model_config["backbone"]
+def _verdicts(results: list[list[VariantResult]]) -> list[str]:
+    """Every later variant against the first one, metric by metric (NLL only at equal B)."""
+    first, lines = results[0], []
+    for other in results[1:]:
+        same_b = first[0].model_config["quantizer"]["levels"] == other[0].model_config["quantizer"]["levels"]
+        for m in SEED_METRICS:
+            if m != "nll" or same_b:
+                lines.append(verdict(m, first[0].variant.label, _column(first, m), other[0].variant.label,
+                                     _column(other, m)))
+    return lines
+
+
+def eval_noise(ctx: Context, result: VariantResult) -> str:
+    """The evaluation's own noise: the seed-0 generator of the first variant scored again with another sampling
+    seed (and NLL mask seed); the metric changes are what one evaluation's randomness alone moves."""
+    budget = copy.deepcopy(ctx.budget)
+    budget["eval"]["seed"] = ctx.eval_seed + 1
+    other = dataclasses.replace(ctx, budget=budget, notes=[])
+    model = load_generator(result.run_dir / "checkpoint.pt", device=ctx.device)
+    metrics, _ = evaluate_variant(other, model, model.config, result.run_dir)
+    diffs = ", ".join(f"{m} {abs(metrics[m] - result.metrics[m]):.3f}" for m in SEED_METRICS)
+    return (f"Evaluation noise ({result.variant.label}, training seed {result.seed}, sampling seed {ctx.eval_seed} "
+            f"vs {ctx.eval_seed + 1}): |difference| {diffs}.")
+
+
+def _variant_notes(ctx: Context, results: list[list[VariantResult]]) -> list[str]:
+    """Budget, evaluation settings, the verdicts and one line per trained run, for the markdown."""
+    e, t, bb = ctx.budget["eval"], ctx.budget["train"], results[0][0].model_config["backbone"]
     notes = [
         PAPER_GEN_NOTE,
-        f"Budget per variant: {t['steps']} steps x batch {t['global_batch']} (lr {t.get('lr') or 'blr-scaled'}, "
-        f"{t.get('warmup_steps', 0)} warmup steps, cosine to {t.get('min_lr', 0)}, EMA {t['ema']}, grad clip "
-        f"{t['grad_clip']}); EMA weights evaluated. Backbone (all variants): MAR width {bb['width']}, "
-        f"encoder/decoder depth {bb['encoder_depth']}/{bb['decoder_depth']}, {bb['num_heads']} heads, buffer "
-        f"{bb['buffer_size']}.",
+        f"Budget per variant and training seed: {t['steps']} steps x batch {t['global_batch']} (lr "
+        f"{t.get('lr') or 'blr-scaled'}, {t.get('warmup_steps', 0)} warmup steps, cosine to {t.get('min_lr', 0)}, "
+        f"EMA {t['ema']} with warm-up, grad clip {t['grad_clip']}); EMA weights evaluated. Training seeds "
+        f"{ctx.budget['train_seeds']}: every cell is mean +- sd over them. Backbone (all variants): MAR width "
+        f"{bb['width']}, encoder/decoder depth {bb['encoder_depth']}/{bb['decoder_depth']}, {bb['num_heads']} heads, "
+        f"buffer {bb['buffer_size']}.",
         f"Evaluation: {10 * e['per_class']} class-conditional samples ({e['per_class']} per class), {e['num_iter']} "
         f"MAR steps, random order, cfg {e['cfg']} ({e['cfg_schedule']}), temperature {e['temperature']}, seed "
         f"{ctx.eval_seed}; FD_cls / precision / recall against the first {e['real_images']} test images. Held-out NLL: "
-        f"first {e['nll_images']} test token grids, mask ratio {e['nll_mask_ratio']}, mask seed {ctx.eval_seed}; NLL "
-        "values are comparable only at the same B (more levels = more nats); NLL - ln B removes the ln B that B "
-        "equal-probability bins add, leaving (for fine bins) the NLL of the latents relative to the reference "
-        "Gaussian of Eq. 2, which is comparable across B.",
-        "Variants:",
+        f"first {e['nll_images']} test token grids, mask ratio {e['nll_mask_ratio']}, mask seed {ctx.eval_seed} (nats "
+        "per channel; comparable only at equal B: more levels = more nats, even for a perfect model). Density NLL = "
+        "held-out NLL + the mean log width of the true tokens' bins in latent units: the NLL of the piecewise-uniform "
+        "density the model implies over the continuous latents, comparable across B.",
+        "A difference is called real only where the two means differ by more than the sum of their sds:",
+        *[f"  - {line}" for line in _verdicts(results)],
+        eval_noise(ctx, results[0][0]),
+        "Runs:",
     ]
-    for r in results:
-        h, reused = r.model_config["head"], " (reused from an earlier run)" if r.train["reused"] else ""
-        group = f", {h['group_size']} channels/group" if h["kind"] == "grouped" else ""
-        notes.append(
-            f"  - {r.variant.label}: head {h['kind']} width {h['width']} depth {h['depth']}{group}, channel order "
-            f"{h.get('order') if h['kind'] != 'parallel' else '-'}, B={r.model_config['quantizer']['levels']}; "
-            f"trained {r.train['step']} steps in {r.train['elapsed_s']:.0f} s{reused}; "
-            f"evaluation {r.metrics.get('eval_s', 0):.0f} s; run dir `{r.run_dir}`")
-    train_s = sum(r.train["elapsed_s"] for r in results)
-    eval_s = sum(r.metrics.get("eval_s", 0) for r in results)
-    notes.append(f"Compute of all rows, measured when each was made: training {train_s / 60:.1f} min + evaluation "
-                 f"{eval_s / 60:.1f} min (wall time; 'train min' and these depend on what else the machine ran, "
-                 "so they are not a speed comparison between rows).")
+    for seeds in results:
+        for r in seeds:
+            h, reused = r.model_config["head"], " (reused from an earlier run)" if r.train["reused"] else ""
+            group = f", {h['group_size']} channels/group" if h["kind"] == "grouped" else ""
+            notes.append(
+                f"  - {r.variant.label}, seed {r.seed}: head {h['kind']} width {h['width']} depth {h['depth']}{group}, "
+                f"channel order {h.get('order') if h['kind'] != 'parallel' else '-'}, "
+                f"B={r.model_config['quantizer']['levels']}; trained {r.train['step']} steps in "
+                f"{r.train['elapsed_s']:.0f} s{reused}; evaluation {r.metrics.get('eval_s', 0):.0f} s; `{r.run_dir}`")
+    runs = [r for seeds in results for r in seeds]
+    notes.append(f"Compute of all runs, measured when each was made: training "
+                 f"{sum(r.train['elapsed_s'] for r in runs) / 60:.1f} min + evaluation "
+                 f"{sum(r.metrics.get('eval_s', 0) for r in runs) / 60:.1f} min (wall time on a shared machine, not a "
+                 "speed comparison between rows).")
     return notes
 
 
 def run_variants(ctx: Context, variants: list[Variant]) -> str:
-    """Shared body of table2a-e: train + evaluate every variant, write the plot, return the markdown table."""
+    """Shared body of table2a-e: train + evaluate every variant at every training seed, write the plot, return the
+    markdown table."""
     results = [run_variant(ctx, v) for v in variants]
     plot_variants(results, ctx.out_dir / f"{ctx.name}.png", TITLES[ctx.name])
     ctx.notes += _variant_notes(ctx, results)
@@ -135,8 +180,6 @@ def table2c(ctx: Context) -> str:
 
 def table2d(ctx: Context) -> str:
     t = ctx.budget["table2d"]
-    if t.get("train_steps"):  # this table's own step budget, for every row alike
-        ctx.budget["train"]["steps"] = int(t["train_steps"])
     # g=1 is the plain dimension-wise head (GroupedHead(g=1) computes the same), so it shares table2c's B run
     variants = [Variant(f"g={g}, B={t['levels']}",
                         {"quantizer.levels": int(t["levels"]),
@@ -213,14 +256,24 @@ def table5(ctx: Context) -> str:
         paper = paper_ms.get(r.method) if r.batch == 1 else None
         diffusion_ms = timing.row("diffusion", r.batch).ms
         rows.append([r.method, r.batch, fmt(r.ms, 2), fmt(r.spread, 2), r.runs, fmt(r.per_token, 3),
-                     f"{diffusion_ms / r.ms:.2f}x", _paper(paper),
+                     f"{diffusion_ms / r.ms:.2f}x", fmt(r.gflop, 3), fmt(r.gflops, 1),
+                     f"{timing.percent_of_matmul(r):.1f}%", _paper(paper),
                      f"{paper_ms['diffusion'] / paper:.2f}x" if paper else "-"])
     table = markdown_table(["method", "tokens per call", "ms per call (median)", "+-", "runs", "ms per token",
-                            "speed-up vs diffusion", "paper ms (A100, batch 1)", "paper speed-up"], rows)
+                            "speed-up vs diffusion", "GFLOP per call", "GFLOP/s", "of matmul peak",
+                            "paper ms (A100, batch 1)", "paper speed-up"], rows)
     plot_head_times(timing, ctx.out_dir / "table5.png")
     ctx.notes += [
         "Paper: MAR diffusion head (100 steps) 311.25 ms vs dimension-wise AR head 52.42 ms (5.94x), A100, batch 1; "
-        "the official AR head re-runs the channel prefix at every step, like our ar_uncached.",
+        "the official AR head re-runs the channel prefix at every step, so the paper's numbers sit on the ar_uncached "
+        "row (like for like); ar_cached (a KV cache over the channels) is this project's addition and is compared "
+        "with the diffusion head on its own rows, never with the paper's 5.94x.",
+        f"Roofline: GFLOP per call by torch's FLOP counter (matmuls and attention); GFLOP/s = that / the median time; "
+        f"'of matmul peak' = GFLOP/s / this run's float32 1024 x 1024 matmul throughput "
+        f"({timing.matmul_gflops:.1f} GFLOP/s). At batch 1 every head runs far below the peak (small matmuls, "
+        "per-call overhead): time follows the number of sequential calls (channels for the AR head, denoising steps "
+        "for the diffusion head), which is where the paper's GPU ratio comes from; at large batches the heads "
+        "approach the matmul rate and time follows the FLOPs, so the CPU ratio shrinks towards the FLOP ratio.",
         f"Benchmark: `{shlex.join(['python', 'benchmarks/heads.py', *options.command_line()])}` (the same "
         f"measurement, tokenbridge.repro.speed.time_heads); its setup line: `{timing.setup}`",
         f"Its summary: `{timing.summary()}`",
@@ -228,33 +281,62 @@ def table5(ctx: Context) -> str:
     return table
 
 
-def fig8(ctx: Context) -> str:
-    """Random-order vs confidence-ordered samples of the shipped generator: same labels, same seed."""
-    model = ctx.res.generator()
-    e, show = ctx.budget["eval"], int(ctx.budget["fig8"]["show_per_class"])
-    per_class = int(e["per_class"])
-    results = {order: evaluate_samples(ctx, model, order) for order in ("random", "confidence")}
-    table = markdown_table(
-        ["order", "paper", "mean token log-prob", "FD_cls", "IS_cls", "class acc", "precision", "recall"],
-        [[order, "qualitative", fmt(m["confidence"], 3), fmt(m["fd_cls"], 2), fmt(m["is_cls"], 2),
-          m["class_accuracy"], m["precision"], m["recall"]] for order, (m, _) in results.items()])
+FIG8_METRICS = ("fd_cls", "precision", "recall", "class_accuracy", "diversity")
 
+
+def _order_metrics(ctx: Context, model: torch.nn.Module, order: str) -> tuple[dict, dict]:
+    """evaluate_samples plus the per-class diversity of the samples' classifier features."""
+    metrics, result = evaluate_samples(ctx, model, order)
+    feats = classifier_features(result["images"], ctx.res.classifier, ctx.device)
+    metrics["diversity"] = within_class_diversity(feats, result["labels"])
+    return metrics, result
+
+
+def _real_diversity(ctx: Context) -> float:
+    """Per-class diversity of as many real test images per class as the samples have."""
+    per_class = int(ctx.budget["eval"]["per_class"])
+    ds = ctx.res.dataset("test")
+    labels = ds.labels if hasattr(ds, "labels") else torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+    picks = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+    images = torch.stack([ds[int(i)][0] for i in picks])
+    feats = classifier_features(images, ctx.res.classifier, ctx.device)
+    return within_class_diversity(feats, labels[picks])
+
+
+def fig8(ctx: Context) -> str:
+    """Random-order vs confidence-ordered samples of the default variant at every training seed: same labels, same
+    sampling seed; judged by FD, precision, recall, accuracy and per-class diversity, never by the log-probability
+    that confidence order selects by."""
+    e, show = ctx.budget["eval"], int(ctx.budget["fig8"]["show_per_class"])
+    per_class, runs = int(e["per_class"]), []
+    for r in run_variant(ctx, Variant("default", {})):
+        model = load_generator(r.run_dir / "checkpoint.pt", device=ctx.device)
+        runs.append({order: _order_metrics(ctx, model, order) for order in ("random", "confidence")})
+    table = markdown_table(
+        ["order", "paper", "FD_cls", "precision", "recall", "class acc", "per-class diversity",
+         "mean token log-prob (selection score)"],
+        [[order, "qualitative", *[pm([run[order][0][m] for run in runs], 2 if m == "fd_cls" else 3)
+                                  for m in FIG8_METRICS], pm([run[order][0]["confidence"] for run in runs])]
+         for order in ("random", "confidence")])
     picks = torch.tensor([c * per_class + k for k in range(min(show, per_class)) for c in range(10)])
-    images = {order: r["images"][picks] for order, (_, r) in results.items()}
-    conf = torch.cat([r["confidence"][picks] for _, r in results.values()])
+    images = {order: result["images"][picks] for order, (_, result) in runs[0].items()}
+    conf = torch.cat([result["confidence"][picks] for _, result in runs[0].values()])
     maps = confidence_images(conf, images["random"].shape[-1]).chunk(2)  # one scale for both orders
     plot_orders(images, dict(zip(images, maps)), ctx.out_dir / "fig8.png")
-    cfg = getattr(model, "config", None) or {}
-    backbone, head = cfg.get("backbone", {}), cfg.get("head", {})
     ctx.notes += [
         "The paper's Fig. 8 is qualitative (no numbers); confidence-guided generation is not in the official code.",
-        f"Generator: {_params(count_params(model))} parameters (head {_params(count_params(model.head))}), config "
-        f"backbone {backbone.get('width')} wide, head {head.get('kind')} {head.get('width')}x{head.get('depth')}.",
+        f"Generators: the budget's default variant (the Table 2 AR row) at training seeds {ctx.budget['train_seeds']}, "
+        f"{ctx.budget['train']['steps']} steps each; every cell is mean +- sd over them; the picture is seed "
+        f"{ctx.budget['train_seeds'][0]}'s.",
         f"Sampling: {10 * per_class} samples ({per_class} per class), {e['num_iter']} MAR steps, cfg {e['cfg']} "
         f"({e['cfg_schedule']}), temperature {e['temperature']}, seed {ctx.eval_seed}, both orders with the same "
-        f"labels and seed. Confidence = the head's log-probability of each sampled token (summed over its channels); "
-        f"'mean token log-prob' averages it over all tokens. FD_cls / precision / recall against the first "
-        f"{e['real_images']} test images.",
+        f"labels and seed. FD_cls / precision / recall against the first {e['real_images']} test images. Per-class "
+        f"diversity: mean pairwise distance of the classifier features within a class, averaged over classes; "
+        f"{per_class} real test images per class give {_real_diversity(ctx):.3f}.",
+        "The mean token log-prob is what confidence order maximises when it picks tokens, so it cannot judge that "
+        "order (circular); it is shown only to make that visible.",
+        *[f"  - {verdict(m, 'confidence', [run['confidence'][0][m] for run in runs], 'random', [run['random'][0][m] for run in runs])}"
+          for m in FIG8_METRICS],
         "confidence order: at every step all masked positions are sampled and the most confident ones are kept; "
         "random order: a random permutation's next chunk is kept (MAR).",
     ]
