@@ -214,3 +214,23 @@ def test_table3_compares_the_families_over_training_seeds(tmp_path, resources):
     again = repro.run_repro("table3", out_dir=tmp_path / "out2", scale="tiny", work_dir=tmp_path / "work",
                             resources=resources)
     assert again.splitlines()[2].split("|")[5:9] == table.splitlines()[2].split("|")[5:9]
+
+
+def test_shipped_scores_against_held_out_reference_with_real_and_vae_rows(tmp_path, resources):
+    big = repro.Resources(vae=resources.vae, classifier=resources.classifier,
+                          dataset={"train": _images(256, 1), "test": _images(200, 3)}.__getitem__,
+                          generator=resources._generator_fn, vae_spec="random-test-vae")
+    out = tmp_path / "out"
+    table = repro.run_repro("shipped", out_dir=out, scale="tiny", work_dir=tmp_path / "work", resources=big)
+    rows = {r.split("|")[1].strip(): r.split("|") for r in table.splitlines()
+            if r.startswith("| ") and r.split("|")[1].strip() in ("real test images", "VAE reconstructions",
+                                                                  "generator samples")}
+    assert list(rows) == ["real test images", "VAE reconstructions", "generator samples"]
+    assert float(rows["real test images"][6]) == 1.0 and float(rows["VAE reconstructions"][7]) == 1.0  # ratio bases
+    data = json.loads((out / "shipped.json").read_text())
+    assert len(data["per_class"]["generator samples"]) == 10
+    real, _, ref, _ = repro.shipped.split_test(repro.Context("shipped", "tiny", (), repro.resolve_budget("tiny"), out,
+                                                             tmp_path, "cpu", big), 4)
+    assert real.shape[0] == 40 and ref.shape[0] == 160  # the real row is never part of the reference
+    md = (out / "shipped.md").read_text()
+    assert "Goals of issue 9" in md and "Weakest classes" in md and (out / "shipped.png").stat().st_size > 0

@@ -65,11 +65,11 @@ class Resources:
             self._classifier = load_classifier(device=self.device)
         return self._classifier.eval()
 
-    def generator(self) -> nn.Module:
-        """The generator of fig8: the stand-in, or the shipped Fashion-MNIST generator."""
+    def generator(self, spec: str = "fmnist") -> nn.Module:
+        """The stand-in generator, or else the generator `spec` names (load_generator; default: the shipped one)."""
         if self._generator_fn is not None:
             return self._generator_fn().to(self.device).eval()
-        return load_generator("fmnist", device=self.device)
+        return load_generator(spec, device=self.device)
 
     def dataset(self, split: str) -> Dataset:
         if split not in self._datasets:
