@@ -36,6 +36,7 @@ from .tokens import cache_latents
 from .train import load_run_config, train
 from .ui import launch as launch_ui
 from .vae import load_vae, train_vae
+from .vq import check_vq_folder, report_table, token_latents, token_vae, train_vq
 
 
 def _device(name: str | None) -> str:
@@ -92,6 +93,22 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
 def cmd_train_vae(args: argparse.Namespace) -> None:
     train_vae(args.out, device=_device(args.device),
               **_given(args, steps="steps", batch_size="batch_size", lr="lr", kl_weight="kl_weight", seed="seed"))
+    print(f"wrote {args.out}")
+
+
+def cmd_train_vq(args: argparse.Namespace) -> None:
+    train, test, tokens = token_latents(args.tokens, args.test_tokens)  # bad input fails here, before training
+    check_vq_folder(args.out, args.overwrite)
+    device = _device(args.device)
+    vae, note = token_vae(tokens, device)
+    config = _given(args, codebook_size="codebook_size", dim="dim", downsample="downsample")
+    record = {"tokens": str(args.tokens), "test_tokens": args.test_tokens, "vae": tokens.vae,
+              "vae_fingerprint": tokens.vae_fingerprint}
+    report = train_vq(train, test, config, out_dir=args.out, vae=vae, device=device, overwrite=args.overwrite,
+                      record=record, **_given(args, steps="steps", batch_size="batch_size", lr="lr", seed="seed"))
+    print(report_table(report))
+    if note:
+        print(note)
     print(f"wrote {args.out}")
 
 
@@ -273,6 +290,17 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument(flag, type=kind, help=lib)
     p.add_argument("--device")
     p.set_defaults(func=cmd_train_vae)
+
+    p = sub.add_parser("train-vq", help="train a VQ tokenizer of a token cache's latents (D2C's coarse codes)")
+    p.add_argument("--tokens", required=True, help="a cache-latents file (or shard folder) that stores latents")
+    p.add_argument("--test-tokens", help="held-out token file (default: the last 5 %% of --tokens)")
+    p.add_argument("--out", required=True, help="the tokenizer folder to write (config.json + model.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace a tokenizer already in --out")
+    for flag, kind in (("--codebook-size", _positive_int), ("--dim", _positive_int), ("--downsample", int),
+                       ("--steps", _positive_int), ("--batch-size", _positive_int), ("--lr", float), ("--seed", int)):
+        p.add_argument(flag, type=kind, help=lib)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_train_vq)
 
     p = sub.add_parser("train-classifier", help="train the embedded evaluation classifier")
     p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
