@@ -234,3 +234,20 @@ def test_shipped_scores_against_held_out_reference_with_real_and_vae_rows(tmp_pa
     assert real.shape[0] == 40 and ref.shape[0] == 160  # the real row is never part of the reference
     md = (out / "shipped.md").read_text()
     assert "Goals of issue 9" in md and "Weakest classes" in md and (out / "shipped.png").stat().st_size > 0
+
+
+def test_d2c_compares_both_fusions_and_sources_with_the_table3_rows(tmp_path, resources):
+    out, work = tmp_path / "out", tmp_path / "work"
+    table = repro.run_repro("d2c", out_dir=out, scale="tiny", work_dir=work, resources=resources)
+    rows = [r.split("|")[1].strip() for r in table.splitlines() if r.startswith("| ")][1:]
+    assert rows == ["D2C, Q-Former fusion", "D2C, cross-attention fusion", "D2C, Q-Former, learned VQ source",
+                    "TokenBridge (AR head)", "continuous MAR (diffusion head)"]
+    data = json.loads((out / "d2c.json").read_text())
+    assert sorted({(r["row"], r["seed"]) for r in data["runs"]}) == sorted(
+        (n, s) for n in ("d2c-qformer", "d2c-cross-attention", "d2c-vq", "tokenbridge", "mar") for s in (0, 1))
+    assert data["rows"]["d2c-vq"]["source"]["path"].startswith(str(work / "vq-"))  # trained once, then used
+    steps = {p["family"]: p["sequential_steps"] - p["num_iter"] for p in data["quality_vs_steps"]}
+    assert steps["d2c-qformer"] == 16 and steps["tokenbridge"] == 0  # the GPT's 4x4 codes come first
+    assert (out / "d2c.png").stat().st_size > 0 and (out / "d2c_steps.png").stat().st_size > 0
+    md = (out / "d2c.md").read_text()
+    assert md.count("within the spread") + md.count("exceeds the spread") == 3 * 2 * 2

@@ -222,6 +222,11 @@ class MAR(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.class_emb(labels.long())
 
+    def _buffer(self, labels: torch.Tensor) -> torch.Tensor:
+        """The never-masked prefix [B, buffer_size, width]: the class embedding in every slot (a subclass may put
+        other conditioning tokens there: D2C's Q-Former queries, tokenbridge.fusion)."""
+        return self._class_embedding(labels).unsqueeze(1).expand(labels.shape[0], self.buffer_size, self.width)
+
     def _run(self, blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
         for blk in blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
@@ -235,8 +240,7 @@ class MAR(nn.Module):
         self._check_inputs(tokens, labels, mask)
         b, d = tokens.shape[0], self.width
         x = self.token_proj(tokens.to(self.token_proj.weight.dtype))
-        cls = self._class_embedding(labels).unsqueeze(1).expand(b, self.buffer_size, d)
-        x = torch.cat([cls, x], dim=1) + self.encoder_pos
+        x = torch.cat([self._buffer(labels), x], dim=1) + self.encoder_pos
         x = self.encoder_in_norm(x)
 
         # Encoder sees the buffer and the unmasked tokens only. Visible positions are moved to the front

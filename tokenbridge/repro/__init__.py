@@ -14,7 +14,7 @@ counts, wall time, seed) and ``<out_dir>/<name>.png``, prints the table and retu
   ``work_dir`` to start over;
 - tables: table1 .. table2e, table5 (which times the heads with `speed.time_heads`) and fig8; table3 (families.py):
   TokenBridge vs continuous MAR, several training seeds; shipped (shipped.py): the shipped generator's coverage
-  against real test images and the VAE floor;
+  against real test images and the VAE floor; d2c (d2c.py): D2C with both fusion modules vs TokenBridge vs MAR;
 - speed: the head timing of Table 5, also run by ``python benchmarks/heads.py``.
 
 Our numbers are Fashion-MNIST classifier metrics; the paper's are ImageNet 256x256 Inception FID. Compare the
@@ -35,7 +35,7 @@ from .runs import Context, Resources, Variant, VariantResult, heldout_nll, run_v
 from . import shipped
 from .tables import PAPER, TABLES, TITLES
 
-REPRO_NAMES = ("table1", "table2a", "table2b", "table2c", "table2d", "table2e", "table5", "fig8", "table3", "shipped")
+REPRO_NAMES = ("table1", "table2a", "table2b", "table2c", "table2d", "table2e", "table5", "fig8", "table3", "shipped", "d2c")
 
 __all__ = ["PAPER", "REPRO_NAMES", "SCALES", "TABLES", "TITLES", "Context", "Resources", "Variant", "VariantResult",
            "heldout_nll", "resolve_budget", "run_repro", "run_variant"]

@@ -28,6 +28,20 @@ def _timing(**options: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(TimingOptions(**options)).items()}
 
 
+def _d2c(preset: str, steps: int, batch_size: int, codebook_size: int) -> dict[str, Any]:
+    """The d2c section: D2C rows (Q-Former / cross-attention fusion on the training-free coarse quantizer source,
+    Q-Former on a learned VQ, whose path `repro d2c` fills in after training it with `vq`), stage-1 sampling."""
+    quantizer = {"kind": "quantizer", "levels": 4, "pool": 2}  # 4 levels x 4 channels of 2x2-pooled latents
+    return {
+        "rows": {"d2c-qformer": {"preset": preset, "source": quantizer, "stage2": {"fusion": {"kind": "qformer"}}},
+                 "d2c-cross-attention": {"preset": preset, "source": quantizer,
+                                         "stage2": {"fusion": {"kind": "cross_attention"}}},
+                 "d2c-vq": {"preset": preset, "source": {"kind": "vq"}, "stage2": {"fusion": {"kind": "qformer"}}}},
+        "stage1": {"stage1_cfg": 2.0, "stage1_temperature": 1.0},
+        "vq": {"steps": steps, "batch_size": batch_size, "config": {"codebook_size": codebook_size, "downsample": 2}},
+    }
+
+
 # the channel order is derived from each token file when training starts (paper Sec. 3.2)
 _FREQUENCY = {"order": "frequency"}
 
@@ -48,6 +62,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "table5": _timing(quick=True, repeats=1, warmup=0, budget=0.1, batches=[1], diffusion_steps=4, threads=1),
         "fig8": {"show_per_class": 1},
         "shipped": {"model": "fmnist", "per_class": 4, "weakest": 2, "recall_goal": 0.85, "fd_goal": 2.0},
+        "d2c": _d2c("tiny", steps=4, batch_size=32, codebook_size=16),
         "table3": {"mar_model": {"preset": "tiny"}, "num_sampling_steps": 4, "clip_denoised": 5.0,
                    "num_iters": [2, 4], "diffusion_steps": [2], "speed_batch": 4, "speed_repeats": 1},
     },
@@ -72,6 +87,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "table2e": {"heads": [[32, 3], [128, 4]], "head_width_to_paper": 8},
         "table5": _timing(quick=True),
         "fig8": {"show_per_class": 2},
+        # D2C vs TokenBridge vs MAR at the Table 3 budget; the D2C fmnist preset totals ~2.95M parameters like theirs
+        "d2c": _d2c("fmnist", steps=500, batch_size=256, codebook_size=256),
         # issue 9's goals: recall >= 0.85 x real test images', FD <= 2 x the VAE reconstructions' (the floor)
         "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 2.0},
         # the TokenBridge generator's fmnist backbone with a 128 x 3 diffusion head (as the shipped pair)
@@ -99,6 +116,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "table5": _timing(),  # the paper's L sizes: AR head 1024 x 4, diffusion head 1024 x 3, 100 steps
         "fig8": {"show_per_class": 2},
         "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 2.0},
+        "d2c": _d2c("fmnist", steps=2000, batch_size=256, codebook_size=256),
         "table3": {"num_sampling_steps": 100, "clip_denoised": None, "num_iters": [16, 64, 256],
                    "mar_model": {"preset": "mar-l", "grid_size": None, "channels": None, "num_classes": None},
                    "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 5},

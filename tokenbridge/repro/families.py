@@ -48,70 +48,83 @@ class FamilyRun:
     metrics: dict  # fd_cls, precision, recall, class_accuracy, is_cls
 
 
-def train_family(ctx: Context, family: str, seed: int) -> tuple[Path, dict]:
-    """Train (or reuse a finished run of the same configuration) one family at one training seed; the TokenBridge
+def row_config(ctx: Context, name: str) -> tuple[str, dict]:
+    """(family, model config) of a compared row: "tokenbridge" (the budget's model), "mar" (table3.mar_model) or a
+    D2C row (a key of d2c.rows, tokenbridge.repro.d2c)."""
+    if name == "tokenbridge":
+        return name, variant_model_config(ctx.budget["model"], {})
+    if name == "mar":
+        return name, ctx.budget["table3"]["mar_model"]
+    return "d2c", ctx.budget["d2c"]["rows"][name]
+
+
+def train_family(ctx: Context, name: str, seed: int) -> tuple[Path, dict]:
+    """Train (or reuse a finished run of the same configuration) one row at one training seed; the TokenBridge
     runs are the Table 2 ablations' default variant, so `repro all` trains them once."""
+    family, model_cfg = row_config(ctx, name)
     if family == "tokenbridge":
-        return train_variant(ctx, variant_model_config(ctx.budget["model"], {}), DEFAULT_LABEL, seed)
+        return train_variant(ctx, model_cfg, DEFAULT_LABEL, seed)
     train_cfg = {k: v for k, v in ctx.budget["train"].items() if k != "device"}
     tokens = token_file(ctx, ctx.budget["model"], "train")  # indices and latents of the same images
     config = {"seed": seed, "family": family, "data": {"source": "tokens", "tokens": str(tokens)},
-              "model": ctx.budget["table3"]["mar_model"], "train": train_cfg}
-    run_dir = ctx.work_dir / "runs" / f"table3-{family}-seed{seed}-{short_hash({**config, 'data': tokens.name})}"
+              "model": model_cfg, "train": train_cfg}
+    run_dir = ctx.work_dir / "runs" / f"table3-{name}-seed{seed}-{short_hash({**config, 'data': tokens.name})}"
     return run_dir, train_once(ctx, config, run_dir)
 
 
-def _options(family: str, e: dict, num_iter: int | None = None, steps: int | None = None) -> dict[str, Any]:
+def sampling_options(ctx: Context, family: str, num_iter: int | None = None, steps: int | None = None) -> dict:
+    """A family's sampling options at the eval settings (num_iter / diffusion steps overridable): the diffusion
+    sampler's from table3, D2C's stage-1 options from d2c.stage1."""
+    e = ctx.budget["eval"]
     options = {"num_iter": num_iter or e["num_iter"], "cfg": e["cfg"], "cfg_schedule": e["cfg_schedule"],
                "temperature": e["temperature"]}
-    if family == "mar":
-        options["num_sampling_steps"] = steps or e["num_sampling_steps"]
-        options["clip_denoised"] = e["clip_denoised"]
+    if family in ("mar", "d2c"):
+        options["num_sampling_steps"] = steps or ctx.budget["table3"]["num_sampling_steps"]
+        options["clip_denoised"] = ctx.budget["table3"]["clip_denoised"]
+    if family == "d2c":
+        options.update(ctx.budget["d2c"]["stage1"])
     return options
 
 
-def _eval_settings(ctx: Context) -> dict[str, Any]:
-    """The eval section plus the diffusion head's sampler settings of the table3 section."""
-    return {**ctx.budget["eval"], **{k: ctx.budget["table3"][k] for k in ("num_sampling_steps", "clip_denoised")}}
-
-
-def score(ctx: Context, model: nn.Module, family: str, per_class: int, **sizes: int | None) -> dict[str, float]:
-    """Classifier metrics of ``per_class`` samples per class at the eval settings (num_iter / steps overridable)."""
-    e = _eval_settings(ctx)
+def score(ctx: Context, model: nn.Module, options: dict, per_class: int) -> dict[str, float]:
+    """Classifier metrics of ``per_class`` samples per class with sampling ``options``."""
+    e = ctx.budget["eval"]
     labels = class_labels(per_class)
     result = generate(model, labels.tolist(), vae=ctx.res.vae, seed=ctx.eval_seed, device=ctx.device,
-                      batch_size=e["batch_size"], **_options(family, e, sizes.get("num_iter"), sizes.get("steps")))
+                      batch_size=e["batch_size"], **options)
     return classifier_metrics(result["images"], labels, real_images=ctx.res.images("test", e["real_images"]),
                               classifier=ctx.res.classifier, device=ctx.device)
 
 
-def evaluate_family(ctx: Context, family: str, seed: int) -> FamilyRun:
-    run_dir, info = train_family(ctx, family, seed)
+def evaluate_family(ctx: Context, name: str, seed: int) -> FamilyRun:
+    """Train (or reuse) one row at one training seed and score it at the eval settings (cached in its run)."""
+    run_dir, info = train_family(ctx, name, seed)
+    family = row_config(ctx, name)[0]
     model = load_generator(run_dir / "checkpoint.pt", device=ctx.device, family=family)
-    sampler = {k: ctx.budget["table3"][k] for k in ("num_sampling_steps", "clip_denoised")}
-    key = short_hash({"eval": ctx.budget["eval"], "table3": sampler,
-                      "classifier": ctx.res.fingerprint("classifier")})
-    path = run_dir / f"repro_eval_{key}.json"
+    options = sampling_options(ctx, family)
+    settings = {"eval": ctx.budget["eval"], "table3": {k: options[k] for k in ("num_sampling_steps", "clip_denoised")
+                                                       if k in options}}
+    if family == "d2c":
+        settings["d2c"] = ctx.budget["d2c"]["stage1"]
+    path = run_dir / f"repro_eval_{short_hash({**settings, 'classifier': ctx.res.fingerprint('classifier')})}.json"
     metrics = json.loads(path.read_text()) if path.is_file() else None
     if metrics is None:
-        metrics = score(ctx, model, family, ctx.budget["eval"]["per_class"])
+        metrics = score(ctx, model, options, ctx.budget["eval"]["per_class"])
         _write_json(path, metrics)
-    return FamilyRun(family, seed, run_dir, model, info, metrics)
+    return FamilyRun(name, seed, run_dir, model, info, metrics)
 
 
-def sampling_speed(ctx: Context, models: dict[str, nn.Module], batch: int, repeats: int,
-                   sizes: dict[str, dict] | None = None) -> dict[str, float]:
-    """End-to-end images/s per family (median of ``repeats``, families alternating, one warm-up call each)."""
-    e = _eval_settings(ctx)
+def sampling_speed(ctx: Context, models: dict[str, nn.Module], options: dict[str, dict], batch: int,
+                   repeats: int) -> dict[str, float]:
+    """End-to-end images/s per row (median of ``repeats``, rows alternating, one warm-up call each)."""
     labels = [i % 10 for i in range(batch)]
     times: dict[str, list[float]] = {f: [] for f in models}
     for r in range(repeats + 1):
-        for family, model in models.items():
+        for name, model in models.items():
             start = time.perf_counter()
-            generate(model, labels, vae=ctx.res.vae, seed=r, device=ctx.device,
-                     **_options(family, e, **(sizes or {}).get(family, {})))
+            generate(model, labels, vae=ctx.res.vae, seed=r, device=ctx.device, **options[name])
             if r:  # the first round is the warm-up
-                times[family].append(time.perf_counter() - start)
+                times[name].append(time.perf_counter() - start)
     return {f: batch / statistics.median(t) for f, t in times.items()}
 
 
@@ -146,39 +159,48 @@ def _verdicts(runs: dict[str, list[FamilyRun]]) -> list[str]:
                     [r.metrics[m] for r in runs["mar"]]) for m in METRICS]
 
 
-def quality_vs_time(ctx: Context, models: dict[str, nn.Module]) -> list[dict[str, Any]]:
-    """FD_cls and images/s of the seed-0 generators as num_iter (and the diffusion steps) vary."""
+def quality_vs_time(ctx: Context, models: dict[str, nn.Module], diffusion_steps: bool = True) -> list[dict]:
+    """FD_cls and images/s of the seed-0 generators as num_iter (and, for "mar", the diffusion steps) vary."""
     t3, points = ctx.budget["table3"], []
     per_class = max(2, ctx.budget["eval"]["per_class"] // 2)
-    settings = [("tokenbridge", {"num_iter": n}) for n in t3["num_iters"]]
-    settings += [("mar", {"num_iter": n}) for n in t3["num_iters"]]
-    settings += [("mar", {"num_iter": max(t3["num_iters"]), "steps": s}) for s in t3["diffusion_steps"]]
-    for family, sizes in settings:
-        fd = score(ctx, models[family], family, per_class, **sizes)["fd_cls"]
-        speed = sampling_speed(ctx, {family: models[family]}, t3["speed_batch"], 1, {family: sizes})[family]
-        points.append({"family": family, **sizes, "fd_cls": fd, "images_s": speed})
+    settings = [(name, {"num_iter": n}) for name in models for n in t3["num_iters"]]
+    if diffusion_steps and "mar" in models:
+        settings += [("mar", {"num_iter": max(t3["num_iters"]), "steps": s}) for s in t3["diffusion_steps"]]
+    for name, sizes in settings:
+        options = sampling_options(ctx, row_config(ctx, name)[0], sizes["num_iter"], sizes.get("steps"))
+        fd = score(ctx, models[name], options, per_class)["fd_cls"]
+        speed = sampling_speed(ctx, {name: models[name]}, {name: options}, t3["speed_batch"], 1)[name]
+        stage1 = getattr(getattr(models[name], "stage1", None), "seq_len", 0)  # D2C: the GPT's steps come first
+        points.append({"family": name, **sizes, "fd_cls": fd, "images_s": speed,
+                       "sequential_steps": sizes["num_iter"] + stage1})
     return points
 
 
-def plot_quality_vs_time(points: list[dict[str, Any]], path: Path) -> None:
+def plot_quality_vs_time(points: list[dict[str, Any]], path: Path, labels: dict[str, str] = FAMILIES,
+                         x: str = "time") -> None:
+    """FD_cls against sampling time per image (x="time") or the number of sequential sampling steps (x="steps"),
+    one curve per row (and per varied setting)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for family, marker in (("tokenbridge", "o"), ("mar", "s")):
+    for k, family in enumerate(dict.fromkeys(p["family"] for p in points)):
         for vary in ("num_iter", "steps"):
             pts = [p for p in points if p["family"] == family and (("steps" in p) == (vary == "steps"))]
             if not pts:
                 continue
-            xs, ys = [1.0 / p["images_s"] * 1000 for p in pts], [p["fd_cls"] for p in pts]
-            label = f"{FAMILIES[family]}, {'diffusion steps' if vary == 'steps' else 'num_iter'} varied"
+            xs = [1.0 / p["images_s"] * 1000 if x == "time" else p["sequential_steps"] for p in pts]
+            ys = [p["fd_cls"] for p in pts]
+            label = f"{labels.get(family, family)}, {'diffusion steps' if vary == 'steps' else 'num_iter'} varied"
+            marker = "osD^v<>"[k % 7]
             ax.plot(xs, ys, marker=marker, linestyle="-" if vary == "num_iter" else "--", label=label)
             for x, y, p in zip(xs, ys, pts):
                 ax.annotate(str(p.get("steps", p["num_iter"])), (x, y), textcoords="offset points", xytext=(4, 4),
                             fontsize=7)
     ax.set_xscale("log")
-    ax.set_xlabel("sampling time per image (ms, end to end, batch as in the table)")
+    ax.set_xlabel("sampling time per image (ms, end to end, batch as in the table)" if x == "time" else
+                  "sequential sampling steps (D2C: the GPT's steps + the MAR steps)")
     ax.set_ylabel("FD_cls (lower is better)")
     ax.legend(fontsize=7)
-    ax.set_title("Quality against sampling time (seed-0 generators)")
+    ax.set_title(f"Quality against sampling {'time' if x == 'time' else 'steps'} (seed-0 generators)")
     fig.tight_layout()
     save_figure(fig, path)
 
@@ -187,7 +209,8 @@ def table3(ctx: Context) -> str:
     t3 = ctx.budget["table3"]
     runs = {f: [evaluate_family(ctx, f, s) for s in ctx.budget["train_seeds"]] for f in FAMILIES}
     first = {f: runs[f][0].model for f in FAMILIES}
-    speed = [sampling_speed(ctx, first, t3["speed_batch"], t3["speed_repeats"])]
+    options = {f: sampling_options(ctx, f) for f in FAMILIES}
+    speed = [sampling_speed(ctx, first, options, t3["speed_batch"], t3["speed_repeats"])]
     step_s = step_times(ctx, first, t3["speed_repeats"])
     rows = []
     for f, label in FAMILIES.items():
@@ -205,7 +228,8 @@ def table3(ctx: Context) -> str:
                  for f in FAMILIES for r in runs[f]], "images_s": speed[0], "train_s_per_step": step_s,
         "quality_vs_time": points})
     e = ctx.budget["eval"]
-    ctx.notes += [f"{len(ctx.budget['train_seeds'])} training seeds per family ({ctx.budget['train_seeds']}); mean +- sd over them. Budget: "
+    ctx.notes += [f"{len(ctx.budget['train_seeds'])} training seeds per family ({ctx.budget['train_seeds']}); mean +- "
+                  f"sd over them. Budget: "
                   f"{ctx.budget['train']['steps']} steps at batch {ctx.budget['train']['global_batch']} for both; "
                   f"{10 * e['per_class']} samples per generator, num_iter {e['num_iter']}, cfg {e['cfg']} "
                   f"({e['cfg_schedule']}), temperature {e['temperature']}; diffusion head "

@@ -16,6 +16,7 @@ import torch
 from ..generate import confidence_images
 from ..markdown import fmt, markdown_table
 from ..reconstruct import quantizer_settings, reconstruction_table, save_histograms, save_reconstruction_grid
+from .d2c import d2c
 from .families import table3
 from .shipped import shipped
 from .plots import plot_head_times, plot_orders, plot_variants
@@ -37,6 +38,7 @@ TITLES = {
     "fig8": "Fig. 8: confidence-guided vs random-order generation",
     "table3": "Table 3 (headline): TokenBridge vs continuous MAR at equal backbone, data and training steps",
     "shipped": "The shipped generator against real data and the VAE floor",
+    "d2c": "D2C (discrete coarse tokens, then continuous fine tokens) vs TokenBridge vs continuous MAR",
 }
 
 # The paper's numbers (ImageNet 256x256; gFID / rFID are Inception FID-50k; Table 5 on an A100 at batch 1).
@@ -348,4 +350,4 @@ def fig8(ctx: Context) -> str:
 TABLES: dict[str, Callable[[Context], str]] = {"table1": table1, "table2a": table2a, "table2b": table2b,
                                               "table2c": table2c, "table2d": table2d, "table2e": table2e,
                                               "table5": table5, "fig8": fig8, "table3": table3,
-                                              "shipped": shipped}
+                                              "shipped": shipped, "d2c": d2c}

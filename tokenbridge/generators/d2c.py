@@ -1,0 +1,333 @@
+"""D2C (Wang et al. 2025, arXiv 2503.17155): discrete tokens first, then continuous ones conditioned on them.
+
+- ``source`` (tokenbridge.discrete, frozen): latents [B, h, w, C] -> coarse codes [B, gh, gw] in [0, K), made from
+  each training image on the fly (a training-free quantizer of pooled latents, or a learned VQ);
+- stage 1 (``stage1``, tokenbridge.gpt.RasterGPT): class-conditional raster GPT over the K codes, L1 = gh * gw;
+- stage 2 (``stage2``, `FusedMARStage`): the continuous MAR family (masked random-order backbone + diffusion head,
+  generators/mar.py) whose backbone reads the codes through a fusion module (tokenbridge.fusion, config
+  ``stage2.fusion.kind``: "qformer", the paper's best, or "cross_attention").
+
+Training (`loss`): stage-1 next-token loss on the real codes plus stage-2 diffusion loss, the sum of the stages
+``train_stages`` names (one trainer, one checkpoint, one resume). Stage 2 sees the real codes with each one
+replaced by a uniformly random code with probability ``stage2.corruption`` (training mode only), so that it
+tolerates the errors of stage-1 samples instead of trusting every code. Random draws use the global RNG (the
+trainer's resume restores it).
+
+Sampling (`sample`): stage 1 draws codes (its own cfg / temperature / top-k / top-p), stage 2 the latents given
+them (MAR steps, diffusion head, cfg on the class: both guidance halves see the same codes). `sample_stage2` takes
+given codes.
+
+Sizes (`presets`, counted): ``fmnist`` totals 2.95M parameters, like the TokenBridge ``fmnist`` preset (2.93M):
+stage 1 0.66M (GPT 128 wide, 3 blocks, 256 codes of a 4x4 grid), stage 2 2.29M (MAR 144 wide, 3+3 blocks, 1.56M;
+diffusion head 128 x 3, 0.35M; Q-Former of 8 queries x 1 layer, 0.34M; code embedding 0.04M). With
+``fusion.kind: cross_attention`` (a layer after each of the 6 blocks, 0.50M) it is 3.12M. ``tiny``: 0.11M.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, PositiveInt, create_model, field_validator
+from torch import nn
+
+from ..config import ConfigError, Section, signature_model, validate
+from ..diffusion import DiffusionHead
+from ..discrete import DiscreteSource, build_source
+from ..fusion import CodeEmbedding, FusedMAR, build_fusion
+from ..gpt import RasterGPT
+from .mar import ContinuousMARConfig, ContinuousMARGenerator
+from .masked import MaskedGenerator, fill_shapes, make_generator
+from .registry import apply_preset, register_family
+
+Stage1Config = signature_model(RasterGPT, "D2CStage1Config", exclude=("vocab_size", "seq_len", "num_classes"))
+FusionConfig = signature_model(build_fusion, "D2CFusionConfig",
+                               exclude=("width", "encoder_depth", "decoder_depth", "backbone_heads"))
+_MAR_KEYS = ("mask_ratio_min", "diffusion_batch_mul", "backbone", "head")  # stage 2 = the mar family's config
+_SHAPE_KEYS = ("grid_size", "channels", "num_classes")
+Stage2Config = create_model(
+    "D2CStage2Config", __base__=Section,
+    corruption=(float, Field(default=0.1, ge=0, le=1)),  # probability of a random code in place of a real one
+    fusion=(FusionConfig, FusionConfig()),
+    **{k: (ContinuousMARConfig.model_fields[k].annotation, ContinuousMARConfig.model_fields[k]) for k in _MAR_KEYS},
+)
+# the source a config without one uses (training-free: 4 levels of each channel of 2x2-pooled latents)
+DEFAULT_SOURCE = {"kind": "quantizer", "levels": 4, "pool": 2}
+
+
+class D2CConfig(Section):
+    """grid_size, channels and num_classes default to the training latents'; codebook_size and code_grid are
+    recorded from the source when the generator is first built (a checkpoint's must match its source)."""
+
+    grid_size: tuple[PositiveInt, PositiveInt] | None = None  # latent grid (h, w)
+    channels: PositiveInt | None = None  # latent channels C
+    num_classes: PositiveInt | None = None
+    source: dict[str, Any] = DEFAULT_SOURCE  # tokenbridge.discrete.build_source config (replaced whole, not merged)
+    codebook_size: PositiveInt | None = None  # K, from the source
+    code_grid: tuple[PositiveInt, PositiveInt] | None = None  # (gh, gw), from the source
+    train_stages: list[Literal[1, 2]] = Field(default=[1, 2], min_length=1)  # which losses `loss` sums
+    stage1: Stage1Config = Stage1Config()
+    stage2: Stage2Config = Stage2Config()
+
+    @field_validator("train_stages")
+    @classmethod
+    def _distinct(cls, stages: list[int]) -> list[int]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"stages must be distinct, got {stages}")
+        return sorted(stages)
+
+
+def _record_source(cfg: dict[str, Any], source: DiscreteSource) -> None:
+    """Fill codebook_size, code_grid and the source's full config into ``cfg``; a recorded value the source does
+    not give (a checkpoint whose source changed, a VQ of another codebook) is a ConfigError."""
+    found = {"codebook_size": int(source.codebook_size), "code_grid": [int(g) for g in source.grid]}
+    for key, value in found.items():
+        recorded = list(cfg[key]) if isinstance(cfg[key], (list, tuple)) else cfg[key]
+        if recorded is not None and recorded != value:
+            raise ConfigError(f"config key 'model.{key}' = {recorded} but the discrete source {cfg['source']} gives "
+                              f"{value}: stage 1's vocabulary and stage 2's code embedding were built for "
+                              f"{recorded}; use the source the model was trained with")
+        cfg[key] = value
+    cfg["source"] = source.config
+
+
+def _build_source(cfg: dict[str, Any], load_weights: bool) -> DiscreteSource:
+    try:
+        return build_source(cfg["source"], tuple(cfg["grid_size"]), int(cfg["channels"]), load_weights=load_weights)
+    except (ValueError, TypeError, OSError) as e:
+        raise ConfigError(f"config key 'model.source' = {cfg['source']}: {e}") from None
+
+
+class FusedMARStage(ContinuousMARGenerator):
+    """Stage 2: the continuous MAR generator with a `FusedMAR` backbone and a `CodeEmbedding` of the codes.
+
+    Not a family of its own: `conditioned_loss` / `conditioned_sample` bind the codes' context around the mar
+    family's ``loss`` / ``sample`` (called bare, the backbone refuses to run without codes).
+    config: the mar family's resolved model config; fusion: `build_fusion` options (kind, num_heads, ...).
+    """
+
+    def __init__(self, config: dict, fusion: dict, codebook_size: int, code_grid: tuple[int, int]) -> None:
+        MaskedGenerator.__init__(self)  # ContinuousMARGenerator's __init__ would build a plain MAR backbone
+        self.config = cfg = ContinuousMARGenerator.resolve_config(config)
+        b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])
+        self.channels, self.patch_size = int(cfg["channels"]), p
+        width, token_dim = int(b["width"]), self.channels * p * p
+        fuse = build_fusion(**fusion, width=width, encoder_depth=int(b["encoder_depth"]),
+                            decoder_depth=int(b["decoder_depth"]), backbone_heads=int(b["num_heads"]))
+        self.backbone = FusedMAR(fuse, grid_size=tuple(cfg["grid_size"]), token_dim=token_dim,
+                                 num_classes=int(cfg["num_classes"]), **b)
+        self.head = DiffusionHead(z_dim=width, token_dim=token_dim, **cfg["head"])
+        self.code_embed = CodeEmbedding(codebook_size, code_grid, width)
+        self.grid_size, self.seq_len = self.backbone.grid_size, self.backbone.seq_len
+        self.num_classes = self.backbone.num_classes
+        self.mask_ratio_min = float(cfg["mask_ratio_min"])
+        self.diffusion_batch_mul = int(cfg["diffusion_batch_mul"])
+
+    def context(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes [N, gh, gw] -> the fusion's context (cross-attention: [N, gh*gw, W]; Q-Former: [N, Q, W])."""
+        return self.backbone.fusion.condition(self.code_embed(codes))
+
+    def features(self, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                 codes: torch.Tensor) -> torch.Tensor:
+        """Backbone features z [N, L, W] of tokens [N, L, C*p*p] given codes [N, gh, gw] (mask [N, L], True =
+        hidden): what the diffusion head is conditioned on."""
+        with self.backbone.bind(self.context(codes)):
+            return self.backbone(tokens, labels, mask)
+
+    def conditioned_loss(self, batch: tuple[torch.Tensor, torch.Tensor], codes: torch.Tensor,
+                         mask_ratio: float | None = None) -> torch.Tensor:
+        """The mar family's diffusion loss on (latents [B, h, w, C], labels [B]) given codes [B, gh, gw]."""
+        with self.backbone.bind(self.context(codes)):
+            return super().loss(batch, mask_ratio)
+
+    @torch.no_grad()
+    def conditioned_sample(self, labels: torch.Tensor, codes: torch.Tensor, **options: Any) -> dict[str, torch.Tensor]:
+        """The mar family's ``sample(labels, **options)`` given codes [N, gh, gw]: dict(latents [N, C, h, w])."""
+        with self.backbone.bind(self.context(codes)):
+            return super().sample(labels, **options)
+
+
+@register_family
+class D2CGenerator(nn.Module):
+    """Two-stage discrete-to-continuous generator (see the module docstring).
+
+    loss((latents [B, h, w, C] float, labels [B] long in [0, num_classes])) -> scalar (sum of the trained stages).
+    sample(labels [N]) -> dict(latents [N, C, h, w] float, codes [N, gh, gw] int64). Label num_classes =
+    unconditional.
+    """
+
+    family = "d2c"
+    items = "latents"  # trains on a token cache's continuous latents (tokenbridge.tokens.LatentTokens)
+    presets: dict[str, dict] = {}  # filled at the end of this module
+
+    def __init__(self, config: dict, load_source_weights: bool = False, source: DiscreteSource | None = None) -> None:
+        """config: a model config (resolved or not; shapes needed). load_source_weights: a VQ source reads its
+        trained weights from its path (training start); False builds it untrained (a checkpoint's state dict
+        then supplies them). source: one already built from ``config["source"]`` (check_config)."""
+        super().__init__()
+        cfg = self.resolve_config(config)
+        if any(cfg[k] is None for k in _SHAPE_KEYS):
+            raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
+                              "generator without training data")
+        self.source = source if source is not None else _build_source(cfg, load_source_weights)
+        _record_source(cfg, self.source)
+        self.config = cfg
+        self.codebook_size, self.code_grid = int(cfg["codebook_size"]), tuple(cfg["code_grid"])
+        self.train_stages = tuple(cfg["train_stages"])
+        self.num_classes = int(cfg["num_classes"])
+        self.stage1 = RasterGPT(vocab_size=self.codebook_size, seq_len=self.code_grid[0] * self.code_grid[1],
+                                num_classes=self.num_classes, **cfg["stage1"])
+        s2 = cfg["stage2"]
+        mar_cfg = {**{k: cfg[k] for k in _SHAPE_KEYS}, **{k: s2[k] for k in _MAR_KEYS}}
+        self.stage2 = FusedMARStage(mar_cfg, s2["fusion"], self.codebook_size, self.code_grid)
+        self.corruption = float(s2["corruption"])
+
+    # ------------------------------------------------------------------ config
+    @classmethod
+    def resolve_config(cls, config: dict, data: Any = None) -> dict:
+        """Validate a model config (presets accepted). With ``data`` (a token dataset) fill grid, channels and
+        classes from it and build the source (a VQ's weights read from its path) to record its codebook size,
+        code grid and full config; a source that does not fit the latents or the recorded values is a
+        ConfigError."""
+        cfg = validate(D2CConfig, apply_preset(cls, config), "model").model_dump(mode="json")
+        if data is not None:
+            fill_shapes(cfg, data)
+            _record_source(cfg, _build_source(cfg, load_weights=True))
+        return cfg
+
+    @classmethod
+    def check_config(cls, config: dict) -> None:
+        """Build a resolved config (the two stages on the meta device: no memory, no time), so that a value the
+        constructors reject fails before any data is read. The source is built untrained on the CPU (its
+        quantizer checks its tables; a VQ source reads only its folder's config.json)."""
+        if any(config[k] is None for k in _SHAPE_KEYS):
+            return
+        source = _build_source(config, load_weights=False)
+        try:
+            with torch.device("meta"):
+                cls(config, source=source)
+        except (ValueError, TypeError) as e:
+            raise ConfigError(f"model config: {e}") from None
+
+    @classmethod
+    def from_config(cls, config: dict, data: Any = None) -> D2CGenerator:
+        """Build from a model config; with ``data`` (a token dataset) its shapes are used. A config that records
+        no codebook_size was never built (a training start): a VQ source loads its trained weights from its path;
+        a recorded one (checkpoint, pretrained folder) is built untrained for the state dict to fill."""
+        cfg = cls.resolve_config(config, data)
+        return cls(cfg, load_source_weights=data is not None or (config or {}).get("codebook_size") is None)
+
+    # ------------------------------------------------------------------ training
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Sum of the ``train_stages`` losses on a batch (latents [B, h, w, C], labels [B]); codes come from the
+        frozen source."""
+        latents, labels = batch
+        self.stage2._check_batch(latents, labels)
+        labels = labels.to(latents.device).long()
+        codes = self.source.encode(latents)
+        losses = []
+        if 1 in self.train_stages:
+            losses.append(self.stage1.loss(codes.flatten(1), labels))
+        if 2 in self.train_stages:
+            losses.append(self.stage2.conditioned_loss((latents, labels), self._corrupt(codes)))
+        return torch.stack(losses).sum()
+
+    def _corrupt(self, codes: torch.Tensor) -> torch.Tensor:
+        """Each code replaced by a uniform random one with probability ``corruption`` (training mode only)."""
+        if not self.training or self.corruption == 0:
+            return codes
+        replace = torch.rand(codes.shape, device=codes.device) < self.corruption
+        return torch.where(replace, torch.randint_like(codes, self.codebook_size), codes)
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def sample(self, labels: torch.Tensor, stage1_cfg: float = 1.0, stage1_temperature: float = 1.0,
+               stage1_top_k: int = 0, stage1_top_p: float = 1.0, num_iter: int = 64, cfg: float | None = 1.0,
+               cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
+               num_sampling_steps: int = 100, clip_denoised: float | None = None,
+               generator: torch.Generator | int | None = None, progress: bool = False,
+               callback: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+        """Generate for class ``labels`` [N]: stage-1 codes, then stage-2 latents given them.
+
+        stage1_*: the GPT's guidance scale (constant), temperature (> 0), top-k (0 = off) and nucleus (1 = off).
+        num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, clip_denoised: stage 2's, as the mar family's
+        sample. generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
+        draw from it. Returns dict(latents [N, C, h, w] float, codes [N, gh, gw] int64); callback as the mar
+        family's (after every stage-2 step), with the codes added.
+        """
+        stage2 = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
+                  "num_sampling_steps": num_sampling_steps, "clip_denoised": clip_denoised}
+        self._check_stage2_options(labels, stage2)  # before stage 1 runs
+        device = next(self.parameters()).device
+        gen = make_generator(generator, device)
+        codes = self.stage1.sample(labels.to(device), generator=gen, cfg=float(stage1_cfg),
+                                   temperature=float(stage1_temperature), top_k=int(stage1_top_k),
+                                   top_p=float(stage1_top_p), progress=progress)
+        codes = codes.reshape(labels.shape[0], *self.code_grid)
+        return self.sample_stage2(labels, codes, generator=gen, progress=progress, callback=callback, **stage2)
+
+    @torch.no_grad()
+    def sample_stage2(self, labels: torch.Tensor, codes: torch.Tensor, generator: torch.Generator | int | None = None,
+                      progress: bool = False, callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+                      **options: Any) -> dict[str, torch.Tensor]:
+        """Stage 2 alone for labels [N] and given codes [N, gh, gw] in [0, codebook_size); options: `sample`'s
+        stage-2 options (unset ones take `sample`'s defaults). Returns dict(latents [N, C, h, w], codes)."""
+        unknown = sorted(set(options) - set(STAGE2_DEFAULTS))
+        if unknown:
+            raise ValueError(f"unknown stage-2 sampling options {unknown}; known: {sorted(STAGE2_DEFAULTS)}")
+        options = {**STAGE2_DEFAULTS, **options}
+        self._check_stage2_options(labels, options)
+        self._check_codes(codes, labels.shape[0])
+        device = next(self.parameters()).device
+        codes = codes.to(device).long()
+        gen = make_generator(generator, device)
+        hook = None if callback is None else (lambda out: callback({**out, "codes": codes}))
+        out = self.stage2.conditioned_sample(labels, codes, generator=gen, progress=progress, callback=hook,
+                                             **options)
+        return {**out, "codes": codes}
+
+    def _check_stage2_options(self, labels: torch.Tensor, options: dict[str, Any]) -> None:
+        """The checks the mar family's sample makes, made before any work."""
+        self.stage2._check_mar_options(labels, options["num_iter"], options["cfg"], options["cfg_schedule"],
+                                       options["temperature"])
+        steps, train_steps = options["num_sampling_steps"], len(self.stage2.head.schedule)
+        if int(steps) != steps or not 1 <= steps <= train_steps:
+            raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {steps}")
+        clip = options["clip_denoised"]
+        if clip is not None and not 0 < float(clip) < float("inf"):
+            raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip}")
+
+    def _check_codes(self, codes: torch.Tensor, n: int) -> None:
+        gh, gw = self.code_grid
+        if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor [N, {gh}, {gw}], got {getattr(codes, 'dtype', codes)}")
+        if tuple(codes.shape) != (n, gh, gw):
+            raise ValueError(f"codes must be [N={n}, {gh}, {gw}] (this model's discrete grid), got shape "
+                             f"{tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.codebook_size):
+            raise ValueError(f"codes must lie in [0, codebook_size={self.codebook_size}), got range "
+                             f"[{int(codes.min())}, {int(codes.max())}]: codes of another source or codebook?")
+
+
+# stage 2's sampling options and their defaults: those of `D2CGenerator.sample`'s signature (one place)
+STAGE2_DEFAULTS = {name: p.default for name, p in inspect.signature(D2CGenerator.sample).parameters.items()
+                   if name in ("num_iter", "cfg", "cfg_schedule", "temperature", "num_sampling_steps",
+                               "clip_denoised")}
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets (one place names the sizes; `model: {preset: NAME}` in a config). The source is left to the config's
+# default (DEFAULT_SOURCE): presets merge key by key, and a VQ source must be able to replace it whole.
+D2CGenerator.presets.update({
+    "tiny": {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
+             "stage1": {"width": 32, "depth": 1, "num_heads": 2},
+             "stage2": {"backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2,
+                                     "buffer_size": 2},
+                        "head": {"width": 32, "depth": 1}, "fusion": {"num_queries": 4, "depth": 1}}},
+    "fmnist": {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
+               "stage1": {"width": 128, "depth": 3, "num_heads": 4},
+               "stage2": {"backbone": {"width": 144, "encoder_depth": 3, "decoder_depth": 3, "num_heads": 4,
+                                       "buffer_size": 8},
+                          "head": {"width": 128, "depth": 3}, "fusion": {"num_queries": 8, "depth": 1}}},
+})
