@@ -404,8 +404,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-ui", help="browser demo: pick a class and the knobs, watch the image form (needs the ui "
                                        "extra: pip install 'tokenbridge[ui]')")
-    p.add_argument("--model", action="append", help="a generator (repeatable): fmnist, fmnist-mar, checkpoint, export, "
-                   "folder (default: both shipped ones)")
+    p.add_argument("--model", action="append", help="a generator (repeatable): fmnist, fmnist-mar, fmnist-d2c, "
+                   "checkpoint, export, folder (default: every shipped one)")
     p.add_argument("--vae", help="default: each generator's recorded VAE")
     p.add_argument("--allow-other-vae", action="store_true")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
