@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 from torch.utils.data import TensorDataset
 
 from tokenbridge import checkpoint as C
@@ -18,7 +17,8 @@ from tokenbridge.config import ConfigError
 from tokenbridge.diffusion import DiffusionHead, DiffusionSchedule
 from tokenbridge.generate import generate
 from tokenbridge.generators import ContinuousMARGenerator, TokenBridgeGenerator
-from tokenbridge.tokens import TOKENS_FORMAT, CachedTokens, LatentTokens
+from tokenbridge.tokens import CachedTokens, LatentTokens
+from token_files import write_token_file
 
 N, GRID = 64, (8, 8, 4)
 
@@ -263,19 +263,6 @@ def test_export_then_generate_through_the_common_sampler(tmp_path):
 
 # ------------------------------------------------------------------------------------------------------------------
 # bad inputs
-
-
-def write_token_file(path: Path, latents: torch.Tensor | None, n: int = 20) -> Path:
-    """A cache_latents-format file with latents [n, C, 8, 8] (or none) and matching indices."""
-    c = latents.shape[1] if latents is not None else 4
-    tensors = {"indices": torch.randint(0, 64, (n, 8, 8, c), dtype=torch.uint8),
-               "labels": torch.randint(0, 10, (n,), dtype=torch.int64)}
-    if latents is not None:
-        tensors["latents"] = latents
-    meta = {"format": TOKENS_FORMAT, "version": "1", "levels": "64", "quantizer": "{}", "num_classes": "10",
-            "vae": "fmnist"}
-    save_file(tensors, str(path), metadata=meta)
-    return path
 
 
 def latents_run(tmp_path: Path, tokens: Path, **model) -> dict:

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from tokenbridge import cli
 from tokenbridge.discrete import MAX_CODES, QuantizerSource, VQSource, build_source
 from tokenbridge.quantizer import DimensionwiseQuantizer
-from tokenbridge.tokens import TOKENS_FORMAT
 from tokenbridge.vq import VQTokenizer, code_usage, train_vq
+from token_files import write_token_file
 
 TINY = {"codebook_size": 64, "dim": 8, "hidden": 32}
 
@@ -204,22 +203,9 @@ def test_a_vq_source_stays_frozen_inside_a_training_model(trained_folder):
 # tokenbridge train-vq
 
 
-def write_token_file(path: Path, latents: torch.Tensor | None) -> Path:
-    """A cache_latents-format file (VAE "fmnist") with latents [n, C, 8, 8] or none."""
-    n = 40 if latents is None else latents.shape[0]
-    tensors = {"indices": torch.randint(0, 64, (n, 8, 8, 4), dtype=torch.uint8),
-               "labels": torch.randint(0, 10, (n,), dtype=torch.int64)}
-    if latents is not None:
-        tensors["latents"] = latents
-    meta = {"format": TOKENS_FORMAT, "version": "1", "levels": "64", "quantizer": "{}", "num_classes": "10",
-            "vae": "fmnist"}
-    save_file(tensors, str(path), metadata=meta)
-    return path
-
-
 def test_cli_train_vq_writes_a_loadable_folder_and_reports_usage(tmp_path, capsys):
     latents = k_patterns(n=40, grid=(8, 8, 4)).permute(0, 3, 1, 2).contiguous()
-    tokens = write_token_file(tmp_path / "tokens.safetensors", latents)
+    tokens = write_token_file(tmp_path / "tokens.safetensors", latents, n=40)
     out = tmp_path / "vq"
     args = ["train-vq", "--tokens", str(tokens), "--out", str(out), "--codebook-size", "16", "--dim", "8",
             "--steps", "20", "--batch-size", "8", "--lr", "3e-3", "--device", "cpu"]

@@ -84,6 +84,13 @@ class Resources:
             return ds.images[:n]
         return torch.stack([ds[i][0] for i in range(n)])
 
+    def labels(self, split: str) -> torch.Tensor:
+        """The class labels [N] (int64) of a split, in dataset order."""
+        ds = self.dataset(split)
+        if isinstance(getattr(ds, "labels", None), torch.Tensor):
+            return ds.labels
+        return torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+
     def fingerprint(self, which: str) -> str:
         """Short hash of the weights of "vae" or "classifier": token caches and evaluations in work_dir are reused
         only with the very networks that made them."""

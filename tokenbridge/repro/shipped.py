@@ -29,8 +29,7 @@ def split_test(ctx: Context, per_class: int) -> tuple[torch.Tensor, torch.Tensor
     """(real images [10 * per_class, 1, 32, 32], their labels, reference images, reference labels): the first
     ``per_class`` test images of every class, and every other test image."""
     images = ctx.res.images("test", None)
-    ds = ctx.res.dataset("test")
-    labels = ds.labels if hasattr(ds, "labels") else torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+    labels = ctx.res.labels("test")
     picks = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
     if len(picks) < 10 * per_class:
         raise ValueError(f"the test split has fewer than shipped.per_class={per_class} images of some class")

@@ -300,7 +300,7 @@ def _real_diversity(ctx: Context) -> float:
     """Per-class diversity of as many real test images per class as the samples have."""
     per_class = int(ctx.budget["eval"]["per_class"])
     ds = ctx.res.dataset("test")
-    labels = ds.labels if hasattr(ds, "labels") else torch.as_tensor([int(ds[i][1]) for i in range(len(ds))])
+    labels = ctx.res.labels("test")
     picks = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
     images = torch.stack([ds[int(i)][0] for i in picks])
     feats = classifier_features(images, ctx.res.classifier, ctx.device)
