@@ -24,7 +24,7 @@ def _images(outputs) -> list[np.ndarray]:
     return [np.asarray(Image.open(path)) for path in outputs[:3]]
 
 
-@pytest.mark.parametrize("name", ["tokenbridge: fmnist", "mar: fmnist-mar", "d2c: fmnist-d2c"])  # the entry names: family: spec
+@pytest.mark.parametrize("name", ["tokenbridge: fmnist", "mar: fmnist-mar"])  # the entry names: family: spec
 def test_generate_streams_steps_and_is_deterministic(client, name):
     args = (name, "Dress", 4, 3.0, "linear", 1.0, 6, "random", 5)
     job = client.submit(*args, api_name="/generate")
