@@ -69,6 +69,15 @@ def test_a_tokenizer_learns_k_patterns_and_training_is_deterministic():
     assert again["latent_mse"] == third["latent_mse"] and again["perplexity"] == third["perplexity"]
 
 
+def test_training_leaves_the_callers_random_stream_alone():
+    x = k_patterns()
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_vq(x[:448], x[448:], {**TINY, "downsample": 2}, steps=5, batch_size=32, seed=7, progress=False)
+    assert torch.equal(torch.rand(3), expected)
+
+
 def test_dead_code_replacement_keeps_the_codebook_in_use():
     g = torch.Generator().manual_seed(0)
     x = 3 + 0.5 * torch.randn(512, 4, 4, 2, generator=g)  # far from a randomly initialised codebook

@@ -350,31 +350,10 @@ def evaluate_vq(model: VQTokenizer, latents: torch.Tensor, vae: nn.Module | None
     return result
 
 
-def train_vq(latents_train: torch.Tensor, latents_test: torch.Tensor, config: dict | None = None,
-             steps: int = 2000, batch_size: int = 256, lr: float = 2e-3, seed: int = 0,
-             out_dir: str | os.PathLike | None = None, progress: bool = True, vae: nn.Module | None = None,
-             device: str | torch.device = "cpu", overwrite: bool = False,
-             record: dict | None = None) -> dict[str, Any]:
-    """Train a VQTokenizer on latents [N, h, w, C] and return its report (and write it with the tokenizer to
-    ``out_dir`` when given).
-
-    config: VQTokenizer keyword arguments (channels and latent_grid come from the latents). AdamW with a short
-    warm-up and cosine decay; batches drawn with replacement from a generator seeded by ``seed`` (the global seed
-    is set too: k-means init and dead-code replacement draw from it), so a run is deterministic on one device.
-    The report holds the training settings, the final training loss, seconds, and ``evaluate_vq`` on the held-out
-    ``latents_test`` (PSNR when ``vae`` is given); ``record`` adds provenance keys (token file, VAE spec).
-    Every argument and ``out_dir`` are checked before training.
-    """
-    _check_latent_sets(latents_train, latents_test)
-    _check_training(steps, batch_size, lr, seed)
-    _, h, w, c = latents_train.shape
-    model = build_tokenizer({**(config or {}), "channels": c, "latent_grid": (h, w)}, "train_vq")
-    model.check_latents(latents_train[:1])
-    if out_dir is not None:
-        check_vq_folder(out_dir, overwrite)
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    model = build_tokenizer(model.config, "train_vq").to(device).train()  # built after seeding: reproducible init
+def _fit_vq(model: VQTokenizer, latents_train: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int,
+            progress: bool, device: torch.device) -> dict[str, Any]:
+    """train_vq's optimisation loop; returns the training part of the report."""
+    h, w = latents_train.shape[1:3]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, min(100, steps // 10), steps))
     gen = torch.Generator().manual_seed(seed)
@@ -389,11 +368,40 @@ def train_vq(latents_train: torch.Tensor, latents_test: torch.Tensor, config: di
         opt.step()
         sched.step()
         losses.append(loss.item())
-    report = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "num_train": len(latents_train),
-              "num_test": len(latents_test), "codebook_size": model.codebook_size,
-              "code_grid": list(model.code_grid(h, w)), "latent_grid": [h, w, c],
-              "final_train_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(time.time() - t0, 1),
-              **(record or {})}
+    return {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "num_train": len(latents_train),
+            "codebook_size": model.codebook_size, "code_grid": list(model.code_grid(h, w)),
+            "final_train_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(time.time() - t0, 1)}
+
+
+def train_vq(latents_train: torch.Tensor, latents_test: torch.Tensor, config: dict | None = None,
+             steps: int = 2000, batch_size: int = 256, lr: float = 2e-3, seed: int = 0,
+             out_dir: str | os.PathLike | None = None, progress: bool = True, vae: nn.Module | None = None,
+             device: str | torch.device = "cpu", overwrite: bool = False,
+             record: dict | None = None) -> dict[str, Any]:
+    """Train a VQTokenizer on latents [N, h, w, C] and return its report (and write it with the tokenizer to
+    ``out_dir`` when given).
+
+    config: VQTokenizer keyword arguments (channels and latent_grid come from the latents). AdamW with a short
+    warm-up and cosine decay; batches drawn with replacement from a generator seeded by ``seed``; k-means init and
+    dead-code replacement draw from the global RNG, which is seeded by ``seed`` inside a fork (the caller's RNG state
+    is restored afterwards), so a run is deterministic on one device and leaves the caller's random stream alone.
+    The report holds the training settings, the final training loss, seconds, and ``evaluate_vq`` on the held-out
+    ``latents_test`` (PSNR when ``vae`` is given); ``record`` adds provenance keys (token file, VAE spec).
+    Every argument and ``out_dir`` are checked before training.
+    """
+    _check_latent_sets(latents_train, latents_test)
+    _check_training(steps, batch_size, lr, seed)
+    _, h, w, c = latents_train.shape
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        model = build_tokenizer({**(config or {}), "channels": c, "latent_grid": (h, w)}, "train_vq")
+        model.check_latents(latents_train[:1])
+        if out_dir is not None:
+            check_vq_folder(out_dir, overwrite)
+        torch.manual_seed(seed)
+        model = build_tokenizer(model.config, "train_vq").to(device).train()  # seeded: reproducible init
+        report = _fit_vq(model, latents_train, steps, batch_size, lr, seed, progress, device)
+    report.update({"num_test": len(latents_test), "latent_grid": [h, w, c], **(record or {})})
     report.update(evaluate_vq(model, latents_test, vae))
     model.report = report
     if out_dir is not None:
