@@ -9,7 +9,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 from tokenbridge.checkpoint import SHIPPED
-from tokenbridge.ui import MAX_IMAGES, check_request, launch, load_entries
+from tokenbridge.ui import MAX_IMAGES, check_request, drop_repeats, launch, load_entries
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def _images(outputs) -> list[np.ndarray]:
     return [np.asarray(Image.open(path)) for path in outputs[:3]]
 
 
-@pytest.mark.parametrize("name", ["tokenbridge: fmnist", "mar: fmnist-mar"])  # the entry names: family: spec
+@pytest.mark.parametrize("name", ["tokenbridge: fmnist", "mar: fmnist-mar", "d2c: fmnist-d2c"])  # family: spec
 def test_generate_streams_steps_and_is_deterministic(client, name):
     args = (name, "Dress", 4, 3.0, "linear", 1.0, 6, "random", 5)
     job = client.submit(*args, api_name="/generate")
@@ -65,3 +65,14 @@ def test_requests_are_checked_before_sampling():
     with pytest.raises(ValueError, match="num_iter must be between 1 and 256"):
         check_request(entry, 0, 1, {"num_iter": 1000}, max_images=4)
     assert check_request(entry, 10, 1, {"cfg": 2.0, "unknown": 1}, max_images=4) == {"cfg": 2.0}
+
+
+def test_unchanged_pictures_are_not_sent_again_except_in_the_last_frame():
+    a, b = np.zeros((2, 2)), np.ones((2, 2))
+    frames = [(a, a, a, "step 1"), (a, b, a, "step 2"), (b, b, a, "step 3"), (b, b, a, "done")]
+    out = list(drop_repeats(iter(frames), "skip"))
+    assert [f[3] for f in out] == ["step 1", "step 2", "step 3", "done"]
+    assert [[x if isinstance(x, str) else int(x[0, 0]) for x in f[:3]] for f in out] == [
+        [0, 0, 0], ["skip", 1, "skip"], [1, "skip", "skip"], [1, 1, 0]]
+    assert list(drop_repeats(iter([]), "skip")) == []
+

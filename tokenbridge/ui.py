@@ -127,6 +127,26 @@ def stream(entry: Entry, label: int, count: int, seed: int, options: dict[str, A
     yield (*render(entry, result["out"], nrow), f"done: {count} image(s) in {time.time() - start:.2f} s")
 
 
+def drop_repeats(frames: Iterator[tuple], skip: Any) -> Iterator[tuple]:
+    """The frames of ``stream`` with every picture equal to the one last sent for its slot replaced by ``skip``
+    (Gradio's "leave unchanged"), except in the last frame. Gradio rewrites a picture's cache file on every yield
+    even when it did not change (a MAR stream's token view is the same blank at every step), and a client still
+    downloading that file then reads it cut short."""
+    sent: list[np.ndarray | None] = [None, None, None]
+    frame = next(frames, None)
+    for following in frames:
+        pictures = list(frame[:3])
+        for i, picture in enumerate(frame[:3]):
+            if sent[i] is not None and np.array_equal(sent[i], picture):
+                pictures[i] = skip
+            else:
+                sent[i] = picture
+        yield (*pictures, *frame[3:])
+        frame = following
+    if frame is not None:
+        yield frame
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The page
 
@@ -170,7 +190,8 @@ def build_app(entries: dict[str, Entry], max_images: int = MAX_IMAGES) -> Any:
             options = {"cfg": cfg_, "cfg_schedule": schedule_, "temperature": temperature_,
                        "num_iter": int(num_iter_), "order": order_}
             try:
-                yield from stream(entries[name], int(class_index), int(n), int(seed_ or 0), options, max_images)
+                yield from drop_repeats(stream(entries[name], int(class_index), int(n), int(seed_ or 0), options,
+                                               max_images), gr.skip())
             except ValueError as error:
                 raise gr.Error(str(error)) from None
 
