@@ -125,11 +125,11 @@ def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.device = "cpu",
                    ema: bool = True, family: str | None = None) -> nn.Module:
-    """A generator in eval mode from a shipped name ("fmnist", "fmnist-mar", "fmnist-d2c"), an exported ``.safetensors``, a
-    pretrained folder (config.json + model.safetensors, `save_pretrained`; it holds one set of weights, so ``ema``
-    does not apply) or a training ``checkpoint.pt`` (its EMA weights unless ``ema`` is False). ``family``: the
-    family expected (a file holding another is refused, naming both). ``generator.provenance`` holds the record:
-    family, sample (the sampling defaults), vae, vae_fingerprint, tokens, step."""
+    """A generator in eval mode from a shipped name ("fmnist", "fmnist-mar", "fmnist-d2c"), an exported
+    ``.safetensors``, a pretrained folder (config.json + model.safetensors, `save_pretrained`; it holds one set of
+    weights, so ``ema`` does not apply) or a training ``checkpoint.pt`` (its EMA weights unless ``ema`` is False).
+    ``family``: the family expected (a file holding another is refused, naming both). ``generator.provenance``
+    holds the record: family, sample (the sampling defaults), vae, vae_fingerprint, tokens, step."""
     path = SHIPPED.get(str(spec), Path(spec))
     if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"generator weights not found: {path} (give a checkpoint.pt, an exported "

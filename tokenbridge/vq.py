@@ -394,12 +394,12 @@ def train_vq(latents_train: torch.Tensor, latents_test: torch.Tensor, config: di
     _, h, w, c = latents_train.shape
     device = torch.device(device)
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)  # before building: a reproducible init
         model = build_tokenizer({**(config or {}), "channels": c, "latent_grid": (h, w)}, "train_vq")
         model.check_latents(latents_train[:1])
         if out_dir is not None:
             check_vq_folder(out_dir, overwrite)
-        torch.manual_seed(seed)
-        model = build_tokenizer(model.config, "train_vq").to(device).train()  # seeded: reproducible init
+        model = model.to(device).train()
         report = _fit_vq(model, latents_train, steps, batch_size, lr, seed, progress, device)
     report.update({"num_test": len(latents_test), "latent_grid": [h, w, c], **(record or {})})
     report.update(evaluate_vq(model, latents_test, vae))

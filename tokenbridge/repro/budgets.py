@@ -6,7 +6,8 @@
 
 Sections: seed (sampling / NLL-mask seed, token caches); train_seeds (every generator row of Tables 2a-2e,
 Fig. 8, Table 3 and d2c is trained once per seed; tables show mean +- sd over them); data (images per split);
-model (a TokenBridgeGenerator config: a preset and what differs from it); train (tokenbridge.config.TrainConfig keys); eval (sampling + metrics settings shared by table2* and fig8;
+model (a TokenBridgeGenerator config: a preset and what differs from it); train (tokenbridge.config.TrainConfig
+keys); eval (sampling + metrics settings shared by table2* and fig8;
 eval.seed: sampling and NLL-mask seed, None = the run's seed; another value re-evaluates the same trained
 generators, which measures the evaluation's own noise); then one section per table. table2e.head_width_to_paper
 maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths divided by that

@@ -222,6 +222,12 @@ def class_labels(per_class: int, num_classes: int = 10) -> torch.Tensor:
     return torch.arange(num_classes).repeat_interleave(int(per_class))
 
 
+def first_per_class(labels: torch.Tensor, per_class: int, num_classes: int = 10) -> torch.Tensor:
+    """Indices of the first ``per_class`` items of every class in ``labels`` [N], class-major (fewer where a class
+    has fewer)."""
+    return torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(num_classes)])
+
+
 @torch.no_grad()
 def heldout_nll(model: nn.Module, tokens: CachedTokens, mask_ratio: float, seed: int, batch_size: int = 100,
                 count: int | None = None, device: str | torch.device = "cpu") -> float:

@@ -22,7 +22,7 @@ from ..images import image_grid
 from ..markdown import fmt, markdown_table
 from ..metrics import precision_recall
 from .plots import pyplot, save_figure
-from .runs import Context, _write_json, class_labels
+from .runs import Context, _write_json, class_labels, first_per_class
 
 
 def split_test(ctx: Context, per_class: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -30,7 +30,7 @@ def split_test(ctx: Context, per_class: int) -> tuple[torch.Tensor, torch.Tensor
     ``per_class`` test images of every class, and every other test image."""
     images = ctx.res.images("test", None)
     labels = ctx.res.labels("test")
-    picks = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+    picks = first_per_class(labels, per_class)
     if len(picks) < 10 * per_class:
         raise ValueError(f"the test split has fewer than shipped.per_class={per_class} images of some class")
     rest = torch.ones(len(labels), dtype=torch.bool)

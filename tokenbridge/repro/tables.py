@@ -23,7 +23,8 @@ from .plots import plot_head_times, plot_orders, plot_variants
 from ..checkpoint import load_generator
 from ..classifier import classifier_features
 from ..metrics import within_class_diversity
-from .runs import Context, Variant, VariantResult, evaluate_samples, evaluate_variant, run_variant
+from .runs import (Context, Variant, VariantResult, evaluate_samples, evaluate_variant, first_per_class,
+                   run_variant)
 from .stats import pm, verdict
 from .speed import TimingOptions, time_heads
 
@@ -301,7 +302,7 @@ def _real_diversity(ctx: Context) -> float:
     per_class = int(ctx.budget["eval"]["per_class"])
     ds = ctx.res.dataset("test")
     labels = ctx.res.labels("test")
-    picks = torch.cat([torch.nonzero(labels == c).flatten()[:per_class] for c in range(10)])
+    picks = first_per_class(labels, per_class)
     images = torch.stack([ds[int(i)][0] for i in picks])
     feats = classifier_features(images, ctx.res.classifier, ctx.device)
     return within_class_diversity(feats, labels[picks])
