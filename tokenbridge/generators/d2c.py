@@ -246,19 +246,23 @@ class D2CGenerator(nn.Module):
     def sample(self, labels: torch.Tensor, stage1_cfg: float = 1.0, stage1_temperature: float = 1.0,
                stage1_top_k: int = 0, stage1_top_p: float = 1.0, num_iter: int = 64, cfg: float | None = 1.0,
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
-               num_sampling_steps: int = 100, clip_denoised: float | None = None,
+               num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
+               sorted_positions: bool = False,
                generator: torch.Generator | int | None = None, progress: bool = False,
-               callback: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+               callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+               orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Generate for class ``labels`` [N]: stage-1 codes, then stage-2 latents given them.
 
         stage1_*: the GPT's guidance scale (constant), temperature (> 0), top-k (0 = off) and nucleus (1 = off).
-        num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, clip_denoised: stage 2's, as the mar family's
-        sample. generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
+        num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, clip_denoised, released_cfg, sorted_positions,
+        orders:
+        stage 2's, as the mar family's sample (orders [N, L]: stage 2's generation orders, to replay a run). generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
         draw from it. Returns dict(latents [N, C, h, w] float, codes [N, gh, gw] int64); callback as the mar
         family's (after every stage-2 step), with the codes added.
         """
         stage2 = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                  "num_sampling_steps": num_sampling_steps, "clip_denoised": clip_denoised}
+                  "num_sampling_steps": num_sampling_steps, "clip_denoised": clip_denoised,
+                  "released_cfg": released_cfg, "sorted_positions": sorted_positions, "orders": orders}
         self._check_stage2_options(labels, stage2)  # before stage 1 runs
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
@@ -298,6 +302,7 @@ class D2CGenerator(nn.Module):
         clip = options["clip_denoised"]
         if clip is not None and not 0 < float(clip) < float("inf"):
             raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip}")
+        self.stage2._check_orders(options["orders"], labels.shape[0])
 
     def _check_codes(self, codes: torch.Tensor, n: int) -> None:
         gh, gw = self.code_grid
@@ -314,7 +319,7 @@ class D2CGenerator(nn.Module):
 # stage 2's sampling options and their defaults: those of `D2CGenerator.sample`'s signature (one place)
 STAGE2_DEFAULTS = {name: p.default for name, p in inspect.signature(D2CGenerator.sample).parameters.items()
                    if name in ("num_iter", "cfg", "cfg_schedule", "temperature", "num_sampling_steps",
-                               "clip_denoised")}
+                               "clip_denoised", "released_cfg", "sorted_positions", "orders")}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Presets (one place names the sizes; `model: {preset: NAME}` in a config). The source is left to the config's

@@ -130,8 +130,9 @@ class ContinuousMARGenerator(MaskedGenerator):
     def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg: float | None = 1.0,
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
                num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
-               generator: torch.Generator | int | None = None, progress: bool = False,
-               callback: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+               sorted_positions: bool = False, generator: torch.Generator | int | None = None,
+               progress: bool = False, callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+               orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
 
         num_iter: MAR steps (capped at the sequence length L). num_sampling_steps: DDPM steps per token, respaced
@@ -140,6 +141,10 @@ class ContinuousMARGenerator(MaskedGenerator):
         (None: MAR's unclipped sampler; see DiffusionHead.sample for why a briefly trained head needs it).
         released_cfg: the last step's linear cfg scale is 1 + (cfg - 1)(L - 1)/L as in MAR's released sampler
         (converted MAR checkpoints record it); False: the scale reaches cfg.
+        orders: [N, L] generation orders (each row a permutation of the L token positions) in place of random ones,
+        to replay a run. sorted_positions: each step's positions reach the head in ascending position order as in
+        MAR's released sampler (converted checkpoints record it), so that equal seeds and orders draw the same noise
+        for the same position; False (the shipped generators' default): in generation order.
         cfg None or 1.0 runs without guidance; otherwise eps = eps_u + cfg_t (eps_c - eps_u), cfg_t by
         `cfg_schedule`. generator: None (global RNG), an int seed or a torch.Generator on the model's device.
         Returns dict(latents [N, C, H, W] float). callback: called after every MAR step with the outputs so far
@@ -154,6 +159,7 @@ class ContinuousMARGenerator(MaskedGenerator):
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
+        orders = self._check_orders(orders, labels.shape[0])
 
         def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
             x = self.head.sample(z_sel, num_steps=int(num_sampling_steps), temperature=float(temperature),
@@ -162,7 +168,8 @@ class ContinuousMARGenerator(MaskedGenerator):
 
         values = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, device=device)
         values, score = self._generate(labels, values, lambda v: v, predict, num_iter, cfg, cfg_schedule, True, gen,
-                                       progress, callback, released_cfg=bool(released_cfg))
+                                       progress, callback, released_cfg=bool(released_cfg), orders=orders,
+                                       sorted_positions=bool(sorted_positions))
         return self._outputs(values, score)
 
     def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -79,6 +79,23 @@ class MaskedGenerator(nn.Module):
         if not 0 <= float(temperature) < float("inf"):
             raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
 
+    def _check_orders(self, orders: torch.Tensor | None, n: int, random_order: bool = True) -> torch.Tensor | None:
+        """``orders`` [N, L] (each row a permutation of range(L)) as a long tensor on the model's device, or None."""
+        if orders is None:
+            return None
+        if not random_order:
+            raise ValueError("orders= sets the random generation order: it needs order='random'")
+        if not isinstance(orders, torch.Tensor) or orders.is_floating_point() or orders.dtype == torch.bool:
+            raise ValueError(f"orders must be an integer tensor [N={n}, L={self.seq_len}], got "
+                             f"{getattr(orders, 'dtype', type(orders).__name__)}")
+        if tuple(orders.shape) != (n, self.seq_len):
+            raise ValueError(f"orders must have shape [N={n}, L={self.seq_len}], got {tuple(orders.shape)}")
+        orders = orders.to(next(self.parameters()).device).long()
+        identity = torch.arange(self.seq_len, device=orders.device).expand(n, -1)
+        if not torch.equal(orders.sort(dim=1).values, identity):
+            raise ValueError(f"every row of orders must be a permutation of range({self.seq_len})")
+        return orders
+
     # ------------------------------------------------------------------ training
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, mask_ratio: float | None = None) -> torch.Tensor:
         """Same as ``loss((tokens, labels), mask_ratio)`` (the family's token grid: indices or latents)."""
@@ -107,7 +124,8 @@ class MaskedGenerator(nn.Module):
                   predict: Predict, num_iter: int, cfg: float | None, cfg_schedule: str, random_order: bool,
                   gen: torch.Generator | None, progress: bool,
                   callback: Callable[[dict[str, torch.Tensor]], None] | None,
-                  released_cfg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  released_cfg: bool = False, orders: torch.Tensor | None = None,
+                  sorted_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAR loop: ``num_iter`` steps on the cosine mask schedule; each step runs the backbone on the values
         so far and lets ``predict`` draw the values of the next positions (the random order's next chunk, or with
         ``random_order`` False every masked position, keeping the highest-scoring ones). With cfg != 1 the
@@ -117,6 +135,10 @@ class MaskedGenerator(nn.Module):
         place. Returns (values, score [N, L] float: each position's score when it was drawn, 0 without scores).
         released_cfg: the linear cfg schedule counts at least one masked position, as MAR's released sampler does
         (its mask length never drops below 1), so the last step's scale is 1 + (cfg - 1)(L - 1)/L, not cfg.
+        orders: [N, L] generation orders (checked by `_check_orders`) in place of random ones drawn from ``gen``.
+        sorted_positions: a step's positions reach ``predict`` in ascending position order, as the released code's
+        ``nonzero`` hands them to its head (then equal seeds and orders draw equal noise per position); False: in
+        generation order.
         """
         n, seq_len, device = labels.shape[0], self.seq_len, labels.device
         num_iter = min(int(num_iter), seq_len)
@@ -127,7 +149,8 @@ class MaskedGenerator(nn.Module):
         tdim = values.shape[-1]
         score = torch.zeros(n, seq_len, device=device)
         mask = torch.ones(n, seq_len, dtype=torch.bool, device=device)
-        orders = sample_orders(n, seq_len, device=device, generator=gen) if random_order else None
+        if orders is None and random_order:
+            orders = sample_orders(n, seq_len, device=device, generator=gen)
         was_training = self.training
         self.eval()
         try:
@@ -138,6 +161,8 @@ class MaskedGenerator(nn.Module):
                 z = self.backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
                                   torch.cat([mask, mask]) if use_cfg else mask)
                 pos = self._positions(mask, orders, remaining, prev)
+                if sorted_positions:
+                    pos = pos.sort(dim=1).values
                 m = pos.shape[1]
                 gather = pos.unsqueeze(-1).expand(n, m, z.shape[-1])
                 z_sel = torch.gather(z[:n], 1, gather).reshape(n * m, -1)

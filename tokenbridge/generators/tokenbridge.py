@@ -240,9 +240,11 @@ class TokenBridgeGenerator(MaskedGenerator):
         top_p: float = 1.0,
         order: Literal["random", "confidence"] = "random",
         cfg_mix: Literal["logits", "z"] = "logits",
+        sorted_positions: bool = False,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        orders: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate token grids for class `labels` [N] (value num_classes = unconditional).
 
@@ -256,11 +258,16 @@ class TokenBridgeGenerator(MaskedGenerator):
         cfg_mix: "logits" (guidance on the head's logits at every channel step) or "z" (on the backbone's features
         before the head, the released code's way, whose linear schedule ends at 1 + (cfg - 1)(L - 1)/L because its
         mask length never drops below 1).
+        orders: [N, L] generation orders (each row a permutation of the L positions; order "random" only) in place
+        of random ones, to replay a run. sorted_positions: each step's positions reach the head in ascending
+        position order, as the released code's ``nonzero`` (converted checkpoints record it), so that equal seeds
+        and orders draw the same randomness for the same position; False (the shipped generator): generation order.
         """
         self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
+        orders = self._check_orders(orders, labels.shape[0], order == "random")
 
         def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
             if cfg_mix == "z" and step_cfg is not None:  # mix [cond; uncond] features, then one head pass
@@ -270,7 +277,8 @@ class TokenBridgeGenerator(MaskedGenerator):
 
         idx = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, dtype=torch.long, device=device)
         idx, conf = self._generate(labels, idx, self.indices_to_tokens, predict, num_iter, cfg, cfg_schedule,
-                                   order == "random", gen, progress, callback, released_cfg=cfg_mix == "z")
+                                   order == "random", gen, progress, callback, released_cfg=cfg_mix == "z",
+                                   orders=orders, sorted_positions=bool(sorted_positions))
         return self._outputs(idx, conf)
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:
