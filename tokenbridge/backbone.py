@@ -235,8 +235,13 @@ class MAR(nn.Module):
                 x = blk(x, attn_mask)
         return x
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens [B, L, token_dim], labels [B], mask [B, L] (True = masked, hidden from the encoder) -> z [B, L, width]."""
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                return_encoder: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """tokens [B, L, token_dim], labels [B], mask [B, L] (True = masked, hidden from the encoder) -> z [B, L, width].
+
+        return_encoder: return (z, encoded) with the encoder's output encoded [B, buffer_size + V, width]: the buffer,
+        then the V visible positions in ascending order (the released code's layout); rows hiding more positions
+        than others end with padding rows (as many as they hide beyond the fewest)."""
         self._check_inputs(tokens, labels, mask)
         b, d = tokens.shape[0], self.width
         x = self.token_proj(tokens.to(self.token_proj.weight.dtype))
@@ -253,7 +258,7 @@ class MAR(nn.Module):
         x = torch.gather(x, 1, gather_idx)
         valid = torch.arange(n_max, device=x.device).unsqueeze(0) < counts.unsqueeze(1)
         attn_mask = None if bool(valid.all()) else valid[:, None, None, :]
-        x = self.encoder_norm(self._run(self.encoder, x, attn_mask))
+        x = encoded = self.encoder_norm(self._run(self.encoder, x, attn_mask))
 
         # Decoder: every position; masked (and padded) slots get the learned mask token.
         x = self.decoder_embed(x)
@@ -262,7 +267,8 @@ class MAR(nn.Module):
         full = mask_tok.expand(b, self.buffer_size + self.seq_len, d).scatter(1, gather_idx, x)
         full = full + self.decoder_pos
         full = self.decoder_norm(self._run(self.decoder, full, None))
-        return full[:, self.buffer_size :] + self.output_pos
+        z = full[:, self.buffer_size :] + self.output_pos
+        return (z, encoded) if return_encoder else z
 
     def extra_repr(self) -> str:
         return (

@@ -200,7 +200,7 @@ def _mar_config(state: dict[str, Tensor], num_heads: int | None, patch_size: int
     shapes, backbone = _backbone_config(state, "diffusion_pos_embed_learned", num_heads, patch_size)
     head = {"width": _shape(state, "diffloss.net.input_proj.weight")[0],
             "depth": _count(state, "diffloss.net.res_blocks"), "train_steps": 1000, "affine_block_norm": True,
-            "final_chunks": "shift_scale", "full_batch_noise": True}
+            "final_chunks": "shift_scale", "full_batch_noise": True, "vb_objective": "bits_discretized"}
     return {**shapes, "backbone": backbone, "head": head}
 
 

@@ -3,8 +3,9 @@
 - DiffusionSchedule: the DDPM quantities of a cosine schedule (float64), respacing for sampling, and the forward
   process / posterior maths on them.
 - DiffusionHead: an MLP denoiser of one continuous token x [N, token_dim] conditioned on a backbone feature
-  z [N, z_dim]; eps-prediction with learned-range variance (improved DDPM). `loss` is MAR's diffusion loss,
-  `sample` draws tokens by respaced DDPM (the speed baseline of paper Table 5).
+  z [N, z_dim]; eps-prediction with learned-range variance (improved DDPM). `loss` is MAR's diffusion loss
+  (`losses` gives its terms per row, for given timesteps and noise), `sample` draws tokens by respaced DDPM (the
+  speed baseline of paper Table 5), `guided_denoise` is one classifier-free-guided network evaluation.
 
 Shapes: z [N, z_dim] float; tokens x [N, token_dim]; timesteps t [N] (or [1], shared by all rows) long.
 Classifier-free guidance: `sample(z, cfg=...)` takes 2N rows of z (first N conditional, last N unconditional)
@@ -23,7 +24,12 @@ from torch import Tensor
 
 from .layers import cfg_rows, check_z, guide, modulate
 
-__all__ = ["DiffusionSchedule", "DiffusionHead"]
+__all__ = ["VB_OBJECTIVES", "DiffusionSchedule", "DiffusionHead"]
+
+# The variational-bound term of the loss (see DiffusionHead): MAR's released loss, or this package's first one
+VB_OBJECTIVES = ("bits_discretized", "nats_continuous")
+# half the width of the discretized likelihood's bins: 8-bit data on [-1, 1] (improved DDPM, which MAR inherits)
+_BIN_HALF_WIDTH = 1.0 / 255.0
 
 
 def _timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
@@ -37,6 +43,23 @@ def _timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) 
 def _normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
     """KL(N(mean1, exp(logvar1)) || N(mean2, exp(logvar2))) elementwise (arguments broadcast together)."""
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
+
+
+def _approx_standard_normal_cdf(x: Tensor) -> Tensor:
+    """Phi(x) by the tanh approximation 0.5 (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))) (improved DDPM's)."""
+    return 0.5 * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+
+
+def _discretized_gaussian_nll(x: Tensor, mean: Tensor, log_scale: Tensor) -> Tensor:
+    """-log P(x) elementwise (nats) for a Gaussian (mean, exp(log_scale)) discretized into bins of width 2/255 on
+    [-1, 1], open-ended below -0.999 and above 0.999; probabilities floored at 1e-12 (improved DDPM's decoder)."""
+    centred, inv_std = x - mean, torch.exp(-log_scale)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (centred + _BIN_HALF_WIDTH))
+    cdf_min = _approx_standard_normal_cdf(inv_std * (centred - _BIN_HALF_WIDTH))
+    log_prob = torch.where(x < -0.999, torch.log(cdf_plus.clamp(min=1e-12)),
+                           torch.where(x > 0.999, torch.log((1.0 - cdf_min).clamp(min=1e-12)),
+                                       torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
+    return -log_prob
 
 
 class DiffusionSchedule:
@@ -92,17 +115,22 @@ class DiffusionSchedule:
         mean = self.at("coef_x0", i, x0) * x0 + self.at("coef_xt", i, x0) * x
         return mean, self.at("post_logvar", i, x0)
 
-    def p_mean_logvar(self, x: Tensor, i: Tensor | int, eps: Tensor, v: Tensor,
-                      clip: float | None = None) -> tuple[Tensor, Tensor]:
+    def predict_x0(self, x: Tensor, i: Tensor | int, eps: Tensor) -> Tensor:
+        """The clean token [N, D] that x_i = x [N, D] and the predicted noise eps [N, D] imply."""
+        return (x - self.at("sqrt_1m_ac", i, x) * eps) / self.at("sqrt_ac", i, x)
+
+    def p_mean_logvar(self, x: Tensor, i: Tensor | int, eps: Tensor, v: Tensor, clip: float | None = None,
+                      return_x0: bool = False) -> tuple[Tensor, ...]:
         """Model mean and log-variance [N, D] of x_{i-1} given x_i = x and the model's eps and v [N, D]: v in
         [-1, 1] interpolates the log-variance between the posterior's (beta~) and beta. clip: the predicted x0 is
-        clamped to [-clip, clip] (None: not clamped, as MAR)."""
-        x0 = (x - self.at("sqrt_1m_ac", i, x) * eps) / self.at("sqrt_ac", i, x)
+        clamped to [-clip, clip] (None: not clamped, as MAR). return_x0: also return that x0 [N, D] (clamped)."""
+        x0 = self.predict_x0(x, i, eps)
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
         mean, post_logvar = self.q_posterior(x0, x, i)
         frac = (v + 1) / 2
-        return mean, frac * self.at("log_betas", i, x) + (1 - frac) * post_logvar
+        logvar = frac * self.at("log_betas", i, x) + (1 - frac) * post_logvar
+        return (mean, logvar, x0) if return_x0 else (mean, logvar)
 
 
 class _DiffusionBlock(nn.Module):
@@ -132,17 +160,29 @@ class DiffusionHead(nn.Module):
     full_batch_noise: with guidance, draw every step's noise over the doubled [cond; uncond] batch and keep the
     first half, and draw it at the last step too, as MAR does (the same distribution; it matters only for matching
     a seed's random stream).
+    vb_objective: the variational-bound term of the loss, which alone trains the variance. "bits_discretized"
+    (default): MAR's released loss (improved DDPM's), the KL in bits (divided by ln 2) and at t = 0 the negative
+    log-likelihood of a Gaussian discretized into bins of width 2/255; "nats_continuous": the KL in nats and at
+    t = 0 the Gaussian density (this package's objective before, which trained the shipped fmnist-mar and
+    fmnist-d2c generators). The second is preferable when the 8-bit bins mean nothing for the data (latents that
+    are continuous and not confined to [-1, 1]: the bins then round every t = 0 term to a width the data never
+    had) or when the loss should be a likelihood in nats; the first trains as the paper did, weighting the
+    variance term 1/ln 2 = 1.44x more, and logs losses comparable with MAR's.
     """
 
     def __init__(self, z_dim: int, token_dim: int, width: int = 1024, depth: int = 3, train_steps: int = 1000,
                  affine_block_norm: bool = False, final_chunks: Literal["scale_shift", "shift_scale"] = "scale_shift",
-                 full_batch_noise: bool = False):
+                 full_batch_noise: bool = False,
+                 vb_objective: Literal["bits_discretized", "nats_continuous"] = "bits_discretized"):
         super().__init__()
         if min(z_dim, token_dim, width, depth, train_steps) < 1:
             raise ValueError(f"bad DiffusionHead sizes: z_dim={z_dim} token_dim={token_dim} width={width}")
         if final_chunks not in ("scale_shift", "shift_scale"):
             raise ValueError(f"final_chunks must be 'scale_shift' or 'shift_scale', got {final_chunks!r}")
+        if vb_objective not in VB_OBJECTIVES:
+            raise ValueError(f"vb_objective must be one of {VB_OBJECTIVES}, got {vb_objective!r}")
         self.final_chunks, self.full_batch_noise = final_chunks, bool(full_batch_noise)
+        self.vb_objective = vb_objective
         self.z_dim, self.token_dim = z_dim, token_dim
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.z_cond = nn.Linear(z_dim, width)
@@ -173,16 +213,38 @@ class DiffusionHead(nn.Module):
         eps, v = self.out(modulate(self.norm_out(h), shift, scale)).chunk(2, dim=-1)
         return eps, v
 
-    def loss(self, z: Tensor, target: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        """Scalar: eps-MSE + variational bound term for the variance (mean detached), one random timestep per row;
-        z [N, z_dim], target [N, token_dim]."""
+    def guided_denoise(self, x: Tensor, t: Tensor, z: Tensor, cfg: float | Tensor) -> tuple[Tensor, Tensor]:
+        """One classifier-free-guided evaluation: x [N, D] noisy tokens, t [N] or [1] training-step indices,
+        z [2N, z_dim] (N conditional, then N unconditional rows), cfg a float or [N]. Returns (eps [N, D] =
+        e_u + cfg (e_c - e_u), v [N, D] of the conditional rows), what `sample` uses at each step."""
         check_z(z, self.z_dim)
-        if target.shape != (z.shape[0], self.token_dim):
-            raise ValueError(f"target must have shape [N={z.shape[0]}, token_dim={self.token_dim}], got "
+        n, scale = cfg_rows(z, cfg)
+        if x.shape != (n, self.token_dim):
+            raise ValueError(f"x must have shape [N={n}, token_dim={self.token_dim}], got {tuple(x.shape)}")
+        eps, v = self.denoise(x.repeat(2, 1), t.repeat(2) if t.numel() > 1 else t, self.z_cond(z))
+        return guide(eps, scale), v[:n]
+
+    def losses(self, z: Tensor, target: Tensor, t: Tensor | None = None, noise: Tensor | None = None,
+               generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """The loss terms per row: dict(loss, mse, vb [N] float, t [N] long). z [N, z_dim], target [N, token_dim];
+        t [N] training-step indices in [0, train_steps) and noise [N, token_dim] are drawn (from ``generator``)
+        unless given. mse: the eps regression; vb: the variational-bound term with the model mean detached, so
+        that only the variance learns from it (`vb_objective` sets its units and its t = 0 term); loss = mse + vb."""
+        check_z(z, self.z_dim)
+        n = z.shape[0]
+        if target.shape != (n, self.token_dim):
+            raise ValueError(f"target must have shape [N={n}, token_dim={self.token_dim}], got "
                              f"{tuple(target.shape)}")
-        s, n = self.schedule, z.shape[0]
-        t = torch.randint(0, len(s), (n,), device=z.device, generator=generator)
-        noise = torch.randn(target.shape, device=z.device, dtype=target.dtype, generator=generator)
+        s = self.schedule
+        if t is None:
+            t = torch.randint(0, len(s), (n,), device=z.device, generator=generator)
+        elif t.shape != (n,) or t.is_floating_point() or int(t.min()) < 0 or int(t.max()) >= len(s):
+            raise ValueError(f"t must be [N={n}] integer timesteps in [0, {len(s)}), got {t.dtype} {tuple(t.shape)}")
+        if noise is None:
+            noise = torch.randn(target.shape, device=z.device, dtype=target.dtype, generator=generator)
+        elif noise.shape != target.shape:
+            raise ValueError(f"noise must have the target's shape {tuple(target.shape)}, got {tuple(noise.shape)}")
+        t = t.to(z.device).long()
         x_t = s.q_sample(target, t, noise)
         eps, v = self.denoise(x_t, t, self.z_cond(z))
         mse = ((eps - noise) ** 2).mean(1)
@@ -190,9 +252,19 @@ class DiffusionHead(nn.Module):
         true_mean, true_logvar = s.q_posterior(target, x_t, t)
         kl = _normal_kl(true_mean, true_logvar, mean, logvar).mean(1)
         # at t = 0 the bound term is the negative log-likelihood of x0 itself
-        nll = 0.5 * (math.log(2 * math.pi) + logvar + (target - mean) ** 2 * torch.exp(-logvar)).mean(1)
-        vb = torch.where(t == 0, nll, kl)
-        return (mse + vb).mean()
+        if self.vb_objective == "bits_discretized":
+            nll = _discretized_gaussian_nll(target, mean, 0.5 * logvar).mean(1)
+            vb = torch.where(t == 0, nll, kl) / math.log(2.0)
+        else:
+            nll = 0.5 * (math.log(2 * math.pi) + logvar + (target - mean) ** 2 * torch.exp(-logvar)).mean(1)
+            vb = torch.where(t == 0, nll, kl)
+        return {"loss": mse + vb, "mse": mse, "vb": vb, "t": t}
+
+    def loss(self, z: Tensor, target: Tensor, generator: torch.Generator | None = None, t: Tensor | None = None,
+             noise: Tensor | None = None) -> Tensor:
+        """Scalar: the mean over rows of `losses` (eps-MSE + variational-bound term), one random timestep per row
+        unless t is given; z [N, z_dim], target [N, token_dim]."""
+        return self.losses(z, target, t, noise, generator)["loss"].mean()
 
     @torch.no_grad()
     def sample(self, z: Tensor, num_steps: int = 100, temperature: float = 1.0, cfg: float | Tensor | None = None,

@@ -204,7 +204,8 @@ class FusedMAR(MAR):
         finally:
             self._context = previous
 
-    def forward(self, tokens: Tensor, labels: Tensor, mask: Tensor) -> Tensor:
+    def forward(self, tokens: Tensor, labels: Tensor, mask: Tensor,
+                return_encoder: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         context = self._context
         if context is None:
             raise RuntimeError("FusedMAR needs the discrete context: call it inside `with backbone.bind(context)`")
@@ -212,7 +213,7 @@ class FusedMAR(MAR):
         if rest or reps < 1:
             raise ValueError(f"a batch of {tokens.shape[0]} rows does not fit a context of {context.shape[0]} rows")
         with self.bind(context.repeat(reps, *([1] * (context.dim() - 1))) if reps > 1 else context):
-            return super().forward(tokens, labels, mask)
+            return super().forward(tokens, labels, mask, return_encoder)
 
     def _buffer(self, labels: Tensor) -> Tensor:
         extra = self.fusion.prefix(self._context)

@@ -38,7 +38,7 @@ from ..diffusion import DiffusionHead
 from ..discrete import DiscreteSource, build_source
 from ..fusion import CodeEmbedding, FusedMAR, build_fusion
 from ..gpt import RasterGPT
-from .mar import ContinuousMARConfig, ContinuousMARGenerator
+from .mar import ContinuousMARConfig, ContinuousMARGenerator, legacy_head
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -196,6 +196,12 @@ class D2CGenerator(nn.Module):
             fill_shapes(cfg, data)
             _record_source(cfg, _build_source(cfg, load_weights=True))
         return cfg
+
+    @classmethod
+    def recorded_config(cls, config: dict) -> dict:
+        """A recorded model config with what older records leave out (stage 2's head: the mar family's rule)."""
+        stage2 = dict(config.get("stage2") or {})
+        return {**config, "stage2": {**stage2, "head": legacy_head(stage2.get("head"))}}
 
     @classmethod
     def check_config(cls, config: dict) -> None:

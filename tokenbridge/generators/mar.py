@@ -85,6 +85,12 @@ class ContinuousMARGenerator(MaskedGenerator):
         return cfg
 
     @classmethod
+    def recorded_config(cls, config: dict) -> dict:
+        """A recorded model config (checkpoint, export, pretrained folder) with what older records leave out: a
+        head without ``vb_objective`` was trained before it existed, with "nats_continuous"."""
+        return {**config, "head": legacy_head(config.get("head"))}
+
+    @classmethod
     def check_config(cls, config: dict) -> None:
         """Build a resolved config on the meta device (no memory, no time), so that a value the constructors
         reject fails before any data is read."""
@@ -175,6 +181,13 @@ class ContinuousMARGenerator(MaskedGenerator):
     def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:
         grid = unpatchify(values, self.grid_size, self.patch_size)
         return {"latents": grid.permute(0, 3, 1, 2).contiguous()}
+
+
+def legacy_head(head: dict | None) -> dict:
+    """A recorded diffusion-head config; without ``vb_objective`` it predates the option: "nats_continuous"."""
+    head = dict(head or {})
+    head.setdefault("vb_objective", "nats_continuous")
+    return head
 
 
 # ----------------------------------------------------------------------------------------------------------------

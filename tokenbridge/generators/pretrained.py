@@ -92,7 +92,8 @@ def build_generator(cls: type[nn.Module], record: dict[str, Any], state: dict[st
                     where: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """``cls`` built from ``record["config"]`` with ``state`` loaded strictly and ``provenance = record``, in eval
     mode on ``device``; a state that does not fit is a ValueError naming ``where``."""
-    model = cls.from_config(record["config"])
+    recorded = getattr(cls, "recorded_config", None)  # fills what older records leave out (a family's choice)
+    model = cls.from_config(recorded(record["config"]) if recorded else record["config"])
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
