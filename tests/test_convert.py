@@ -245,3 +245,33 @@ def test_convert_command_writes_a_loadable_folder(tmp_path, capsys):
     z, labels, mask = _inputs()
     with torch.no_grad():
         assert torch.equal(model.backbone(z, labels, mask), reference.backbone(z, labels, mask))
+
+
+# ---------------------------------------------------------------------------------------------- recorded defaults
+
+
+def test_converted_folders_record_the_released_behaviour_at_any_size(tmp_path, capsys):
+    """The test checkpoints' sizes are none of the released ones: the size-independent sampling defaults are
+    recorded all the same (the last linear cfg step, sorted positions, cfg on z), the size-dependent ones are named
+    in a note; the training objective and the quantizer arithmetic are the released ones."""
+    mar, tb = _mar(), _tb()
+    assert {"released_cfg": True, "sorted_positions": True, "num_iter": 256}.items() <= mar.provenance["sample"].items()
+    assert "cfg" not in mar.provenance["sample"] and "--cfg 2.9" in mar.provenance["source"]["note"]
+    assert mar.config["head"]["vb_objective"] == "bits_discretized"
+    assert {"cfg_mix": "z", "sorted_positions": True}.items() <= tb.provenance["sample"].items()
+    assert "--cfg 3.1" in tb.provenance["source"]["note"]
+    assert tb.quantizer.arithmetic == "released" and tb.config["quantizer"]["arithmetic"] == "released"
+    path = tmp_path / "mar.pth"
+    torch.save(off.mar_checkpoint(), path)
+    main(["convert", str(path), str(tmp_path / "mar"), "--num-heads", str(off.HEADS)])
+    assert "note: no released evaluation settings" in capsys.readouterr().out
+    loaded = load_generator(tmp_path / "mar")
+    assert loaded.provenance["sample"]["released_cfg"] is True and loaded.head.vb_objective == "bits_discretized"
+
+
+def test_known_sizes_get_their_released_cfg(monkeypatch):
+    import tokenbridge.convert as CONVERT
+    size = (off.D, off.MLP_DEPTH)  # this test checkpoint's (backbone width, diffusion depth), as if it were a released size
+    monkeypatch.setitem(CONVERT.MAR_SAMPLING, size, {"cfg": 2.9})
+    mar = _mar()
+    assert mar.provenance["sample"]["cfg"] == 2.9 and "note" not in mar.provenance["source"]

@@ -64,7 +64,8 @@ def reference_terms(head: DiffusionHead, z: torch.Tensor, x0: torch.Tensor, t: t
     frac = (v + 1) / 2  # learned range: between log beta~ (clipped) and log beta
     logvar = frac * col(torch.log(betas)) + (1 - frac) * col(post_logvar_clipped)
     mean, true_mean, true_logvar = posterior_mean(x0_pred), posterior_mean(x0), col(post_logvar_clipped)
-    kl = 0.5 * (-1 + logvar - true_logvar + torch.exp(true_logvar - logvar) + (true_mean - mean) ** 2 / torch.exp(logvar))
+    kl = 0.5 * (-1 + logvar - true_logvar + torch.exp(true_logvar - logvar)
+                + (true_mean - mean) ** 2 / torch.exp(logvar))
     if bits:
         def cdf(u):
             return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (u + 0.044715 * u ** 3)))

@@ -4,8 +4,13 @@ A float32 latent's index is the number of float32 midpoints below it. `cell_tabl
 read keyed by the float's top 16 bits plus a few comparisons; `fused_lookup` / `fused_lookup_shared` do the whole
 lookup in one pass per element with numba (optional: `pip install tokenbridge[fast]`); without numba the quantizer
 runs the same lookup as a few torch ops per chunk of `CHUNK` elements. `lookup` runs either on flat latents.
+
+`released_search` is the quantizer's other arithmetic: the released TokenBridge code's float32 map and nearest
+float32 value (`released_map`, `released_values`), on any device.
 """
 from __future__ import annotations
+
+import math
 
 from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
@@ -211,3 +216,49 @@ def _lookup_chunks(jobs: list, step: int, tables: Tables) -> None:
             if rows > 1:
                 ic = torch.add(ic.view(-1, rows), tables.value_offsets, out=b["flat"].view(-1, rows))
             torch.index_select(tables.flat_latent_values, 0, ic.view(-1), out=vc)
+
+
+def released_values(levels: int, std_range: float = 3.0, tails: str = "official") -> torch.Tensor:
+    """The Gaussian bins' reconstruction values [B] as the released code holds them: float32, the truncated normal
+    means computed in float32 from float32 boundaries (they differ from the float64 values by up to ~5e-6 at
+    B = 64)."""
+    probs = torch.linspace(0.0, 1.0, levels + 1, dtype=torch.float32).double()
+    bounds = torch.special.ndtri(probs).float()
+    if tails == "official":
+        bounds = bounds.clamp(-std_range, std_range)
+    density = torch.exp(-0.5 * bounds**2) / math.sqrt(2 * math.pi)
+    cdf = 0.5 * (1 + torch.erf(bounds / math.sqrt(2)))
+    return (density[:-1] - density[1:]) / (cdf[1:] - cdf[:-1])
+
+
+def released_map(x: torch.Tensor, value_range: tuple[float, float], std_range: float) -> torch.Tensor:
+    """Eq. 1 as the released code computes it, (x - a_min) / (a_max - a_min) * 2r - r in float32, with the division
+    done as the GPU that code ran on does it: PyTorch's CUDA kernels divide by a Python number by multiplying with
+    its float32 reciprocal (on the CPU the same expression divides exactly, which differs in the last bit for ~20 %
+    of the values). Any device gives the same floats here. x: float tensor (cast to float32); not clipped."""
+    a_min, a_max = value_range
+    f32 = torch.float32
+    inverse = torch.tensor(1.0, dtype=f32) / torch.tensor(a_max - a_min, dtype=f32)  # 1.0f / 10.0f
+    shifted = x.to(f32) - torch.tensor(a_min, dtype=f32, device=x.device)
+    return (shifted * inverse.to(x.device)) * (2 * std_range) - std_range
+
+
+def released_search(x: torch.Tensor, values: torch.Tensor, value_range: tuple[float, float],
+                    std_range: float) -> torch.Tensor:
+    """Indices [...] (int64) of finite latents x [...]: argmin_i |released_map(x) clipped to [-r, r] - values_i|
+    over the float32 `values` [B] (ascending), the first i on ties, as the released code takes it. Rounding is
+    monotone, so a value beyond the two that bracket x_hat is never nearer than the bracketing one next to it
+    (their distances differ by a whole bin, far more than float32 rounding): the argmin over all B is the nearer
+    of the bracketing pair, the lower one on a tie. Chunked, so that memory stays small."""
+    flat = x.detach().reshape(-1)
+    out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
+    last = values.numel() - 1
+    for start in range(0, flat.numel(), CHUNK):  # CHUNK: no thread hand-off per op (see there)
+        x_hat = released_map(flat[start : start + CHUNK], value_range, std_range)
+        x_hat = x_hat.clamp_(-std_range, std_range)
+        above = torch.searchsorted(values, x_hat)  # values below x_hat: the upper bracketing index
+        below = (above - 1).clamp_(min=0)
+        above = above.clamp_(max=last)
+        lower_wins = (x_hat - values[below]).abs_() <= (x_hat - values[above]).abs_()
+        out[start : start + CHUNK] = torch.where(lower_wins, below, above)
+    return out.view(x.shape)

@@ -179,6 +179,8 @@ def cmd_convert(args: argparse.Namespace) -> None:
                              trust_pickle=args.trust_pickle, **options)
     print(f"wrote {model.save_pretrained(args.out)} ({model.family}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters, {args.weights}; sampling defaults {model.provenance['sample']})")
+    if model.provenance["source"].get("note"):
+        print(f"note: {model.provenance['source']['note']}")
 
 
 # ---------------------------------------------------------------------------------------------- sample / evaluate

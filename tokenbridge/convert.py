@@ -56,8 +56,12 @@ OFFICIAL_HEAD_NUM_HEADS = 8  # the channel head's, in every released TokenBridge
 _TOKENBRIDGE_BUFFERS = ("reconstruction_values", "boundaries", "channel_mask")
 # the released MAR evaluation commands (README of LTH14/mar), keyed by (backbone width, diffusion head depth)
 MAR_SAMPLING = {(768, 6): {"cfg": 2.9}, (1024, 8): {"cfg": 3.0}, (1280, 12): {"cfg": 3.2}}
+# What every converted folder records, whatever its size: the released samplers' own behaviour (the last linear-cfg
+# step, cfg on z for TokenBridge, a step's positions to the head in ascending order) and, for MAR, the evaluation
+# settings its README gives for every size. Only cfg (and TokenBridge's temperature) depend on the size.
 _MAR_SAMPLING_COMMON = {"num_iter": 256, "num_sampling_steps": 100, "cfg_schedule": "linear", "temperature": 1.0,
-                        "released_cfg": True}
+                        "released_cfg": True, "sorted_positions": True}
+_TOKENBRIDGE_SAMPLING_COMMON = {"num_iter": 256, "cfg_schedule": "linear", "cfg_mix": "z", "sorted_positions": True}
 
 
 class ConversionError(ValueError):
@@ -192,7 +196,8 @@ def _tokenbridge_config(state: dict[str, Tensor], num_heads: int | None, head_nu
             "num_heads": head_num_heads, "order": list(order),
             "mlp_ratio": _ratio(state, r"channel_blocks\.\d+\.mlp\.fc1\.weight", head_width),
             "first_token_timestep": first_token_timestep, "dropout": 0.1, "attn_dropout": 0.1}
-    quantizer = {"levels": levels, "value_range": list(value_range), "std_range": std_range, "tails": "official"}
+    quantizer = {"levels": levels, "value_range": list(value_range), "std_range": std_range, "tails": "official",
+                 "arithmetic": "released"}
     return {**shapes, "quantizer": quantizer, "backbone": backbone, "head": head}
 
 
@@ -324,10 +329,10 @@ def _check_tokenbridge_buffers(model: TokenBridgeGenerator, official: dict[str, 
 
 
 def _finish(model: nn.Module, state: dict[str, Tensor], info: dict[str, Any], fmt: str, sample: dict,
-            vae: str | None) -> nn.Module:
+            vae: str | None, note: str | None = None) -> nn.Module:
     model.load_state_dict(state, strict=False)  # strictness was enforced by apply_rules
     source = {"format": fmt, **{k: v for k, v in info.items() if k != "from_model"},
-              "buffers_from_model": info["from_model"]}
+              "buffers_from_model": info["from_model"], **({"note": note} if note else {})}
     model.provenance = {"family": model.family, "config": model.config, "sample": sample, "vae": vae,
                         "vae_fingerprint": None, "tokens": None, "step": info.get("epoch", 0),
                         "ema": info["weights"] == "model_ema", "source": source}
@@ -342,7 +347,9 @@ def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_
     """An official TokenBridge checkpoint (path, folder holding checkpoint-last.pth, or the loaded dict) -> a
     TokenBridgeGenerator computing the released functions. weights: "model_ema" (default) or "model".
     first_token_timestep: reproduce the released sampler's first-input quirk (see official_head). vae: the VAE
-    spec to record (e.g. "kl16:/path/kl16.ckpt"). Sampling defaults: the released settings for L and H."""
+    spec to record (e.g. "kl16:/path/kl16.ckpt"). Sampling defaults: the released sampler's behaviour for every size
+    (cfg on z, sorted positions, 256 linear-cfg steps), its cfg and temperature for L and H (other sizes: a note in
+    provenance["source"]["note"]). The quantizer uses the released arithmetic."""
     official, info = load_official_state(source, weights, trust_pickle)
     if detect_family(official) != "tokenbridge":
         raise ConversionError("this is an official MAR checkpoint: use convert_mar (--family mar)")
@@ -356,15 +363,20 @@ def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_
                         or k in ("head.order", "head.inverse"))
     size = (config["backbone"]["width"], config["head"]["depth"])
     preset = {(1024, 4): "tokenbridge-l-official", (1280, 6): "tokenbridge-h-official"}.get(size)
-    sample = dict(OFFICIAL_SAMPLING[preset]) if preset else {"cfg_mix": "z"}
-    return _finish(model, state, info, "official-tokenbridge", sample, vae)
+    sample = {**_TOKENBRIDGE_SAMPLING_COMMON, **(OFFICIAL_SAMPLING[preset] if preset else {})}
+    note = None if preset else (f"no released evaluation settings for width {size[0]} and head depth {size[1]}: cfg "
+                                "and temperature are not recorded (TokenBridge-L: --cfg 3.1 --temperature 0.96, "
+                                "H: --cfg 3.45 --temperature 0.91)")
+    return _finish(model, state, info, "official-tokenbridge", sample, vae, note)
 
 
 def convert_mar(source: str | os.PathLike | dict, weights: str = "model_ema", *, num_heads: int | None = None,
                 patch_size: int = 1, vae: str | None = None, trust_pickle: bool = False) -> ContinuousMARGenerator:
     """An official MAR checkpoint -> a ContinuousMARGenerator (family "mar") computing the released functions:
-    backbone z, and the diffusion MLP's (eps, variance) outputs. Sampling defaults: the released settings for
-    MAR-B/L/H (cfg 2.9 / 3.0 / 3.2, temperature 1.0, 256 MAR steps, 100 diffusion steps)."""
+    backbone z, and the diffusion MLP's (eps, variance) outputs. Sampling defaults: the released settings for every
+    size (temperature 1.0, 256 MAR steps, 100 diffusion steps, the released last cfg step, sorted positions) and the
+    cfg of MAR-B/L/H (2.9 / 3.0 / 3.2; other sizes: a note in provenance["source"]["note"]). The head records the
+    released training loss (vb_objective "bits_discretized")."""
     official, info = load_official_state(source, weights, trust_pickle)
     if detect_family(official) != "mar":
         raise ConversionError("this is an official TokenBridge checkpoint: use convert_tokenbridge (--family "
@@ -375,8 +387,11 @@ def convert_mar(source: str | os.PathLike | dict, weights: str = "model_ema", *,
     rules = _backbone_rules(ours, "diffusion_pos_embed_learned") + _diffusion_head_rules(ours)
     state = apply_rules(rules, official, ours)
     size = (config["backbone"]["width"], config["head"]["depth"])
-    sample = {**_MAR_SAMPLING_COMMON, **MAR_SAMPLING[size]} if size in MAR_SAMPLING else {}
-    return _finish(model, state, info, "official-mar", sample, vae)
+    sample = {**_MAR_SAMPLING_COMMON, **MAR_SAMPLING.get(size, {})}
+    note = None if size in MAR_SAMPLING else (f"no released evaluation settings for width {size[0]} and diffusion "
+                                              f"depth {size[1]}: cfg is not recorded (MAR-B / L / H: --cfg 2.9 / "
+                                              "3.0 / 3.2)")
+    return _finish(model, state, info, "official-mar", sample, vae, note)
 
 
 def convert(source: str | os.PathLike | dict, family: str | None = None, weights: str = "model_ema",

@@ -19,6 +19,9 @@ fused pass per element (`_lookup.fused_lookup`); without it, a few torch ops per
 integers. Latents are compared as float32: a finite float64 beyond the float32 range becomes +-inf, which counts
 all midpoints or none, so it still gets the nearest (outermost) reconstruction value.
 
+`arithmetic="released"`: the released code's tokens (Eq. 1 in float32 as it computes it on the GPU, `released_map`,
+then its nearest float32 value, the first index on ties); they differ only at float-rounding ties of a midpoint.
+
 Usage::
 
     quantizer = DimensionwiseQuantizer(levels=64)
@@ -33,10 +36,12 @@ import torch
 from torch import nn
 
 from ._lookup import KEY_OFFSET, KEYS, Tables, cell_tables, lookup, numba  # noqa: F401 (numba: benchmarks ask)
+from ._lookup import released_map, released_search, released_values  # noqa: F401 (released_map: public here)
 
 KINDS = ("gaussian", "uniform")
 TAILS = ("paper", "official")
 CALIBRATIONS = ("none", "standardize", "quantile")
+ARITHMETICS = ("midpoints", "released")
 
 
 def gaussian_bins(levels: int, std_range: float = 3.0, tails: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +133,9 @@ class DimensionwiseQuantizer(nn.Module):
         std_range: r, the half-width of the normalised range in standard deviations (paper: 3).
         kind: "gaussian" (equal-probability N(0,1) bins, paper) or "uniform" (equal-width bins over [-r, r]).
         tails: "paper" (open outer bins) or "official" (boundaries clamped to +-r, as the released code).
+        arithmetic: "midpoints" (default: the float64-exact nearest value by a fast lookup) or "released" (the
+            released code's float32 map `released_map` and values `released_values`, the first index on ties: its
+            tokens, for data fed to a converted checkpoint; needs calibration="none").
         calibration: a data-calibrated option that the paper does not have, fitted by `fit()` on real latents:
             "standardize" replaces the fixed map of Eq. 1 by a per-channel (x - mean_c) / std_c, so that the
             N(0,1) bins are equiprobable on latents that really are Gaussian but not unit-variance;
@@ -144,16 +152,22 @@ class DimensionwiseQuantizer(nn.Module):
         kind: str = "gaussian",
         tails: str = "paper",
         calibration: str = "none",
+        arithmetic: str = "midpoints",
     ) -> None:
         super().__init__()
         self.levels, self.value_range, self.std_range = _checked_config(levels, value_range, std_range)
         for name, value, options in (("kind", kind, KINDS), ("tails", tails, TAILS),
-                                     ("calibration", calibration, CALIBRATIONS)):
+                                     ("calibration", calibration, CALIBRATIONS),
+                                     ("arithmetic", arithmetic, ARITHMETICS)):
             if value not in options:
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
+        if arithmetic == "released" and calibration != "none":
+            raise ValueError(f"arithmetic='released' (the released fixed map) needs calibration='none', got "
+                             f"{calibration!r}")
         self.kind = kind
         self.tails = tails
         self.calibration = calibration
+        self.arithmetic = arithmetic
 
         scale, shift, values = _fixed_buffers(self.levels, self.value_range, self.std_range, kind, tails)
         # Eq. 1 as x_hat = scale * x + shift; shape [1] (shared) or [C] once a per-channel calibration is fitted.
@@ -183,7 +197,7 @@ class DimensionwiseQuantizer(nn.Module):
 
     def config(self) -> dict:
         return dict(levels=self.levels, value_range=list(self.value_range), std_range=self.std_range,
-                    kind=self.kind, tails=self.tails, calibration=self.calibration)
+                    kind=self.kind, tails=self.tails, calibration=self.calibration, arithmetic=self.arithmetic)
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.config().items())
@@ -207,6 +221,20 @@ class DimensionwiseQuantizer(nn.Module):
         self._cell_base, self._cell_mids = (None, None) if tables is None else (t.to(device) for t in tables)
         self._key_offsets = torch.arange(rows, dtype=torch.int32, device=device) * KEYS + KEY_OFFSET
         self._value_offsets = torch.arange(rows, dtype=torch.int64, device=device) * self.levels
+        self._refresh_released(device)
+
+    def _refresh_released(self, device: torch.device) -> None:
+        """arithmetic="released": its float32 values [B] and the released dequantization of Eq. 5."""
+        self._released_values = None
+        if self.arithmetic != "released":
+            return
+        values = (released_values(self.levels, self.std_range, self.tails) if self.kind == "gaussian"
+                  else uniform_bins(self.levels, self.std_range)[1].float())  # the released code: Gaussian only
+        r, (a_min, a_max) = self.std_range, self.value_range
+        inverse = torch.tensor(1.0, dtype=torch.float32) / torch.tensor(2 * r, dtype=torch.float32)  # as released_map
+        latent = ((values + r) * inverse) * (a_max - a_min) + a_min
+        self._released_values = values.to(device)
+        self._latent_values, self._flat_latent_values = latent[None].to(device), latent.to(device)
 
     def _check_resolution(self, latent: torch.Tensor, midpoints: torch.Tensor) -> None:
         """ValueError unless every float32 latent reconstruction value `latent` `[R, B]` is finite and lies between
@@ -228,7 +256,7 @@ class DimensionwiseQuantizer(nn.Module):
                 "float32 can split into this many levels")
 
     _DERIVED = ("_latent_values", "_flat_latent_values", "_midpoints", "_cell_base", "_cell_mids", "_key_offsets",
-                "_value_offsets")
+                "_value_offsets", "_released_values")
     _FLOAT64 = ("scale", "shift", "reconstruction_values")
 
     def _apply(self, fn, recurse=True):
@@ -242,7 +270,7 @@ class DimensionwiseQuantizer(nn.Module):
         device = self.scale.device
         for name in self._DERIVED:  # from "meta" (to_empty) only the shapes can move; load_state_dict refills them
             table = getattr(self, name)
-            if table is None:  # no cell tables (too large): the binary search is used
+            if table is None:  # no cell tables (too large: the binary search is used), or not released arithmetic
                 continue
             setattr(self, name, torch.empty_like(table, device=device) if table.is_meta else table.to(device))
         return self
@@ -384,7 +412,7 @@ class DimensionwiseQuantizer(nn.Module):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Latents `[..., C]` (any float dtype, any device) -> indices `[..., C]` (int64 in [0, B))."""
         self._check_latents(x)
-        if x.device.type == "cpu" and self._cell_base is not None:
+        if x.device.type == "cpu" and self._cell_base is not None and self.arithmetic == "midpoints":
             return self._lookup_cpu(x, with_values=False)[0]
         return self._search(x)
 
@@ -404,7 +432,7 @@ class DimensionwiseQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents `[..., C]` -> (dequantized latents `[..., C]` in x's dtype, indices `[..., C]` int64)."""
         self._check_latents(x)
-        if x.device.type == "cpu" and self._cell_base is not None:
+        if x.device.type == "cpu" and self._cell_base is not None and self.arithmetic == "midpoints":
             indices, values = self._lookup_cpu(x, with_values=True)
         else:
             indices = self._search(x)
@@ -421,8 +449,11 @@ class DimensionwiseQuantizer(nn.Module):
         return out.view(indices.shape)
 
     def _search(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices by binary search over the midpoints (devices other than the CPU, and CPU without cell tables)."""
+        """Indices by binary search over the midpoints (devices other than the CPU, and CPU without cell tables);
+        with arithmetic="released" by `_lookup.released_search`."""
         self._check_finite(x)
+        if self.arithmetic == "released":
+            return released_search(x, self._released_values, self.value_range, self.std_range)
         x = x.float()
         if self._midpoints.shape[0] == 1:
             return torch.bucketize(x, self._midpoints[0])

@@ -262,7 +262,8 @@ class D2CGenerator(nn.Module):
         stage1_*: the GPT's guidance scale (constant), temperature (> 0), top-k (0 = off) and nucleus (1 = off).
         num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, clip_denoised, released_cfg, sorted_positions,
         orders:
-        stage 2's, as the mar family's sample (orders [N, L]: stage 2's generation orders, to replay a run). generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
+        stage 2's, as the mar family's sample (orders [N, L]: stage 2's generation orders, to replay a run).
+        generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
         draw from it. Returns dict(latents [N, C, h, w] float, codes [N, gh, gw] int64); callback as the mar
         family's (after every stage-2 step), with the codes added.
         """
