@@ -19,6 +19,7 @@ from tokenbridge.convert import (
 )
 from tokenbridge.generators import ContinuousMARGenerator, TokenBridgeGenerator
 from tokenbridge.layers import cfg_rows, guide
+from tokenbridge.quantizer import released_values
 
 ATOL = 2e-5
 
@@ -261,6 +262,11 @@ def test_converted_folders_record_the_released_behaviour_at_any_size(tmp_path, c
     assert {"cfg_mix": "z", "sorted_positions": True}.items() <= tb.provenance["sample"].items()
     assert "--cfg 3.1" in tb.provenance["source"]["note"]
     assert tb.quantizer.arithmetic == "released" and tb.config["quantizer"]["arithmetic"] == "released"
+    # the test file's table is the float64 one rounded, not the released float32 computation
+    assert tb.provenance["source"]["released_values_match"] is False
+    released = off.tokenbridge_checkpoint()
+    released["model"]["reconstruction_values"] = released_values(off.LEVELS, 3.0, "official")
+    assert _tb(released).provenance["source"]["released_values_match"] is True
     path = tmp_path / "mar.pth"
     torch.save(off.mar_checkpoint(), path)
     main(["convert", str(path), str(tmp_path / "mar"), "--num-heads", str(off.HEADS)])

@@ -34,7 +34,7 @@ from .generators.tokenbridge import (
     OFFICIAL_SAMPLING,
     TokenBridgeGenerator,
 )
-from .quantizer import gaussian_bins
+from .quantizer import gaussian_bins, released_values
 
 __all__ = [
     "MAR_SAMPLING",
@@ -358,6 +358,10 @@ def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_
     model = TokenBridgeGenerator(TokenBridgeGenerator.resolve_config(config))
     ours = model.state_dict()
     buffers = _check_tokenbridge_buffers(model, official)
+    # the released arithmetic recomputes the float32 table; whether the file's equals it bit for bit is recorded
+    q = model.quantizer
+    info["released_values_match"] = torch.equal(official["reconstruction_values"].float(),
+                                                released_values(q.levels, q.std_range, "official"))
     rules = _backbone_rules(ours, "output_pos_embed") + _channel_head_rules(ours)
     state = apply_rules(rules, official, ours, buffers, lambda k: k.startswith("quantizer.")
                         or k in ("head.order", "head.inverse"))
