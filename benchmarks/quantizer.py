@@ -9,6 +9,9 @@ Baselines:
   binary search   our own exact fallback (searchsorted over the midpoints), used on devices other than the CPU.
   output floor    allocating and filling the two outputs (int64 indices + float32 values, 12 bytes per value):
                   what any quantizer with this interface pays before doing any work (not a baseline of RESULT).
+  released arith. `arithmetic="released"`: the released code's float32 arithmetic (not a baseline of RESULT); the
+                  indices it gives other than ours are counted (float-rounding ties), and so are those where the
+                  released expression run on the CPU (exact division) differs from its GPU arithmetic.
 
 All methods get the same latents (channel-last, N(0, std^2)); the methods are timed round-robin so that a busy
 machine slows them alike, and the best time of --repeats is reported. The argmin baseline must give the same
@@ -56,6 +59,16 @@ def argmin_quantize(x: torch.Tensor, quantizer: DimensionwiseQuantizer) -> tuple
     return latent_gamma[indices].view(x.shape), indices.view(x.shape)
 
 
+def nearest_first(x_hat: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """argmin_i |x_hat - values_i| (the first i on ties), chunked like argmin_quantize."""
+    flat = x_hat.reshape(-1)
+    step = max(1, ARGMIN_CHUNK_BYTES // (4 * values.numel()))
+    out = torch.empty(flat.shape, dtype=torch.int64, device=flat.device)
+    for start in range(0, flat.numel(), step):
+        out[start : start + step] = (flat[start : start + step, None] - values).abs_().argmin(-1)
+    return out.view(x_hat.shape)
+
+
 def tie_mask(x: torch.Tensor, quantizer: DimensionwiseQuantizer, tol: float = 1e-5) -> torch.Tensor:
     """Values within `tol` (relative) of a latent-scale midpoint: their nearest level is a float-rounding tie."""
     mids = quantizer._midpoints[0]
@@ -95,6 +108,14 @@ def main() -> None:
         raise SystemExit("FAIL: lookup and binary search disagree")
     del values, ref_values, ref_indices, differ
 
+    released = DimensionwiseQuantizer(args.levels, tails=quantizer.tails, arithmetic="released").to(device)
+    released_indices = released.quantize(x)
+    released_ties = int((released_indices != indices).sum())
+    r = quantizer.std_range
+    cpu_division = ((x.float() - a_min) / (a_max - a_min) * (2 * r) - r).clamp(-r, r)  # the expression, divided exactly
+    division_diff = int((nearest_first(cpu_division, released._released_values) != released_indices).sum())
+    del released_indices, cpu_division
+
     fallback = copy.copy(quantizer)
     fallback.use_fused_kernel = False
     if not torch.equal(fallback(x)[1], indices):
@@ -106,6 +127,7 @@ def main() -> None:
         "clamp+copy": lambda: x.clamp(a_min, a_max),
         "argmin [N,C,B]": lambda: argmin_quantize(x, quantizer),
         "binary search": lambda: quantizer._values_at(quantizer._search(x)),
+        "released arith.": lambda: released(x),
         "output floor": lambda: (torch.empty(n, dtype=torch.int64, device=device).fill_(0),
                                  torch.empty(n, device=device).fill_(0)),
     }
@@ -128,6 +150,8 @@ def main() -> None:
     fused = device.type == "cpu" and quantizer_module.numba is not None
     print(f"tokenbridge forward: {'fused numba kernel' if fused else 'torch ops'}")
     print(f"argmin agreement: {n - ties} of {n} indices equal, {ties} float-rounding ties at midpoints")
+    print(f"released arithmetic: {released_ties} of {n} indices differ from ours (ties); the released expression "
+          f"divided exactly (as on the CPU) gives {division_diff} indices other than its GPU arithmetic")
     print(f"{'method':<22}{'best ms':>10}{'median ms':>11}{'Mvalues/s':>11}{'ours/this':>11}")
     for name, t in times.items():
         print(f"{name:<22}{best[name] * 1e3:>10.1f}{statistics.median(t) * 1e3:>11.1f}"
