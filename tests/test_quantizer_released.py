@@ -114,6 +114,17 @@ def test_ten_million_random_latents_equal_the_released_argmin_and_the_default_pa
     assert (fast[differ] - got[differ]).abs().max() == 1 and gap.abs().max() < 1e-5
 
 
+def test_the_torch_op_path_gives_the_numba_kernels_integers(quantizers, monkeypatch):
+    """Without numba (or with use_fused_kernel False) the chunked torch ops compute the same released indices."""
+    released, _ = quantizers
+    values = reference_values()
+    x = torch.cat([torch.randn(200_000, generator=torch.Generator().manual_seed(2)) * 1.6, constructed_ties(values)])
+    expected = reference_argmin(x, values)
+    assert torch.equal(released.quantize(x), expected)
+    monkeypatch.setattr(released, "use_fused_kernel", False)
+    assert torch.equal(released.quantize(x), expected)
+
+
 def test_forward_dequantizes_as_the_released_code_and_any_input_dtype_is_float32(quantizers):
     released, _ = quantizers
     x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(1)) * 2

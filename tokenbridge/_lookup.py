@@ -123,10 +123,30 @@ def fused_lookup_shared(x, base, cell_mids, latent_values, channels, indices, va
     return nonfinite == 0
 
 
+def fused_released(x, values, a_min, inverse, two_r, r, indices) -> None:
+    """`released_search` of a float32 slice `x` in one pass (numba): every operand is a float32 (`a_min`, the
+    reciprocal `inverse` of a_max - a_min, 2r and r), so each operation rounds to float32 as the released code's
+    do; writes the int64 `indices`. x must be finite."""
+    last = values.size - 1
+    for i in range(x.size):
+        x_hat = ((x[i] - a_min) * inverse) * two_r - r
+        x_hat = min(max(x_hat, -r), r)
+        lo, hi = 0, values.size  # binary search: the number of values below x_hat
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if values[mid] < x_hat:
+                lo = mid + 1
+            else:
+                hi = mid
+        below, above = max(lo - 1, 0), min(lo, last)
+        indices[i] = below if abs(x_hat - values[below]) <= abs(x_hat - values[above]) else above
+
+
 if numba is not None:
     # nogil: the quantizer's threads each run one on their own slice; cache: compiled once per install
     fused_lookup = numba.njit(nogil=True, cache=True)(fused_lookup)
     fused_lookup_shared = numba.njit(nogil=True, cache=True)(fused_lookup_shared)
+    fused_released = numba.njit(nogil=True, cache=True)(fused_released)
 
 
 class Tables(NamedTuple):
@@ -243,14 +263,17 @@ def released_map(x: torch.Tensor, value_range: tuple[float, float], std_range: f
     return (shifted * inverse.to(x.device)) * (2 * std_range) - std_range
 
 
-def released_search(x: torch.Tensor, values: torch.Tensor, value_range: tuple[float, float],
-                    std_range: float) -> torch.Tensor:
+def released_search(x: torch.Tensor, values: torch.Tensor, value_range: tuple[float, float], std_range: float,
+                    fused: bool = False) -> torch.Tensor:
     """Indices [...] (int64) of finite latents x [...]: argmin_i |released_map(x) clipped to [-r, r] - values_i|
     over the float32 `values` [B] (ascending), the first i on ties, as the released code takes it. Rounding is
     monotone, so a value beyond the two that bracket x_hat is never nearer than the bracketing one next to it
     (their distances differ by a whole bin, far more than float32 rounding): the argmin over all B is the nearer
-    of the bracketing pair, the lower one on a tie. Chunked, so that memory stays small."""
+    of the bracketing pair, the lower one on a tie. Chunked, so that memory stays small; on the CPU with `fused`
+    and numba installed, by the `fused_released` kernel (the same integers)."""
     flat = x.detach().reshape(-1)
+    if fused and numba is not None and x.device.type == "cpu" and flat.numel():
+        return _released_fused(flat, values, value_range, std_range).view(x.shape)
     out = torch.empty(flat.shape, dtype=torch.int64, device=x.device)
     last = values.numel() - 1
     for start in range(0, flat.numel(), CHUNK):  # CHUNK: no thread hand-off per op (see there)
@@ -262,3 +285,24 @@ def released_search(x: torch.Tensor, values: torch.Tensor, value_range: tuple[fl
         lower_wins = (x_hat - values[below]).abs_() <= (x_hat - values[above]).abs_()
         out[start : start + CHUNK] = torch.where(lower_wins, below, above)
     return out.view(x.shape)
+
+
+def _released_fused(flat: torch.Tensor, values: torch.Tensor, value_range: tuple[float, float],
+                    std_range: float) -> torch.Tensor:
+    """`released_search` by the numba kernel, one contiguous slice per thread."""
+    x = flat.float().contiguous().numpy()
+    out = np.empty(x.size, dtype=np.int64)
+    a_min, a_max = value_range
+    f32 = np.float32
+    constants = (f32(a_min), f32(1.0) / f32(a_max - a_min), f32(2 * std_range), f32(std_range))  # as released_map
+    table = values.float().cpu().contiguous().numpy()
+    workers = max(1, min(torch.get_num_threads(), x.size // CHUNK))
+    step = -(-x.size // workers)
+    slices = [slice(start, min(start + step, x.size)) for start in range(0, x.size, step)]
+
+    def run(part: slice) -> None:
+        fused_released(x[part], table, *constants, out[part])
+
+    with ThreadPoolExecutor(len(slices)) as pool:
+        list(pool.map(run, slices))
+    return torch.from_numpy(out)

@@ -453,7 +453,8 @@ class DimensionwiseQuantizer(nn.Module):
         with arithmetic="released" by `_lookup.released_search`."""
         self._check_finite(x)
         if self.arithmetic == "released":
-            return released_search(x, self._released_values, self.value_range, self.std_range)
+            return released_search(x, self._released_values, self.value_range, self.std_range,
+                                   self.use_fused_kernel)
         x = x.float()
         if self._midpoints.shape[0] == 1:
             return torch.bucketize(x, self._midpoints[0])
