@@ -32,6 +32,7 @@ from .generators.mar import ContinuousMARGenerator
 from .generators.tokenbridge import (
     OFFICIAL_CHANNEL_ORDER,
     OFFICIAL_SAMPLING,
+    OFFICIAL_SAMPLING_COMMON,
     TokenBridgeGenerator,
 )
 from .quantizer import gaussian_bins, released_values
@@ -56,12 +57,11 @@ OFFICIAL_HEAD_NUM_HEADS = 8  # the channel head's, in every released TokenBridge
 _TOKENBRIDGE_BUFFERS = ("reconstruction_values", "boundaries", "channel_mask")
 # the released MAR evaluation commands (README of LTH14/mar), keyed by (backbone width, diffusion head depth)
 MAR_SAMPLING = {(768, 6): {"cfg": 2.9}, (1024, 8): {"cfg": 3.0}, (1280, 12): {"cfg": 3.2}}
-# What every converted folder records, whatever its size: the released samplers' own behaviour (the last linear-cfg
-# step, cfg on z for TokenBridge, a step's positions to the head in ascending order) and, for MAR, the evaluation
-# settings its README gives for every size. Only cfg (and TokenBridge's temperature) depend on the size.
+# What every converted MAR folder records, whatever its size (TokenBridge: OFFICIAL_SAMPLING_COMMON): the released
+# sampler's own behaviour (the last linear-cfg step, a step's positions to the head in ascending order) and the
+# evaluation settings its README gives for every size. Only cfg depends on the size.
 _MAR_SAMPLING_COMMON = {"num_iter": 256, "num_sampling_steps": 100, "cfg_schedule": "linear", "temperature": 1.0,
                         "released_cfg": True, "sorted_positions": True}
-_TOKENBRIDGE_SAMPLING_COMMON = {"num_iter": 256, "cfg_schedule": "linear", "cfg_mix": "z", "sorted_positions": True}
 
 
 class ConversionError(ValueError):
@@ -367,7 +367,7 @@ def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_
                         or k in ("head.order", "head.inverse"))
     size = (config["backbone"]["width"], config["head"]["depth"])
     preset = {(1024, 4): "tokenbridge-l-official", (1280, 6): "tokenbridge-h-official"}.get(size)
-    sample = {**_TOKENBRIDGE_SAMPLING_COMMON, **(OFFICIAL_SAMPLING[preset] if preset else {})}
+    sample = {**OFFICIAL_SAMPLING_COMMON, **(OFFICIAL_SAMPLING[preset] if preset else {})}
     note = None if preset else (f"no released evaluation settings for width {size[0]} and head depth {size[1]}: cfg "
                                 "and temperature are not recorded (TokenBridge-L: --cfg 3.1 --temperature 0.96, "
                                 "H: --cfg 3.45 --temperature 0.91)")

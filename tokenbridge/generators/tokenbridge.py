@@ -331,10 +331,10 @@ TokenBridgeGenerator.presets.update({
                                             **_OFFICIAL_BACKBONE},
                                "head": {**_OFFICIAL_HEAD, "depth": 6}},
 })
-# the released evaluation commands' settings (README of the official code): 256 MAR steps, linear cfg on z
+# the released sampler at every size: 256 MAR steps, linear cfg on z, a step's positions to the head in ascending
+# order; and the released evaluation commands' size-dependent settings (README of the official code)
+OFFICIAL_SAMPLING_COMMON = {"num_iter": 256, "cfg_schedule": "linear", "cfg_mix": "z", "sorted_positions": True}
 OFFICIAL_SAMPLING = {
-    "tokenbridge-l-official": {"num_iter": 256, "cfg": 3.1, "cfg_schedule": "linear", "temperature": 0.96,
-                               "cfg_mix": "z"},
-    "tokenbridge-h-official": {"num_iter": 256, "cfg": 3.45, "cfg_schedule": "linear", "temperature": 0.91,
-                               "cfg_mix": "z"},
+    "tokenbridge-l-official": {"cfg": 3.1, "temperature": 0.96},
+    "tokenbridge-h-official": {"cfg": 3.45, "temperature": 0.91},
 }
