@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig
 from .distributed import barrier, init_distributed
-from .files import atomic_path, check_writable
+from .files import atomic_path, check_writable, tensor_bytes
 from .quantizer import DimensionwiseQuantizer
 from .rows import FileTensor, LazyRows, read_tensors
 from .tokens import LATENT_DTYPES as TOKEN_LATENT_DTYPES
@@ -75,7 +75,7 @@ def _key(obj: Any) -> str:
 def _write_shard(out_dir: Path, k: int, tensors: dict[str, torch.Tensor], setup: str) -> dict[str, Any]:
     """Write shard k atomically, then its sidecar (so a sidecar always describes a complete shard)."""
     path = out_dir / shard_file(k)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, SHARD_FORMAT, needed=tensor_bytes(tensors)) as tmp:
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp),
                   # one metadata key: safetensors writes several in a random order, and shards must be byte-identical
                   metadata={"shard": json.dumps({"format": SHARD_FORMAT, "version": FORMAT_VERSION, "shard": k})})

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .config import DataConfig
-from .files import atomic_path, check_writable
+from .files import atomic_path, check_target, holds_output, tensor_bytes
 from .quantizer import DimensionwiseQuantizer
 from .sources import image_source
 from .vae import VAE, load_vae, vae_fingerprint
@@ -85,6 +85,7 @@ def _encode_all(vae: VAE, quantizer: DimensionwiseQuantizer, dataset: Dataset, d
     return tensors
 
 
+@holds_output("out_path", "token file")
 def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict[str, Any] | None = None,
                   device: str | torch.device = "cpu", seed: int = 0, fit_samples: int = 10000,
                   vae: VAE | None = None, dataset: Dataset | None = None, overwrite: bool = False) -> Path:
@@ -95,7 +96,7 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
     (the spec ``data.vae`` is still recorded). Posterior samples (``data.sample_posterior``) draw from ``seed``.
     An existing ``out_path`` is replaced only with ``overwrite``; the path is checked before any encoding.
     """
-    check_writable(out_path, "token file")
+    check_target(out_path, TOKENS_FORMAT, overwrite, "token file")
     if Path(out_path).exists() and not overwrite:
         raise ValueError(f"token file {out_path} already exists; pass --overwrite (overwrite=True) to replace it")
     device = torch.device(device)
@@ -128,7 +129,7 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
         "data": data.dataset, "split": data.split, "sample_posterior": json.dumps(data.sample_posterior),
         "num_classes": str(len(classes) if classes is not None else int(tensors["labels"].max()) + 1),
     }
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, TOKENS_FORMAT, overwrite=overwrite or None, needed=tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(out_path)
 

@@ -129,7 +129,8 @@ class _Logger:
             self.path.unlink(missing_ok=True)  # a fresh run starts a fresh log
         elif self.path.is_file():  # entries a killed run wrote after its last checkpoint would be repeated
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= truncate_after]
-            with atomic_path(self.path) as tmp:
+            # the log of the run just resumed (appended to line by line, so it carries no mark of its kind)
+            with atomic_path(self.path, overwrite=True) as tmp:
                 tmp.write_text("".join(s + "\n" for s in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter

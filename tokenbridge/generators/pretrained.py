@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files import atomic_path
+from ..files import atomic_path, tensor_bytes
 
 __all__ = [
     "CONFIG_NAME",
@@ -51,7 +51,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **record: An
               **{k: provenance.get(k) for k in _RECORD_KEYS}}
     config["sample"] = config["sample"] or {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+    with atomic_path(directory / WEIGHTS_NAME, PRETRAINED_FORMAT, needed=tensor_bytes(state)) as tmp:
         save_file(state, str(tmp), metadata={"format": PRETRAINED_FORMAT})
     with atomic_path(directory / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
