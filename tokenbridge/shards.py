@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .config import DataConfig
 from .distributed import barrier, init_distributed
 from .files import atomic_path, check_writable, tensor_bytes
+from .reading import inside
 from .quantizer import DimensionwiseQuantizer
 from .rows import FileTensor, LazyRows, read_tensors
 from .tokens import LATENT_DTYPES as TOKEN_LATENT_DTYPES
@@ -325,7 +326,7 @@ class ShardedTokens(Dataset):
         self.grid_shape = tuple(int(x) for x in m["grid"])
         self.quantizer_config, self.scaling_factor = dict(m["quantizer"]), m.get("scaling_factor")
         self.vae, self.vae_fingerprint = m.get("vae"), m.get("vae_fingerprint")
-        qpath = path.parent / m.get("quantizer_file", QUANTIZER_FILE)
+        qpath = inside(path.parent, m.get("quantizer_file", QUANTIZER_FILE), f"shard manifest {path}", "quantizer file")
         if not qpath.is_file():
             raise ValueError(f"shard manifest {path} names quantizer file {qpath}, which does not exist")
         self.quantizer_state = load_file(str(qpath))
@@ -357,7 +358,7 @@ class ShardedTokens(Dataset):
             setattr(self, name, getattr(single, name))
 
     def _open_shard(self, folder: Path, entry: dict[str, Any], verify: bool) -> dict[str, FileTensor]:
-        path = folder / entry["file"]
+        path = inside(folder, entry.get("file"), f"shard manifest {self.path}", "shard")
         if not path.is_file():
             raise ValueError(f"shard {path} listed in {self.path} is missing")
         if verify and _sha256(path) != entry.get("sha256"):

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .config import DataConfig
+from .budget import check_encode_request
 from .files import atomic_path, check_target, holds_output, tensor_bytes
 from .quantizer import DimensionwiseQuantizer
 from .sources import image_source
@@ -109,6 +110,9 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
         dataset = Subset(dataset, range(min(data.limit, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"dataset {data.dataset}:{data.split} is empty")
+    shape = tuple(dataset[0][0].shape)
+    check_encode_request(data.encode_batch, shape, f"encoding batches of {data.encode_batch} images {list(shape)}",
+                         "lower data.encode_batch (--batch-size) or data.resolution")
     vae = (load_vae(data.vae, device) if vae is None else vae).to(device).eval()
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # posterior sampling draws from the global RNG; make the cache reproducible

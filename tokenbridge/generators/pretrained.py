@@ -91,7 +91,11 @@ def from_pretrained(cls: type[nn.Module], directory: str | os.PathLike,
 def build_generator(cls: type[nn.Module], record: dict[str, Any], state: dict[str, torch.Tensor],
                     where: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """``cls`` built from ``record["config"]`` with ``state`` loaded strictly and ``provenance = record``, in eval
-    mode on ``device``; a state that does not fit is a ValueError naming ``where``."""
+    mode on ``device``; a state that does not fit (or is over the size budget, or holds NaN / inf / integer
+    weights) is a ValueError naming ``where``, before the generator is allocated."""
+    from ..reading import check_generator_file  # the read path imports the families' builders
+
+    check_generator_file(cls, record["config"], state, where)
     model = cls.from_config(record["config"])
     try:
         model.load_state_dict(state)
