@@ -157,8 +157,9 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def out_of_memory(error: BaseException, args: Any = None) -> str:
     """One line for running out of memory: what the allocator was asked for, the free memory, what to lower."""
-    asked = re.search(r"allocate ([0-9.]+ ?[KMGT]?i?B|[0-9]+ bytes)", str(error))
-    need = f" (one allocation of {asked.group(1)})" if asked else ""
+    asked = re.search(r"allocate ([0-9]+) bytes", str(error)) or re.search(r"allocate ([0-9.]+ ?[KMGT]?i?B)", str(error))
+    size = asked and (_gib(int(asked.group(1))) if asked.group(1).isdigit() else asked.group(1))
+    need = f" (one allocation of {size})" if asked else ""
     command = getattr(args, "command", None)
     return (f"out of memory{' in ' + command if command else ''}{need}; {_gib(available_memory())} free now: ask "
             "for less (fewer images or labels, a smaller --batch-size or resolution) or use a larger machine")
