@@ -168,6 +168,14 @@ def test_sample_per_class_beyond_memory_is_a_message_before_sampling(tmp_path):
     assert not (tmp_path / "out" / "samples.png").exists()
 
 
+def test_the_demo_servers_file_cache_is_swept():
+    from tokenbridge.ui import CACHE_SWEEP, build_app, load_entries
+
+    every, age = CACHE_SWEEP
+    assert 0 < every <= age <= 3600  # pictures of a request live minutes, not the server's lifetime
+    assert build_app(load_entries(["fmnist"])).delete_cache == CACHE_SWEEP
+
+
 def test_running_out_of_memory_anyway_is_one_line(monkeypatch, capsys):
     try:
         torch.empty(1 << 62, dtype=torch.uint8)

@@ -7,11 +7,13 @@ import contextvars
 import errno
 import fcntl
 import functools
+import hashlib
 import inspect
 import json
 import os
 import shutil
 import socket
+import tempfile
 import time
 import zipfile
 from collections.abc import Callable, Iterator
@@ -23,6 +25,7 @@ from typing import Any
 # its place later, or copies there, does not carry it
 KIND_ATTR = "user.tokenbridge.kind"
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+LOCK_DIR = Path(tempfile.gettempdir()) / f"tokenbridge-locks-{os.getuid()}"
 LOCK_WAIT_S = 30.0  # how long a short write waits for another writer of the same file before giving up
 _OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("tokenbridge_overwrite", default=False)
 _HELD: dict[Path, int] = {}  # lock files this process holds (a write must not wait for its own command's lock)
@@ -231,7 +234,10 @@ def check_target(path: str | os.PathLike, kind: str | None = None, overwrite: bo
 
 # ------------------------------------------------------------------------------------------------ locks
 def _lock_file(path: Path) -> Path:
-    return path.with_name(f".{path.name}.lock")
+    """Where the lock of output ``path`` lives: a folder of this machine's temporary space, named by the resolved
+    path, so that taking it creates nothing beside the output (whose folder may not exist yet)."""
+    LOCK_DIR.mkdir(mode=0o700, exist_ok=True)
+    return LOCK_DIR / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".lock")
 
 
 def _acquire(lock: Path, wait_s: float, what: str, target: Path) -> int:
@@ -267,15 +273,14 @@ def _release(lock: Path, fd: int) -> None:
 
 @contextmanager
 def output_lock(path: str | os.PathLike, what: str = "output") -> Iterator[Path]:
-    """Hold ``path``'s lock (``.<name>.lock`` beside it; a file or a folder) for a whole command: a second command
-    that wants to write the same output fails at once naming the process that holds it. The operating system
-    drops the lock when the holder exits, however it exits."""
+    """Hold ``path``'s lock (a file or a folder; see `_lock_file`) for a whole command: a second command that wants
+    to write the same output fails at once naming the process that holds it. The operating system drops the lock
+    when the holder exits, however it exits."""
     path = Path(path)
     lock = _lock_file(path)
     if lock in _HELD:
         yield path
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
     fd = _HELD[lock] = _acquire(lock, 0.0, what, path)
     try:
         yield path
