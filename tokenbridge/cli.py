@@ -24,7 +24,7 @@ from .convert import convert as convert_official
 from .data import as_tensors
 from .distributed import TrainingInterrupted
 from .evaluate import evaluate_samples, read_samples
-from .files import check_writable, output_lock, overwriting
+from .files import check_target, output_lock, overwriting
 from .budget import check_images_request, check_sample_request, is_out_of_memory, out_of_memory
 from .generate import generate, save_samples
 from .generators import FAMILIES, sample_options
@@ -70,7 +70,7 @@ def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- reconstruct
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    check_writable(Path(args.out) / "table1.md", "reconstruct output")
+    check_target(Path(args.out) / "table1.md", what="reconstruct output")
     device = _device(args.device)
     vae = load_vae(args.vae, device=device).eval()
     features, fd_name, fit_latents = None, "FD", None
@@ -118,7 +118,7 @@ def cmd_train_vq(args: argparse.Namespace) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
-    check_writable(args.out, "classifier output")
+    check_target(args.out, what="classifier output")
     result = train_classifier(args.out, device=_device(args.device),
                               **_given(args, epochs="epochs", batch_size="batch_size", lr="lr", seed="seed",
                                        threads="threads"))
@@ -176,7 +176,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    check_writable(Path(args.out) / "config.json", "pretrained folder")
+    check_target(Path(args.out) / "config.json", what="pretrained folder")
     options = _given(args, num_heads="num_heads", head_num_heads="head_num_heads", vae="vae")
     if args.no_first_token_timestep:
         options["first_token_timestep"] = False
@@ -188,7 +188,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- sample / evaluate
 def cmd_sample(args: argparse.Namespace) -> None:
-    check_writable(Path(args.out) / "samples.png", "sample output")
+    check_target(Path(args.out) / "samples.png", what="sample output")
     device = _device(args.device)
     model = load_generator(device=device, ema=not args.raw_weights, **_given(args, spec="model"))
     options = {name: getattr(args, name) for name in _sampling_fields() if getattr(args, name) is not None}
