@@ -160,12 +160,26 @@ def _checkpoint_format(path: Path) -> str | None:
     return fmt if isinstance(fmt, str) and fmt.startswith("tokenbridge") else None
 
 
+def _json_format(path: Path) -> str | None:
+    """The ``format`` key of a JSON file tokenbridge wrote (a shard manifest, a pretrained config.json)."""
+    try:
+        if path.stat().st_size > 2**24:
+            return None
+        fmt = json.loads(path.read_text()).get("format")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return fmt if isinstance(fmt, str) and fmt.startswith("tokenbridge") else None
+
+
 def content_kind(path: str | os.PathLike) -> str | None:
-    """The format tag a tokenbridge safetensors file or training checkpoint carries in its content, else None."""
+    """The format tag a tokenbridge safetensors file, training checkpoint or JSON record carries in its content,
+    else None."""
     path = Path(path)
     if not path.is_file():
         return None
-    return _safetensors_format(path) or _checkpoint_format(path)
+    with open(path, "rb") as f:
+        json_like = f.read(1) == b"{"
+    return (json_like and _json_format(path)) or _safetensors_format(path) or _checkpoint_format(path)
 
 
 def _default_kind(path: Path) -> str:
