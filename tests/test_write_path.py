@@ -210,3 +210,20 @@ def test_a_full_disk_is_one_line_naming_the_path_and_the_previous_file_stays(tmp
     finally:
         if mounted:
             subprocess.run(["umount", str(disk)], check=True)
+
+
+def test_a_run_folder_from_before_the_marks_still_resumes(tmp_path):
+    from tokenbridge.files import KIND_ATTR
+    from tokenbridge.shards import write_synthetic_shards
+    from tokenbridge.train import train
+
+    shards = write_synthetic_shards(tmp_path / "shards", 8, grid=(4, 4, 4), levels=16, num_classes=10)
+    run = {"out_dir": str(tmp_path / "run"), "data": {"tokens": str(shards.parent)},
+           "model": {"preset": "tiny", "grid_size": [4, 4], "quantizer": {"levels": 16}},
+           "train": {"steps": 2, "global_batch": 8, "warmup_steps": 0, "ckpt_every": 0, "log_every": 1,
+                     "device": "cpu"}}
+    train(run, stop_at=1)
+    for path in (tmp_path / "run").iterdir():  # as an earlier version left them: no kinds marked
+        if path.is_file() and KIND_ATTR in os.listxattr(path):
+            os.removexattr(path, KIND_ATTR)
+    assert train(run)["step"] == 2

@@ -264,10 +264,11 @@ class Trainer:
             })
         D.barrier()
 
-    def write_config(self) -> None:
-        """out_dir/config.yaml: the resolved run config (what `tokenbridge train --config` would repeat)."""
+    def write_config(self, overwrite: bool | None = None) -> None:
+        """out_dir/config.yaml: the resolved run config (what `tokenbridge train --config` would repeat).
+        ``overwrite``: replace whatever is there (a resumed run owns its folder, files from before included)."""
         if self.is_main:
-            with atomic_path(self.out_dir / "config.yaml") as tmp:
+            with atomic_path(self.out_dir / "config.yaml", overwrite=overwrite) as tmp:
                 tmp.write_text(yaml.safe_dump(self.run.model_dump(mode="json"), sort_keys=False))
 
     def _training_module(self) -> nn.Module:
@@ -409,7 +410,7 @@ def train(config: dict | RunConfig, resume: bool = True, overwrite: bool = False
             raise ValueError(f"{trainer.ckpt_path} is at step {trainer.start_step}, past the {trainer.total_steps} "
                              "steps the config asks for: nothing to train. Raise train.steps to continue it, or "
                              "start a new out_dir")
-        trainer.write_config()
+        trainer.write_config(overwrite=True if resumed else None)
         logger = _Logger(trainer.out_dir, trainer.is_main, trainer.start_step if resumed else None)
         end_step = trainer.total_steps if stop_at is None else min(trainer.total_steps, int(stop_at))
         t_start = time.time()
