@@ -5,7 +5,6 @@ Options left out take the library's defaults (the function each command calls ho
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import json
 import os
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from .budget import check_images_request, check_sample_request, is_out_of_memory, out_of_memory
 from .checkpoint import SHIPPED, export_weights, load_generator
 from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
@@ -24,8 +24,7 @@ from .convert import convert as convert_official
 from .data import as_tensors
 from .distributed import TrainingInterrupted
 from .evaluate import evaluate_samples, read_samples
-from .files import check_target, output_lock, overwriting
-from .budget import check_images_request, check_sample_request, is_out_of_memory, out_of_memory
+from .files import check_target, command_lock, overwriting
 from .generate import generate, save_samples
 from .generators import FAMILIES, sample_options
 from .inception import InceptionFID
@@ -447,21 +446,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# commands whose --out another command could be writing at the same time: held locked for the whole command
-_LOCKED_OUTPUTS = {"sample": "sample output folder", "edit": "edit output folder", "convert": "pretrained folder",
-                   "export": "export", "train-vae": "VAE output", "train-vq": "VQ tokenizer folder",
-                   "cache-latents": "token file", "train-classifier": "classifier output"}
-
-
-def _command_lock(args: argparse.Namespace) -> Any:
-    out = getattr(args, "out", None)
-    # every torchrun process of a sharded cache writes its own shards into one folder
-    sharded = getattr(args, "shard_size", None) is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
-    if args.command not in _LOCKED_OUTPUTS or not out or sharded:
-        return contextlib.nullcontext()
-    return output_lock(out, _LOCKED_OUTPUTS[args.command])
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -472,7 +456,7 @@ def main(argv: list[str] | None = None) -> None:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        with overwriting(bool(getattr(args, "overwrite", False))), _command_lock(args):
+        with overwriting(bool(getattr(args, "overwrite", False))), command_lock(args):
             args.func(args)
     except TrainingInterrupted as stop:  # the checkpoint is saved: a message, not a traceback
         print(f"tokenbridge {args.command}: {stop}", file=sys.stderr)
@@ -480,10 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as error:  # bad input, a missing file, a full disk: the message names it
         print(f"tokenbridge {args.command}: error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except (MemoryError, torch.OutOfMemoryError) as error:
-        print(f"tokenbridge {args.command}: error: {out_of_memory(error, args)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except RuntimeError as error:
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
         if not is_out_of_memory(error):
             raise
         print(f"tokenbridge {args.command}: error: {out_of_memory(error, args)}", file=sys.stderr)

@@ -3,6 +3,7 @@ symbolic link, never over a file of another kind without being asked), cross-pro
 per folder, and one-line messages for a full disk or an unwritable place."""
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import errno
 import fcntl
@@ -318,6 +319,22 @@ def holds_output(argument: str, what: str) -> Callable:
                 return fn(*args, **kwargs)
         return call
     return wrap
+
+
+# commands whose --out another command could be writing at the same time: held locked for the whole command
+COMMAND_OUTPUTS = {"sample": "sample output folder", "edit": "edit output folder", "convert": "pretrained folder",
+                   "export": "export", "train-vae": "VAE output", "train-vq": "VQ tokenizer folder",
+                   "cache-latents": "token file", "train-classifier": "classifier output"}
+
+
+def command_lock(args: Any) -> Any:
+    """`output_lock` on a CLI command's ``args.out`` for the commands of COMMAND_OUTPUTS, else a no-op context.
+    Not for a sharded cache (under torchrun every process writes its own shards into one folder)."""
+    out = getattr(args, "out", None)
+    sharded = getattr(args, "shard_size", None) is not None or int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if getattr(args, "command", None) not in COMMAND_OUTPUTS or not out or sharded:
+        return contextlib.nullcontext()
+    return output_lock(out, COMMAND_OUTPUTS[args.command])
 
 
 @contextmanager
