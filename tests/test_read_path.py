@@ -84,6 +84,22 @@ def test_sample_with_nan_weights_writes_nothing(folder, tmp_path):
     assert not (tmp_path / "out" / "samples.png").exists()
 
 
+def test_a_vq_tokenizer_folder_is_read_the_same_way(tmp_path):
+    from tokenbridge.vq import VQTokenizer
+
+    folder = VQTokenizer(channels=4, latent_grid=(4, 4), codebook_size=8, dim=4, hidden=8).save_pretrained(tmp_path / "vq")
+    state = load_file(str(folder / "model.safetensors"))
+    state["decoder.0.bias"][0] = float("inf")
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": "tokenbridge-vq"})
+    with pytest.raises(ValueError, match="tensor 'decoder.0.bias' holds 1 NaN or infinite value"):
+        VQTokenizer.from_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["config"]["codebook_size"] = 1 << 34
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"describes a VQ tokenizer of [0-9.]+ GiB"):
+        VQTokenizer.from_pretrained(folder)
+
+
 # ------------------------------------------------------------------------------------------------ shard caches
 @pytest.fixture()
 def shards(tmp_path) -> Path:

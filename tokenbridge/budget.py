@@ -94,12 +94,12 @@ def state_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def check_model_budget(nbytes: int, where: Any) -> None:
+def check_model_budget(nbytes: int, where: Any, what: str = "generator") -> None:
     """Refuse (ValueError) a model of ``nbytes`` over `model_limit`, naming ``where`` it was described and the
     limit's variable."""
     limit = model_limit()
     if nbytes > limit:
-        raise ValueError(f"{where} describes a generator of {_gib(nbytes)} (parameters and buffers), over the limit "
+        raise ValueError(f"{where} describes a {what} of {_gib(nbytes)} (parameters and buffers), over the limit "
                          f"of {_gib(limit)}; set TOKENBRIDGE_MAX_MODEL_GB to allow it if this machine can hold it")
 
 

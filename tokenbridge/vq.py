@@ -32,10 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from vector_quantize_pytorch import VectorQuantize
 
+from .budget import check_model_budget, state_bytes
 from .files import atomic_path, check_writable, holds_output, remove_stale_temporaries, tensor_bytes
 from .markdown import markdown_table
 from .metrics import psnr
 from .optim import lr_at
+from .reading import check_state
 from .shards import ShardedTokens
 from .tokens import CachedTokens
 from .vae import load_vae, vae_fingerprint
@@ -223,7 +225,11 @@ class VQTokenizer(nn.Module):
             state = load_file(str(weights))
         except Exception as e:  # safetensors raises its own error types for truncated or garbled files
             raise ValueError(f"{weights} is corrupt or not a safetensors file: {e}") from None
-        model = build_tokenizer(record["config"], f"{directory}/{CONFIG_NAME}")
+        where = f"{directory}/{CONFIG_NAME}"
+        with torch.device("meta"):  # its size first: a crafted config could ask for any
+            check_model_budget(state_bytes(build_tokenizer(record["config"], where)), where, "VQ tokenizer")
+        model = build_tokenizer(record["config"], where)
+        check_state(model.state_dict(), state, weights)  # NaN, inf or integer weights named
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
