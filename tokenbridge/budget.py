@@ -18,6 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .quantizer import DimensionwiseQuantizer
+
 DEFAULT_MAX_MODEL_GB = 8.0
 DEFAULT_MAX_REQUEST_HOURS = 12.0
 # an encoder's live feature maps per input value, roughly (128 channels at full resolution, a few at once, against
@@ -67,8 +69,6 @@ def model_limit() -> int:
 def _on_meta() -> Iterator[None]:
     """Build modules on the meta device (shapes and dtypes, no storage). The quantizer computes and checks its
     tables in its constructor (they need values), so it alone is built on the CPU: its tables are small."""
-    from .quantizer import DimensionwiseQuantizer
-
     original = DimensionwiseQuantizer.__init__
 
     def on_cpu(self: Any, *args: Any, **kwargs: Any) -> None:

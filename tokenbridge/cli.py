@@ -300,7 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("train-vae", help="train the embedded Fashion-MNIST KL-VAE")
-    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
+    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights only with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a file of another kind or the shipped weights")
     for flag, kind in (("--steps", _positive_int), ("--batch-size", _positive_int), ("--lr", float),
                        ("--kl-weight", float), ("--seed", int)):
@@ -320,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_vq)
 
     p = sub.add_parser("train-classifier", help="train the embedded evaluation classifier")
-    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
+    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights only with --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace a file of another kind or the shipped weights")
     for flag, kind in (("--epochs", _positive_int), ("--batch-size", _positive_int), ("--lr", float), ("--seed", int),
                        ("--threads", _positive_int)):

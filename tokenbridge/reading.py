@@ -14,16 +14,18 @@ from .budget import check_model_budget, meta_model, state_bytes
 
 
 def check_state(expected: dict[str, torch.Tensor], state: dict[str, torch.Tensor], where: Any,
-                what: str = "weights") -> None:
-    """Refuse (ValueError naming the tensor) a state dict whose names or shapes differ from ``expected`` (a module's
-    state dict, meta tensors welcome), that holds integer values where floating-point ones belong, or NaN / inf."""
+                what: str = "weights", shaped: set[str] | None = None) -> None:
+    """Refuse (ValueError naming the tensor) a state dict whose names differ from ``expected`` (a module's state
+    dict, meta tensors welcome), whose shapes differ for the names in ``shaped`` (default: all; buffers a module
+    resizes when it loads, such as a calibrated quantizer's, are left out), that holds integer values where
+    floating-point ones belong, or NaN / inf."""
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
     if missing or unexpected:
         raise ValueError(f"{where}: {what} do not fit the recorded config: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}")
     for name, want in expected.items():
         got = state[name]
-        if tuple(got.shape) != tuple(want.shape):
+        if (shaped is None or name in shaped) and tuple(got.shape) != tuple(want.shape):
             raise ValueError(f"{where}: {what} do not fit the recorded config: tensor {name!r} has shape "
                              f"{list(got.shape)}, the config makes {list(want.shape)}")
         if want.is_floating_point() and not got.is_floating_point():
@@ -42,7 +44,7 @@ def check_generator_file(cls: type[nn.Module], config: dict[str, Any], state: di
     except (TypeError, KeyError) as e:
         raise ValueError(f"{where}: the recorded config does not build a {cls.__name__}: {e}") from None
     check_model_budget(state_bytes(model), where)
-    check_state(model.state_dict(), state, where)
+    check_state(model.state_dict(), state, where, shaped={name for name, _ in model.named_parameters()})
 
 
 def inside(folder: str | os.PathLike, name: Any, where: Any, what: str = "file") -> Path:

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..files import atomic_path, tensor_bytes
+from ..reading import check_generator_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -93,8 +94,6 @@ def build_generator(cls: type[nn.Module], record: dict[str, Any], state: dict[st
     """``cls`` built from ``record["config"]`` with ``state`` loaded strictly and ``provenance = record``, in eval
     mode on ``device``; a state that does not fit (or is over the size budget, or holds NaN / inf / integer
     weights) is a ValueError naming ``where``, before the generator is allocated."""
-    from ..reading import check_generator_file  # the read path imports the families' builders
-
     check_generator_file(cls, record["config"], state, where)
     model = cls.from_config(record["config"])
     try:
