@@ -25,12 +25,19 @@ DEFAULT_MAX_REQUEST_HOURS = 12.0
 # an encoder's live feature maps per input value, roughly (128 channels at full resolution, a few at once, against
 # 1-3 image channels): what encoding a batch needs beyond the batch itself
 ACTIVATION_FACTOR = 100
-PROBE_ABOVE = 64  # requests of more images are timed on one image first (smaller ones cost less than the probe)
+PROBE_ABOVE = 256  # larger requests are timed on one image first (for smaller ones the probe would cost too much)
 _GIB = 2**30
 
 
 def _gib(n: float) -> str:
     return f"{n / _GIB:.2f} GiB"
+
+
+def duration(seconds: float) -> str:
+    """``seconds`` in the unit a person reads best: 40 s, 12 min, 3.5 h."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:,.1f} h"
 
 
 def available_memory() -> int:
@@ -114,8 +121,8 @@ def check_time(seconds: float, request: str, hint: str) -> None:
     """Refuse (ValueError) a request that would take at least ``seconds``, over TOKENBRIDGE_MAX_REQUEST_HOURS."""
     hours = _env_float("TOKENBRIDGE_MAX_REQUEST_HOURS", DEFAULT_MAX_REQUEST_HOURS)
     if seconds > hours * 3600:
-        raise ValueError(f"{request} would take at least {seconds / 3600:,.1f} hours here (limit {hours:g} h, "
-                         f"TOKENBRIDGE_MAX_REQUEST_HOURS); {hint}")
+        raise ValueError(f"{request} would take about {duration(seconds)} here, over the limit of {hours:g} h "
+                         f"(TOKENBRIDGE_MAX_REQUEST_HOURS); {hint}")
 
 
 def check_images_request(count: int, channels: int, resolution: int, request: str, hint: str) -> None:
@@ -130,9 +137,9 @@ def check_encode_request(batch: int, shape: tuple[int, ...], request: str, hint:
 
 def check_sample_request(model: nn.Module, count: int, batch_size: int, probe: Any) -> float | None:
     """Check that sampling ``count`` images fits in memory and time before the work. ``probe()`` samples one image
-    and returns the result dict; its time and output size, scaled to ``count``, are the estimate (the time's lower
-    bound assumes a batch of ``batch_size`` costs what one image costs; the upper bound, one image at a time).
-    Returns the upper bound in seconds, None when the request is too small to be worth probing."""
+    and returns the result dict; its time and output size, scaled to ``count``, are the estimate (rough: the time
+    assumes a batch of ``batch_size`` costs what one image costs, its warm-up included). Returns the estimated
+    seconds, None when the request is too small to be worth probing."""
     if count <= PROBE_ABOVE:
         return None
     start = time.perf_counter()
@@ -142,8 +149,9 @@ def check_sample_request(model: nn.Module, count: int, batch_size: int, probe: A
     request, hint = f"sampling {count:,} images", "ask for fewer (--per-class, --labels)"
     # the results, the uint8 copy and the PNG grid (3x upscaled, so 9x the pixels) are held at once
     check_memory(count * (per_image * 2 + 10 * per_image / 4), request, hint)
-    check_time(seconds * math.ceil(count / batch_size), request, hint)
-    return seconds * count
+    estimate = seconds * math.ceil(count / batch_size)
+    check_time(estimate, request, hint)
+    return estimate
 
 
 _OOM = re.compile(r"(can't allocate memory|out of memory|CUDA out of memory|tried to allocate)", re.IGNORECASE)

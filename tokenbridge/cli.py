@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import yaml
 
-from .budget import check_images_request, check_sample_request, is_out_of_memory, out_of_memory
+from .budget import check_images_request, check_sample_request, duration, is_out_of_memory, out_of_memory
 from .checkpoint import SHIPPED, export_weights, load_generator
 from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
@@ -211,8 +211,7 @@ def _check_sample_size(args: argparse.Namespace, model: Any, device: str, option
     seconds = check_sample_request(model, len(args.labels) * args.per_class, batch_size, lambda: generate(
         model, args.labels[:1], vae=args.vae, device=device, allow_other_vae=args.allow_other_vae, **options))
     if seconds is not None and seconds > 60:
-        print(f"sampling {len(args.labels) * args.per_class:,} images: at most about {seconds / 60:.0f} min here",
-              file=sys.stderr)
+        print(f"sampling {len(args.labels) * args.per_class:,} images: about {duration(seconds)} here", file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
