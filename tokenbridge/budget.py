@@ -165,7 +165,8 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 def out_of_memory(error: BaseException, args: Any = None) -> str:
     """One line for running out of memory: what the allocator was asked for, the free memory, what to lower."""
-    asked = re.search(r"allocate ([0-9]+) bytes", str(error)) or re.search(r"allocate ([0-9.]+ ?[KMGT]?i?B)", str(error))
+    text = str(error)
+    asked = re.search(r"allocate ([0-9]+) bytes", text) or re.search(r"allocate ([0-9.]+ ?[KMGT]?i?B)", text)
     size = asked and (_gib(int(asked.group(1))) if asked.group(1).isdigit() else asked.group(1))
     need = f" (one allocation of {size})" if asked else ""
     command = getattr(args, "command", None)

@@ -36,7 +36,8 @@ _FULL_WORDS = ("No space left", "StorageFull", "File too large", "FileTooLarge",
                "unexpected pos")
 _KIND_NAMES = {"tokenbridge-tokens": "a token file", "tokenbridge-train-checkpoint": "a training checkpoint",
                "tokenbridge-generator": "an exported generator", "tokenbridge-pretrained": "pretrained weights",
-               "tokenbridge-vae": "VAE weights", "tokenbridge-vq": "a VQ tokenizer", "tokenbridge-shard": "a token shard"}
+               "tokenbridge-vae": "VAE weights", "tokenbridge-vq": "a VQ tokenizer",
+               "tokenbridge-shard": "a token shard"}
 
 
 @contextmanager

@@ -163,8 +163,8 @@ def run_reconstruct(vae, images: torch.Tensor, out_dir: str | Path, features=Non
                                          features=features, batch_size=batch_size, device=device,
                                          fit_latents=fit_latents)
     table = format_table(rows, fd_name)
-    write_text(
-        out_dir / "table1.md", f"{table}\n\n{len(images)} images, {time.time() - start:.0f} s. PSNR on images in [-1, 1].\n")
+    write_text(out_dir / "table1.md",
+               f"{table}\n\n{len(images)} images, {time.time() - start:.0f} s. PSNR on images in [-1, 1].\n")
     save_reconstruction_grid(samples, rows, out_dir / "reconstruction_grid.png")
     save_histograms(samples["latents"], out_dir / "latent_histograms.png")
     return rows, table
