@@ -12,6 +12,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -98,7 +99,10 @@ def disk_full_error(path: Path, error: BaseException | None = None, needed: int 
         need = "the write stopped"
     why = "a file-size limit" if isinstance(error, OSError) and error.errno == errno.EFBIG else "no space left"
     kept = "; the previous file is unchanged" if path.exists() else ""
-    return OSError(errno.ENOSPC, f"{why} to write {path}: {need}, {_mib(free)} free on that disk{kept}")
+    # a file of a folder written whole (train-vq's temporary folder) is named where it was to land
+    folder = re.fullmatch(r"\.(.+)\.[0-9]+\.tmp", path.parent.name)
+    shown = path.parent.with_name(folder.group(1)) / path.name if folder else path
+    return OSError(errno.ENOSPC, f"{why} to write {shown}: {need}, {_mib(free)} free on that disk{kept}")
 
 
 def _is_disk_full(error: BaseException) -> bool:
