@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_text
 from .budgets import SCALES, resolve_budget
 from .runs import Context, Resources, Variant, VariantResult, heldout_nll, run_variant
 from . import shipped
@@ -54,7 +55,7 @@ def _write_markdown(ctx: Context, table: str, wall_s: float) -> Path:
         "",
     ]
     path = ctx.out_dir / f"{ctx.name}.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 
