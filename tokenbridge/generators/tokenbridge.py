@@ -32,6 +32,7 @@ from ..layers import cfg_rows, guide
 from ..official_head import OfficialARHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
+from .. import samplers
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -240,6 +241,9 @@ class TokenBridgeGenerator(MaskedGenerator):
         top_p: float = 1.0,
         order: Literal["random", "confidence"] = "random",
         cfg_mix: Literal["logits", "z"] = "logits",
+        sampler: Literal["toolbox", "paper"] = samplers.DEFAULT_SAMPLER,
+        cfg_interval: tuple[float, float] | None = samplers.PAPER.cfg_interval,
+        uncond_every: int = samplers.PAPER.uncond_every,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
@@ -256,8 +260,12 @@ class TokenBridgeGenerator(MaskedGenerator):
         cfg_mix: "logits" (guidance on the head's logits at every channel step) or "z" (on the backbone's features
         before the head, the released code's way, whose linear schedule ends at 1 + (cfg - 1)(L - 1)/L because its
         mask length never drops below 1).
+        sampler, cfg_interval, uncond_every: the sampler toolbox (tokenbridge.samplers): guidance only on the
+        steps whose mask ratio lies in cfg_interval, unconditional features reused between guided steps;
+        sampler="paper" ignores them (the sampler before the toolbox).
         """
         self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
+        box = samplers.resolve(sampler, cfg_interval=cfg_interval, uncond_every=uncond_every)
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
@@ -270,7 +278,7 @@ class TokenBridgeGenerator(MaskedGenerator):
 
         idx = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, dtype=torch.long, device=device)
         idx, conf = self._generate(labels, idx, self.indices_to_tokens, predict, num_iter, cfg, cfg_schedule,
-                                   order == "random", gen, progress, callback, released_cfg=cfg_mix == "z")
+                                   order == "random", gen, progress, callback, released_cfg=cfg_mix == "z", box=box)
         return self._outputs(idx, conf)
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:
