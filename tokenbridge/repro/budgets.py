@@ -57,7 +57,7 @@ _DIFFUSION_SETTINGS = {"paper": _PAPER, "ddim 25": {"diffusion_sampler": "ddim",
                        "disa 50-5": {"num_sampling_steps": 50, "num_sampling_steps_end": 5},
                        "ddim 25-5+interval": {"diffusion_sampler": "ddim", "num_sampling_steps": 25,
                                               "num_sampling_steps_end": 5, "cfg_interval": [0.0, 0.5]}}
-_FRONTIER = {"fmnist": _TB_SETTINGS, "fmnist-mar": _DIFFUSION_SETTINGS, "fmnist-d2c": _DIFFUSION_SETTINGS}
+FRONTIER_SETTINGS = {"fmnist": _TB_SETTINGS, "fmnist-mar": _DIFFUSION_SETTINGS, "fmnist-d2c": _DIFFUSION_SETTINGS}
 
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -79,7 +79,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "d2c": _d2c("tiny", steps=4, batch_size=32, codebook_size=16),
         "table3": {"mar_model": {"preset": "tiny"}, "num_sampling_steps": 4, "clip_denoised": 5.0,
                    "num_iters": [2, 4], "diffusion_steps": [2], "speed_batch": 4, "speed_repeats": 1},
-        "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8,
+        "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8, "only": None,
                      "families": {"fmnist": {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]}}}},
     },
     "small": {
@@ -113,7 +113,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "table3": {"mar_model": {"preset": "fmnist"}, "num_sampling_steps": 100, "clip_denoised": 5.0,
                    "num_iters": [4, 8, 16], "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 3},
         # >= 1,000 samples and 2 sampling seeds per setting (issue 27)
-        "frontier": {"per_class": 100, "seeds": [0, 1], "speed_batch": 64, "families": _FRONTIER},
+        "frontier": {"per_class": 100, "seeds": [0, 1], "speed_batch": 64, "only": None,
+                     "families": FRONTIER_SETTINGS},
     },
     "paper": {
         "seed": 0,
@@ -138,7 +139,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "table3": {"num_sampling_steps": 100, "clip_denoised": None, "num_iters": [16, 64, 256],
                    "mar_model": {"preset": "mar-l", "grid_size": None, "channels": None, "num_classes": None},
                    "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 5},
-        "frontier": {"per_class": 1000, "seeds": [0, 1], "speed_batch": 64, "families": _FRONTIER},
+        "frontier": {"per_class": 1000, "seeds": [0, 1], "speed_batch": 64, "only": None,
+                     "families": FRONTIER_SETTINGS},
     },
 }
 # Sections whose keys are checked downstream (the generator family, train.train): overrides may add keys there.

@@ -6,11 +6,12 @@ FD_cls, k-NN precision / recall and class accuracy of ``10 * per_class`` samples
 setting) against the test split, once per sampling seed in ``seeds``; speed: images/s of one `generate` call of
 the scored samples, generated at batch ``speed_batch`` (sampling + VAE decode), median over the seeds. A setting *keeps quality* when its
 mean FD is at most today's mean FD plus today's sampling-seed spread (max - min over the seeds) and its mean
-recall at least today's mean recall minus that spread. The Pareto set (no other setting of the family both
+recall at least today's mean recall minus that spread. ``frontier.only``: the generator specs to run (None: all). The Pareto set (no other setting of the family both
 faster and lower in FD) is marked; the plot shows FD against images/s, one curve per family.
 """
 from __future__ import annotations
 
+import json
 import statistics
 import time
 from typing import Any
@@ -21,7 +22,8 @@ from ..classifier import classifier_metrics
 from ..generate import generate, sampling_defaults
 from ..markdown import fmt, markdown_table
 from .plots import pyplot, save_figure
-from .runs import Context, _write_json, class_labels
+from ..samplers import record_reuse_error
+from .runs import Context, _write_json, class_labels, short_hash
 
 METRICS = ("fd_cls", "precision", "recall", "class_accuracy")
 
@@ -38,6 +40,14 @@ def _score_setting(ctx: Context, model: Any, options: dict, labels: torch.Tensor
         metrics = classifier_metrics(fake, labels, real_images=real, classifier=ctx.res.classifier, device=ctx.device)
         runs.append({m: float(metrics[m]) for m in METRICS})
     return statistics.median(rates), runs
+
+
+def reuse_error(ctx: Context, model: Any, options: dict, labels: torch.Tensor) -> dict[str, float]:
+    """Mean relative error of the reused unconditional features and guidance direction (uncond_every > 1) over
+    the reusing MAR steps of one batch of ``labels``."""
+    with record_reuse_error() as errors:
+        generate(model, labels.tolist(), vae=ctx.res.vae, seed=0, device=ctx.device, **options)
+    return {k: statistics.fmean(e[k] for e in errors) for k in ("z_u", "guidance")} if errors else {}
 
 
 def _summary(runs: list[dict]) -> dict[str, tuple[float, float]]:
@@ -61,6 +71,13 @@ def pareto(rows: list[dict]) -> set[str]:
 
 def _family_rows(ctx: Context, spec: str, settings: dict[str, dict], labels: torch.Tensor,
                  real: torch.Tensor) -> list[dict]:
+    """The family's rows, reused from ``work_dir`` when a run with the same settings, samples and threads made
+    them (so that families can be measured by separate processes, ``frontier.only``, and then tabulated)."""
+    f = ctx.budget["frontier"]
+    key = short_hash([spec, settings, f["per_class"], f["seeds"], f["speed_batch"], torch.get_num_threads()])
+    cache = ctx.work_dir / "frontier" / f"{spec}-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
     model = ctx.res.generator(spec)
     recorded = sampling_defaults(model)
     rows = []
@@ -69,7 +86,11 @@ def _family_rows(ctx: Context, spec: str, settings: dict[str, dict], labels: tor
         rate, runs = _score_setting(ctx, model, options, labels, real)
         rows.append({"family": spec, "name": name, "options": changes, "images_per_s": rate, "runs": runs,
                      **_summary(runs)})
+        if options.get("uncond_every", 1) > 1 and options.get("sampler") != "paper":
+            rows[-1]["reuse_error"] = reuse_error(ctx, model, options, labels[::max(1, len(labels) // 20)])
         print(f"frontier {spec} {name}: {rate:.2f} images/s, FD {rows[-1]['fd_cls'][0]:.2f}", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(cache, rows)
     return rows
 
 
@@ -97,7 +118,8 @@ def frontier(ctx: Context) -> str:
     labels = class_labels(int(f["per_class"]))
     real = ctx.res.images("test", None)
     rows, table = [], []
-    for spec, settings in f["families"].items():
+    families = {k: v for k, v in f["families"].items() if f.get("only") is None or k in f["only"]}
+    for spec, settings in families.items():
         own = _family_rows(ctx, spec, settings, labels, real)
         today = next(r for r in own if r["options"] == {"sampler": "paper"})
         front = pareto(own)
@@ -116,7 +138,10 @@ def frontier(ctx: Context) -> str:
         f"batch {f['speed_batch']}, median over the seeds; torch threads {torch.get_num_threads()}, on a machine shared with other jobs (compare within a column).",
         "kept: mean FD <= today's mean FD + today's seed range and mean recall >= today's mean recall - today's "
         "seed range (today = the `paper` row: `--sampler paper` with the recorded defaults).",
-        "Settings: " + "; ".join(f"{spec} {name} = {changes}" for spec, s in f["families"].items()
+        *[f"Feature reuse error of {r['family']} {r['name']} (mean over the reusing steps, 20 samples): reused z_u "
+          f"{r['reuse_error']['z_u']:.4f}, guidance direction z_c - z_u {r['reuse_error']['guidance']:.4f} "
+          "(relative L2 against the backbone's)." for r in rows if r.get("reuse_error")],
+        "Settings: " + "; ".join(f"{spec} {name} = {changes}" for spec, s in families.items()
                                  for name, changes in s.items()),
     ]
     return markdown_table(["generator", "setting", "images/s", "speedup", *METRICS, "quality kept", "Pareto"], table)
