@@ -5,10 +5,11 @@ linear on every step; MAR and D2C also 100 DDPM steps per token). A fast setting
 settings (tokenbridge.repro.budgets.FRONTIER_SETTINGS; `tokenbridge repro frontier` scores their quality),
 merged over the recorded defaults. One measurement is `tokenbridge.generate.generate` (sampling + VAE decode) of
 ``batch`` images; today's and the fast setting alternate (A B A B ...) in one process so that machine load hits
-both alike, and the median of ``--repeats`` runs is reported after one untimed warm-up each.
+both alike, and the median of ``--repeats`` runs is reported after one untimed warm-up each (at the first batch
+size). Under load from other processes, --threads 1 avoids the thread oversubscription that slows 2 threads.
 
     python benchmarks/samplers.py [--batch 1 64] [--repeats 3] [--threads 2] [--compile]
-        [--tb-setting NAME] [--mar-setting NAME] [--d2c-setting NAME]
+        [--tb-setting NAME] [--mar-setting NAME] [--d2c-setting NAME] [--only tb mar d2c]
 
 --compile also times today's sampler with the backbone's forward (and the diffusion head's denoiser) wrapped in
 torch.compile (inductor, dynamic shapes: the encoder's visible length and the head's row count change from step
@@ -42,6 +43,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: leave torch's default)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--compile", action="store_true", help="also time today's sampler under torch.compile")
+    p.add_argument("--only", nargs="+", choices=sorted(FAMILIES), default=sorted(FAMILIES),
+                   help="families to time (the RESULT line then lacks the others)")
     for key, generator in FAMILIES.items():
         p.add_argument(f"--{key}-setting", default=FAST[key], choices=sorted(FRONTIER_SETTINGS[generator]),
                        help=f"fast setting of {generator} (default: {FAST[key]!r})")
@@ -95,6 +98,8 @@ def measure(args: argparse.Namespace) -> dict[tuple[str, str, int], list[float]]
     """images/s runs per (family key, setting label, batch)."""
     rates: dict[tuple[str, str, int], list[float]] = {}
     for key, generator in FAMILIES.items():
+        if key not in args.only:
+            continue
         model = load_generator(generator, args.device)
         vae = resolve_vae(model, device=args.device)
         recorded = sampling_defaults(model)
@@ -103,9 +108,10 @@ def measure(args: argparse.Namespace) -> dict[tuple[str, str, int], list[float]]
                 setting: (model, {**recorded, **FRONTIER_SETTINGS[generator][setting]})}
         if args.compile:
             runs["today, compiled"] = (compiled(load_generator(generator, args.device)), runs["today"][1])
-        for batch in args.batch:
+        for i, batch in enumerate(args.batch):
             for m, options in runs.values():  # warm-up: allocator, first-call dispatch, compilation
-                images_per_s(m, vae, batch, options, args.device)
+                if i == 0 or args.compile:  # (compiled code may specialise on the batch size)
+                    images_per_s(m, vae, batch, options, args.device)
             for _ in range(args.repeats):
                 for label, (m, options) in runs.items():
                     rates.setdefault((key, label, batch), []).append(images_per_s(m, vae, batch, options,

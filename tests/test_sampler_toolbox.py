@@ -14,6 +14,7 @@ from tokenbridge import cli
 from tokenbridge.diffusion import DiffusionSchedule, ddim_step
 from tokenbridge.generate import sampling_defaults
 from tokenbridge.generators import ContinuousMARGenerator, D2CGenerator, TokenBridgeGenerator, check_sample_options
+from tokenbridge.repro.frontier import kept, pareto
 from tokenbridge.sampling import mask_schedule_list
 from tokenbridge.samplers import PAPER, diffusion_steps_schedule, guided, record_reuse_error, resolve
 
@@ -264,3 +265,14 @@ def test_cli_takes_an_interval_and_the_preset():
                                                                                            "ddim")
     with pytest.raises(SystemExit):
         cli.build_parser().parse_args(["sample", "--sampler", "fast"])
+
+
+def test_frontier_verdicts():
+    """`repro frontier`: quality kept within today's seed range; the Pareto set in images/s and FD."""
+    today = {"name": "paper", "images_per_s": 1.0, "fd_cls": (20.0, 2.0), "recall": (0.5, 0.04)}
+    rows = [today,
+            {"name": "fast", "images_per_s": 4.0, "fd_cls": (21.9, 5.0), "recall": (0.47, 0.0)},
+            {"name": "worse", "images_per_s": 3.0, "fd_cls": (22.5, 0.1), "recall": (0.5, 0.0)},
+            {"name": "blurry", "images_per_s": 5.0, "fd_cls": (30.0, 0.1), "recall": (0.40, 0.0)}]
+    assert [kept(r, today) for r in rows] == [True, True, False, False]
+    assert pareto(rows) == {"paper", "fast", "blurry"}
