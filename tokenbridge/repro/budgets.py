@@ -13,7 +13,9 @@ generators, which measures the evaluation's own noise); then one section per tab
 maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths divided by that
 factor); table5 holds tokenbridge.repro.speed.TimingOptions; table3 (TokenBridge vs continuous MAR) names the
 continuous model config and the speed and quality-vs-time settings (tokenbridge.repro.families); shipped the
-generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling and the VQ of the learned source.
+generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling and the VQ of the learned source;
+frontier the sampler toolbox's settings per shipped generator (FRONTIER_SETTINGS), samples per class, sampling
+seeds, batch and the generators to run (``only``; tokenbridge.repro.frontier).
 """
 from __future__ import annotations
 
@@ -53,8 +55,7 @@ _PAPER = {"sampler": "paper"}
 _TB_SETTINGS = {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]},
                 "interval+reuse": {"cfg_interval": [0.0, 0.5], "uncond_every": 2},
                 "8 steps": {"num_iter": 8}, "8 steps+interval": {"num_iter": 8, "cfg_interval": [0.0, 0.5]}}
-_DIFFUSION_SETTINGS = {"paper": _PAPER, "ddim 25": {"diffusion_sampler": "ddim", "num_sampling_steps": 25},
-                       "disa 50-5": {"num_sampling_steps": 50, "num_sampling_steps_end": 5},
+_DIFFUSION_SETTINGS = {"paper": _PAPER, "disa 50-5": {"num_sampling_steps": 50, "num_sampling_steps_end": 5},
                        "ddim 25-5+interval": {"diffusion_sampler": "ddim", "num_sampling_steps": 25,
                                               "num_sampling_steps_end": 5, "cfg_interval": [0.0, 0.5]}}
 FRONTIER_SETTINGS = {"fmnist": _TB_SETTINGS, "fmnist-mar": _DIFFUSION_SETTINGS, "fmnist-d2c": _DIFFUSION_SETTINGS}
