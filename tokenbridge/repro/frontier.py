@@ -129,15 +129,20 @@ def frontier(ctx: Context) -> str:
                           *[f"{fmt(r[m][0], 3)} +- {fmt(r[m][1] / 2, 3)}" for m in METRICS],
                           "yes" if r["kept"] else "no", "yes" if r["pareto"] else ""])
         rows += own
+    best = {spec: max((r for r in rows if r["family"] == spec and r["kept"]), key=lambda r: r["images_per_s"])["name"]
+            for spec in families}
     _plot(ctx, rows)
     _write_json(ctx.out_dir / "frontier.json", rows)
     ctx.notes += [
-        f"{10 * int(f['per_class'])} samples per setting ({f['per_class']} per class) and sampling seed "
-        f"{list(f['seeds'])}; metrics against the {len(real)} test images; value +- half the seed range.",
+        f"{10 * int(f['per_class'])} samples ({f['per_class']} per class) for each setting and each sampling seed "
+        f"of {list(f['seeds'])}; metrics against the {len(real)} test images; value +- half the seed range.",
         f"images/s: the samples of a seed over the seconds of their `generate` call (sampling + VAE decode) at "
-        f"batch {f['speed_batch']}, median over the seeds; torch threads {torch.get_num_threads()}, on a machine shared with other jobs (compare within a column).",
+        f"batch {f['speed_batch']}, median over the seeds; torch threads {torch.get_num_threads()}. The settings run "
+        "one after the other on a machine shared with other jobs whose load changed during the run, so the speedup "
+        "column is indicative only: `python benchmarks/samplers.py` measures speed with the settings alternating.",
         "kept: mean FD <= today's mean FD + today's seed range and mean recall >= today's mean recall - today's "
         "seed range (today = the `paper` row: `--sampler paper` with the recorded defaults).",
+        *[f"Fastest setting of {spec} that kept quality: {name}." for spec, name in best.items()],
         *[f"Feature reuse error of {r['family']} {r['name']} (mean over the reusing steps, 20 samples): reused z_u "
           f"{r['reuse_error']['z_u']:.4f}, guidance direction z_c - z_u {r['reuse_error']['guidance']:.4f} "
           "(relative L2 against the backbone's)." for r in rows if r.get("reuse_error")],
