@@ -75,9 +75,10 @@ def compiled(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def head_share(model: torch.nn.Module, vae: torch.nn.Module, batch: int, options: dict, device: str) -> float:
-    """Fraction of one `generate` call's time spent in the head's sample (what speculative / Jacobi decoding of
-    the head could at most save)."""
-    spent, real = [0.0], model.head.sample
+    """Fraction of one `generate` call's time spent in the head's sample (TokenBridge: what speculative / Jacobi
+    decoding of the head could at most save; MAR, D2C: the diffusion head's share); the rest is mostly backbone."""
+    head = (model.stage2 if hasattr(model, "stage2") else model).head
+    spent, real = [0.0], head.sample
 
     def timed(*a, **kw):
         start = time.perf_counter()
@@ -85,13 +86,13 @@ def head_share(model: torch.nn.Module, vae: torch.nn.Module, batch: int, options
         spent[0] += time.perf_counter() - start
         return out
 
-    model.head.sample = timed
+    head.sample = timed
     try:
         start = time.perf_counter()
         generate(model, [i % 10 for i in range(batch)], vae=vae, seed=1, device=device, batch_size=batch, **options)
         return spent[0] / (time.perf_counter() - start)
     finally:
-        del model.head.sample
+        del head.sample
 
 
 def measure(args: argparse.Namespace) -> dict[tuple[str, str, int], list[float]]:
@@ -116,9 +117,9 @@ def measure(args: argparse.Namespace) -> dict[tuple[str, str, int], list[float]]
                 for label, (m, options) in runs.items():
                     rates.setdefault((key, label, batch), []).append(images_per_s(m, vae, batch, options,
                                                                                   args.device))
-            if key == "tb":
-                share = head_share(model, vae, batch, runs["today"][1], args.device)
-                print(f"# TokenBridge head share of today's sampling time at batch {batch}: {100 * share:.1f} %")
+            for label in ("today", setting):
+                share = head_share(model, vae, batch, runs[label][1], args.device)
+                print(f"# {generator} head share of the time of {label} at batch {batch}: {100 * share:.1f} %")
             print(f"# {generator} batch {batch}: " + ", ".join(
                 f"{label} {statistics.median(rates[(key, label, batch)]):.2f}" for label in runs), flush=True)
     return rates
