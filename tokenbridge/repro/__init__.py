@@ -36,7 +36,8 @@ from .runs import Context, Resources, Variant, VariantResult, heldout_nll, run_v
 from . import shipped
 from .tables import PAPER, TABLES, TITLES
 
-REPRO_NAMES = ("table1", "table2a", "table2b", "table2c", "table2d", "table2e", "table5", "fig8", "table3", "shipped", "d2c")
+REPRO_NAMES = ("table1", "table2a", "table2b", "table2c", "table2d", "table2e", "table5", "fig8", "table3", "shipped", "d2c",
+               "frontier")
 
 __all__ = ["PAPER", "REPRO_NAMES", "SCALES", "TABLES", "TITLES", "Context", "Resources", "Variant", "VariantResult",
            "heldout_nll", "resolve_budget", "run_repro", "run_variant"]
