@@ -78,8 +78,10 @@ def token_log_probs(model: CausalTokenBridgeGenerator, indices: torch.Tensor, la
 # the cached sampling path == teacher forcing
 
 
-def test_cached_backbone_features_equal_uncached_and_teacher_forced_ones():
-    model = tiny_model()
+@pytest.mark.parametrize("prefix_tokens", [1, 3])
+def test_cached_backbone_features_equal_uncached_and_teacher_forced_ones(prefix_tokens):
+    model = tiny_model(backbone={"prefix_tokens": prefix_tokens})
+    assert model.backbone.prefix_tokens == prefix_tokens
     indices, labels = tiny_indices(4)[:]
     labels = torch.tensor([0, 3, 9, 10])  # 10 = the null class
     with torch.no_grad():
