@@ -26,6 +26,7 @@ from pydantic import Field, PositiveInt
 from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
 from ..diffusion import DiffusionHead
+from .editing import check_known
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -131,7 +132,8 @@ class ContinuousMARGenerator(MaskedGenerator):
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
                num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
                generator: torch.Generator | int | None = None, progress: bool = False,
-               callback: Callable[[dict[str, torch.Tensor]], None] | None = None) -> dict[str, torch.Tensor]:
+               callback: Callable[[dict[str, torch.Tensor]], None] | None = None, known: torch.Tensor | None = None,
+               known_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
 
         num_iter: MAR steps (capped at the sequence length L). num_sampling_steps: DDPM steps per token, respaced
@@ -144,8 +146,11 @@ class ContinuousMARGenerator(MaskedGenerator):
         `cfg_schedule`. generator: None (global RNG), an int seed or a torch.Generator on the model's device.
         Returns dict(latents [N, C, H, W] float). callback: called after every MAR step with the outputs so far
         plus ``step``, ``num_iter`` and ``mask`` [N, H, W] bool (True = not generated yet; those latents are 0).
+        known, known_mask: editing (generators/editing.py): latents [N, C, H, W] and [N, H, W] bool (True = keep);
+        the kept latents are returned unchanged, the rest is sampled.
         """
         self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
+        edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
         train_steps = len(self.head.schedule)
         if int(num_sampling_steps) != num_sampling_steps or not 1 <= num_sampling_steps <= train_steps:
             raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {num_sampling_steps}")
@@ -161,8 +166,13 @@ class ContinuousMARGenerator(MaskedGenerator):
             return x, None
 
         values = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, device=device)
+        token_known = None
+        if edit is not None:
+            latents, token_known = edit[0].to(device), edit[1].to(device)
+            given = patchify(latents.permute(0, 2, 3, 1), self.patch_size)
+            values = torch.where(token_known[..., None], given, values)
         values, score = self._generate(labels, values, lambda v: v, predict, num_iter, cfg, cfg_schedule, True, gen,
-                                       progress, callback, released_cfg=bool(released_cfg))
+                                       progress, callback, released_cfg=bool(released_cfg), known=token_known)
         return self._outputs(values, score)
 
     def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:

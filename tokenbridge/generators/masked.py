@@ -107,7 +107,7 @@ class MaskedGenerator(nn.Module):
                   predict: Predict, num_iter: int, cfg: float | None, cfg_schedule: str, random_order: bool,
                   gen: torch.Generator | None, progress: bool,
                   callback: Callable[[dict[str, torch.Tensor]], None] | None,
-                  released_cfg: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  released_cfg: bool = False, known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAR loop: ``num_iter`` steps on the cosine mask schedule; each step runs the backbone on the values
         so far and lets ``predict`` draw the values of the next positions (the random order's next chunk, or with
         ``random_order`` False every masked position, keeping the highest-scoring ones). With cfg != 1 the
@@ -117,21 +117,28 @@ class MaskedGenerator(nn.Module):
         place. Returns (values, score [N, L] float: each position's score when it was drawn, 0 without scores).
         released_cfg: the linear cfg schedule counts at least one masked position, as MAR's released sampler does
         (its mask length never drops below 1), so the last step's scale is 1 + (cfg - 1)(L - 1)/L, not cfg.
+        known [N, L] bool (editing; every row the same count): positions whose ``values`` are given and kept; the
+        loop starts with them unmasked and spreads its steps over the others (none left: no step runs).
         """
         n, seq_len, device = labels.shape[0], self.seq_len, labels.device
-        num_iter = min(int(num_iter), seq_len)
-        schedule = mask_schedule_list(num_iter, seq_len)
+        todo = seq_len if known is None else seq_len - int(known[0].sum())
+        if todo == 0:
+            return values, torch.zeros(n, seq_len, device=device)
+        num_iter = min(int(num_iter), todo)
+        schedule = mask_schedule_list(num_iter, todo)
         use_cfg = cfg is not None and float(cfg) != 1.0
         if use_cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         tdim = values.shape[-1]
         score = torch.zeros(n, seq_len, device=device)
-        mask = torch.ones(n, seq_len, dtype=torch.bool, device=device)
+        mask = torch.ones(n, seq_len, dtype=torch.bool, device=device) if known is None else ~known
         orders = sample_orders(n, seq_len, device=device, generator=gen) if random_order else None
+        if orders is not None and known is not None:  # unknown positions first, in the row's random order
+            orders = orders.gather(1, torch.argsort(known.gather(1, orders).to(torch.int8), dim=1, stable=True))
         was_training = self.training
         self.eval()
         try:
-            prev = seq_len
+            prev = todo
             for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
                 remaining = schedule[step]
                 tokens = to_tokens(values)

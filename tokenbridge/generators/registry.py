@@ -27,9 +27,9 @@ from ..config import ConfigError, Section, merge, signature_model, validate
 from .pretrained import PretrainedMethods
 
 FAMILIES: dict[str, type[nn.Module]] = {}
-# sample() parameters that are not sampling options: the class labels, the random source, the progress bar and a
-# per-step callback (live views)
-_NOT_OPTIONS = ("labels", "generator", "progress", "callback")
+# sample() parameters that are not sampling options: the class labels, the random source, the progress bar, a
+# per-step callback (live views) and the kept region of an edit (tensors)
+_NOT_OPTIONS = ("labels", "generator", "progress", "callback", "known", "known_mask")
 
 
 def register_family(cls: type[nn.Module]) -> type[nn.Module]:

@@ -32,6 +32,7 @@ from ..layers import cfg_rows, guide
 from ..official_head import OfficialARHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
+from .editing import check_known
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -243,6 +244,8 @@ class TokenBridgeGenerator(MaskedGenerator):
         generator: torch.Generator | int | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate token grids for class `labels` [N] (value num_classes = unconditional).
 
@@ -256,8 +259,11 @@ class TokenBridgeGenerator(MaskedGenerator):
         cfg_mix: "logits" (guidance on the head's logits at every channel step) or "z" (on the backbone's features
         before the head, the released code's way, whose linear schedule ends at 1 + (cfg - 1)(L - 1)/L because its
         mask length never drops below 1).
+        known, known_mask: editing (generators/editing.py): latents [N, C, H, W] and [N, H, W] bool (True = keep);
+        the kept tokens are the quantizer's indices of ``known``, returned unchanged, and the rest is sampled.
         """
         self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
+        edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
@@ -269,8 +275,14 @@ class TokenBridgeGenerator(MaskedGenerator):
                                     generator=g)
 
         idx = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, dtype=torch.long, device=device)
+        token_known = None
+        if edit is not None:
+            latents, token_known = edit[0].to(device), edit[1].to(device)
+            given = patchify(self.quantizer.quantize(latents.permute(0, 2, 3, 1).contiguous()), self.patch_size)
+            idx = torch.where(token_known[..., None], given.long(), idx)
         idx, conf = self._generate(labels, idx, self.indices_to_tokens, predict, num_iter, cfg, cfg_schedule,
-                                   order == "random", gen, progress, callback, released_cfg=cfg_mix == "z")
+                                   order == "random", gen, progress, callback, released_cfg=cfg_mix == "z",
+                                   known=token_known)
         return self._outputs(idx, conf)
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:
