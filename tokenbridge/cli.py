@@ -21,6 +21,7 @@ from .config import ConfigError, DataConfig, validate
 from .convert import convert as convert_official
 from .data import as_tensors
 from .distributed import TrainingInterrupted
+from .edit import run_edit
 from .evaluate import evaluate_samples, read_samples
 from .files import check_writable
 from .generate import generate, save_samples
@@ -198,6 +199,16 @@ def cmd_sample(args: argparse.Namespace) -> None:
         accuracy = class_accuracy(result["images"], torch.tensor(labels), classifier=load_classifier(device=device))
         print(f"classifier accuracy of the samples on their conditioning class: {accuracy:.3f} "
               f"({len(labels)} samples)")
+
+
+def cmd_edit(args: argparse.Namespace) -> None:
+    options = {name: getattr(args, name) for name in _sampling_fields() if getattr(args, name) is not None}
+    written = run_edit(args.model, args.images, args.keep, args.out, labels=args.labels, per_image=args.per_image,
+                       split=args.split, limit=args.limit, npz=args.npz, vae=args.vae, device=_device(args.device),
+                       allow_other_vae=args.allow_other_vae, **_given(args, seed="seed", batch_size="batch_size"),
+                       **options)
+    for path in written:
+        print(f"wrote {path}")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -381,6 +392,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evaluate", action="store_true", help="report the embedded classifier's accuracy")
     p.add_argument("--device")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("edit", help="inpaint, outpaint or regenerate a region of images under a class, with a "
+                                    "generator of any family")
+    p.add_argument("--model", default="fmnist", help="fmnist, fmnist-mar, fmnist-d2c, a checkpoint.pt, an export or "
+                                                     "a pretrained folder")
+    p.add_argument("--images", required=True, help="an image file, or a source as cache-latents --data takes: fmnist "
+                                                   "(with --split), folder:PATH, 'wds:shards-{000..009}.tar', hf:PATH")
+    p.add_argument("--keep", required=True, help="the region kept: left, right, top, bottom, center (outpainting), "
+                                                 "border (inpainting) or MASK.png (white = keep, at the token grid's "
+                                                 "size or the images'; a token is kept only if all its pixels are)")
+    p.add_argument("--labels", type=int, nargs="+", help="class to generate: one for all images or one per image "
+                                                         "(default: the source's labels)")
+    p.add_argument("--per-image", type=_positive_int, default=1, help="results per image")
+    p.add_argument("--split", default="test", help="split of a dataset source")
+    p.add_argument("--limit", type=_positive_int, default=8, help="edit the first N images of a dataset source")
+    p.add_argument("--out", default="out/edit", help="folder for edits.png (and edits.npz)")
+    p.add_argument("--npz", action="store_true", help="also write edits.npz (images, labels, keep, source_index)")
+    p.add_argument("--vae", help="default: the VAE the generator was trained on")
+    p.add_argument("--allow-other-vae", action="store_true", help="encode/decode with a VAE other than the recorded one")
+    _add_sampling_options(p)
+    p.add_argument("--seed", type=int, help=lib)
+    p.add_argument("--batch-size", type=_positive_int, help=lib)
+    p.add_argument("--device")
+    p.set_defaults(func=cmd_edit)
 
     p = sub.add_parser("evaluate", help="metrics of generated samples (.npz from `sample --npz`)")
     p.add_argument("samples", help="an .npz with images uint8 [N, H, W, C] and optional labels [N]")
