@@ -206,9 +206,10 @@ def _picture(image: np.ndarray, scale: int) -> Image.Image:
     return im.resize((im.width * scale, im.height * scale), Image.NEAREST)
 
 
-def edit_grid(result: dict[str, torch.Tensor], names: list[str], scale: int = 3) -> Image.Image:
+def edit_grid(result: dict[str, torch.Tensor], names: list[str], scale: int = 3, titles: list[str] | None = None,
+              row_labels: list[str] | None = None) -> Image.Image:
     """The labelled grid: one row per source image, original | kept region (the rest grey) | its K results, the
-    class each row was generated under on its left."""
+    class each row was generated under on its left (or ``row_labels``); ``titles``: the K result columns'."""
     n, k = len(result["originals"]), len(result["images"]) // len(result["originals"])
     size = result["originals"].shape[-1]
     shown = result["keep"][::k].float()[:, None]
@@ -217,14 +218,15 @@ def edit_grid(result: dict[str, torch.Tensor], names: list[str], scale: int = 3)
     cell, pad, left, top = size * scale, 4, 110, 18
     canvas = Image.new("RGB", (left + (k + 2) * (cell + pad), top + n * (cell + pad)), "white")
     draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(["original", "kept region", *[f"result {i + 1}" for i in range(k)]]):
+    titles = titles or [f"result {i + 1}" for i in range(k)]
+    for j, title in enumerate(["original", "kept region", *titles]):
         draw.text((left + j * (cell + pad), 3), title, fill="black")
     pictures = [to_uint8(result["originals"]), to_uint8(kept), to_uint8(result["images"])]
     for i in range(n):
         y = top + i * (cell + pad)
         label = int(result["labels"][i * k])
-        draw.text((4, y + cell // 2 - 6), f"-> {names[label] if label < len(names) else 'unconditional'}",
-                  fill="black")
+        text = row_labels[i] if row_labels else f"-> {names[label] if label < len(names) else 'unconditional'}"
+        draw.text((4, y + cell // 2 - 6), text, fill="black")
         row = [pictures[0][i], pictures[1][i], *pictures[2][i * k:(i + 1) * k]]
         for j, image in enumerate(row):
             canvas.paste(_picture(image, scale), (left + j * (cell + pad), y))
