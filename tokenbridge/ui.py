@@ -1,6 +1,7 @@
 """`tokenbridge demo-ui`: a browser demo (Gradio) of the generators. Pick a class and the sampling knobs, watch the
 token grid fill in step by step (each MAR step's partial image is streamed), and see the per-token confidence map,
-the tokens themselves and the time taken. Any generator family and checkpoint loads (`--model`, repeatable).
+the tokens themselves and the time taken. Any generator family and checkpoint loads (`--model`, repeatable). Below,
+an editing section (tokenbridge.ui_edit) regenerates a chosen region of a test image or an uploaded one.
 
 Safe by default: it binds to 127.0.0.1, queues requests with a concurrency limit, caps the images per request and
 downloads nothing (Gradio's analytics are switched off). Gradio is the optional `ui` extra.
@@ -127,21 +128,21 @@ def stream(entry: Entry, label: int, count: int, seed: int, options: dict[str, A
     yield (*render(entry, result["out"], nrow), f"done: {count} image(s) in {time.time() - start:.2f} s")
 
 
-def drop_repeats(frames: Iterator[tuple], skip: Any) -> Iterator[tuple]:
+def drop_repeats(frames: Iterator[tuple], skip: Any, pictures: int = 3) -> Iterator[tuple]:
     """The frames of ``stream`` with every picture equal to the one last sent for its slot replaced by ``skip``
     (Gradio's "leave unchanged"), except in the last frame. Gradio rewrites a picture's cache file on every yield
     even when it did not change (a MAR stream's token view is the same blank at every step), and a client still
-    downloading that file then reads it cut short."""
-    sent: list[np.ndarray | None] = [None, None, None]
+    downloading that file then reads it cut short. ``pictures``: how many leading entries of a frame are pictures."""
+    sent: list[np.ndarray | None] = [None] * pictures
     frame = next(frames, None)
     for following in frames:
-        pictures = list(frame[:3])
-        for i, picture in enumerate(frame[:3]):
+        shown = list(frame[:pictures])
+        for i, picture in enumerate(frame[:pictures]):
             if sent[i] is not None and np.array_equal(sent[i], picture):
-                pictures[i] = skip
+                shown[i] = skip
             else:
                 sent[i] = picture
-        yield (*pictures, *frame[3:])
+        yield (*shown, *frame[pictures:])
         frame = following
     if frame is not None:
         yield frame
@@ -156,6 +157,8 @@ def build_app(entries: dict[str, Entry], max_images: int = MAX_IMAGES) -> Any:
     endpoint ``/generate`` takes (model, class name, images, cfg, cfg_schedule, temperature, num_iter, order,
     seed) and streams (images, confidence, tokens, status)."""
     import gradio as gr
+
+    from .ui_edit import build_edit_section  # it builds on this module
 
     names = list(entries)
     first = entries[names[0]]
@@ -199,6 +202,7 @@ def build_app(entries: dict[str, Entry], max_images: int = MAX_IMAGES) -> Any:
                      model, label)
         button.click(on_generate, [model, label, count, cfg, schedule, temperature, num_iter, order, seed],
                      [images, confidence, tokens, status], api_name="generate")
+        build_edit_section(entries, max_images)
     app.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return app
 
