@@ -80,7 +80,7 @@ def test_unchanged_pictures_are_not_sent_again_except_in_the_last_frame():
 
 
 def test_edit_streams_the_region_filling_in_and_keeps_the_rest(client):
-    from tokenbridge.ui_edit import PAINTED
+    from tokenbridge.ui import PAINTED
     args = ("tokenbridge: fmnist", 3, None, "left", None, "Sandal", 2, 3.0, 1.0, 4, 1)
     job = client.submit(*args, api_name="/edit")
     steps = job.outputs() if job.result() else []
@@ -101,7 +101,7 @@ def test_edit_streams_the_region_filling_in_and_keeps_the_rest(client):
 
 
 def test_a_painting_regenerates_every_token_it_touches():
-    from tokenbridge.ui_edit import painted_keep, picture_to_image
+    from tokenbridge.ui import painted_keep, picture_to_image
     layer = np.zeros((64, 64, 4), np.uint8)
     layer[0:10, 40:64, 3] = 255  # top right corner painted
     keep = painted_keep({"background": None, "layers": [layer], "composite": None}, 8, 8)
