@@ -27,7 +27,7 @@ from ..files import atomic_path
 from ..edit import class_names, edit, edit_grid, encode_images, keep_region, token_grid, token_mask_to_latent
 from ..generate import sampling_defaults
 from ..markdown import fmt, markdown_table
-from .runs import Context, _write_json
+from .runs import Context, _write_json, short_hash
 from .shipped import split_test
 
 METRICS = ("class_accuracy", "fd_cls", "precision", "recall")
@@ -64,16 +64,14 @@ def lookahead_gap(model: Any, known: torch.Tensor, keep: torch.Tensor, labels: t
             "codes": int(after_free.sum()), "cells_forced_per_image": float(cells.sum(1).float().mean())}
 
 
-def _figure(ctx: Context, name: str, results: dict[str, dict], labels: torch.Tensor, names: list[str],
-            shift: int) -> None:
+def _figure(ctx: Context, name: str, shown: dict[str, torch.Tensor], names: list[str], shift: int) -> None:
     """edit_<model>.png: one image per class: original, kept region, result under its class, under class y+shift."""
-    picks = torch.tensor([int(torch.nonzero(labels == c)[0, 0]) for c in range(10)])
-    own, other = results["own"], results["other"]
-    both = {"originals": own["originals"][picks], "keep": own["keep"][picks].repeat_interleave(2, 0),
-            "images": torch.stack([own["images"][picks], other["images"][picks]], 1).flatten(0, 1),
-            "labels": own["labels"][picks].repeat_interleave(2)}
+    labels = shown["labels"]
+    both = {"originals": shown["originals"], "keep": shown["keep"].repeat_interleave(2, 0),
+            "images": torch.stack([shown["own"], shown["other"]], 1).flatten(0, 1),
+            "labels": labels.repeat_interleave(2)}
     grid = edit_grid(both, names, titles=["own class", f"class y+{shift}"],
-                     row_labels=[f"{names[int(y)]} -> {names[(int(y) + shift) % 10]}" for y in labels[picks]])
+                     row_labels=[f"{names[int(y)]} -> {names[(int(y) + shift) % 10]}" for y in labels])
     canvas = Image.new("RGB", (grid.width, grid.height + 16), "white")
     canvas.paste(grid, (0, 16))
     ImageDraw.Draw(canvas).text((4, 2), f"{name}: the kept region, then the rest regenerated", fill="black")
@@ -93,34 +91,56 @@ def _stack(paths: list, out: Any) -> None:
         canvas.save(tmp, format="PNG")
 
 
-def _edit_model(ctx: Context, spec: str, real: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
-                recon: torch.Tensor) -> tuple[list[list], dict]:
-    """Table rows and the JSON record of one model (both conditions)."""
+def _run_model(ctx: Context, model: Any, spec: str, real: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
+               recon: torch.Tensor) -> dict[str, Any]:
+    """Edit the images under both classes and score them: {record (metrics per condition, options, D2C's
+    look-ahead gap), shown (the figure's images: the first of each class)}."""
     e = ctx.budget["edit"]
-    model = ctx.res.generator(spec)
     options = sampling_defaults(model)
     (gh, gw), p = token_grid(model)
     keep = keep_region(e["keep"], gh, gw)
-    rows, record, results = [], {"options": options}, {}
-    for condition, target in (("own", labels), ("other", (labels + int(e["other"])) % 10)):
+    picks = torch.tensor([int(torch.nonzero(labels == c)[0, 0]) for c in range(10)])
+    record, shown = {"options": options}, {"labels": labels[picks], "originals": real[picks]}
+    targets = {"own": labels, "other": (labels + int(e["other"])) % 10}
+    for condition, target in targets.items():
         start = time.time()
-        results[condition] = out = edit(model, real, keep, target, vae=ctx.res.vae, seed=ctx.eval_seed,
-                                        device=ctx.device, batch_size=int(e["batch_size"]), **options)
+        out = edit(model, real, keep, target, vae=ctx.res.vae, seed=ctx.eval_seed, device=ctx.device,
+                   batch_size=int(e["batch_size"]), **options)
         seconds = time.time() - start
         metrics = classifier_metrics(out["images"], target, real_images=ref, classifier=ctx.res.classifier,
                                      device=ctx.device)
         metrics["psnr_kept"] = kept_psnr(out["images"], recon, out["keep"])
         metrics["seconds_per_image"] = seconds / len(real)
-        record[condition] = metrics
-        rows.append([f"{spec} ({model.family})", "own class y" if condition == "own" else f"class y+{e['other']}",
-                     *[fmt(metrics[m], 2 if m == "fd_cls" else 3) for m in METRICS], fmt(metrics["psnr_kept"], 2),
-                     fmt(metrics["seconds_per_image"], 3)])
+        record[condition], shown[condition], shown["keep"] = metrics, out["images"][picks], out["keep"][picks]
     if model.family == "d2c":
         latents = encode_images(model, real, ctx.res.vae, ctx.device).to(ctx.device)
         kept = token_mask_to_latent(keep.expand(len(real), gh, gw), p).to(ctx.device)
         record["lookahead"] = {c: lookahead_gap(model, latents, kept, t.to(ctx.device), options, ctx.eval_seed)
-                               for c, t in (("own", labels), ("other", (labels + int(e["other"])) % 10))}
-    _figure(ctx, spec, results, labels, class_names(model), int(e["other"]))
+                               for c, t in targets.items()}
+    return {"record": record, "shown": shown}
+
+
+def _edit_model(ctx: Context, spec: str, real: torch.Tensor, labels: torch.Tensor, ref: torch.Tensor,
+                recon: torch.Tensor) -> tuple[list[list], dict]:
+    """Table rows and the JSON record of one model (both conditions), reused from work_dir when the same model,
+    settings and images were run before (each model can be run by its own process: ``edit.models=[NAME]``)."""
+    e = ctx.budget["edit"]
+    model = ctx.res.generator(spec)
+    checksum = float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
+    key = short_hash({"spec": spec, "weights": checksum, "options": sampling_defaults(model), "seed": ctx.eval_seed,
+                      "edit": {k: e[k] for k in ("per_class", "keep", "other")}, "images": float(real.sum())})
+    path = ctx.work_dir / f"edit-{key}.pt"
+    if path.is_file():
+        done = torch.load(path, weights_only=False)
+    else:
+        done = _run_model(ctx, model, spec, real, labels, ref, recon)
+        with atomic_path(path) as tmp:
+            torch.save(done, tmp)
+    record = done["record"]
+    _figure(ctx, spec, done["shown"], class_names(model), int(e["other"]))
+    rows = [[f"{spec} ({model.family})", "own class y" if c == "own" else f"class y+{e['other']}",
+             *[fmt(record[c][m], 2 if m == "fd_cls" else 3) for m in METRICS], fmt(record[c]["psnr_kept"], 2),
+             fmt(record[c]["seconds_per_image"], 3)] for c in ("own", "other")]
     return rows, record
 
 
