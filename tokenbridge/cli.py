@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="out/edit", help="folder for edits.png (and edits.npz)")
     p.add_argument("--npz", action="store_true", help="also write edits.npz (images, labels, keep, source_index)")
     p.add_argument("--vae", help="default: the VAE the generator was trained on")
-    p.add_argument("--allow-other-vae", action="store_true", help="encode/decode with a VAE other than the recorded one")
+    p.add_argument("--allow-other-vae", action="store_true", help="a VAE other than the recorded one")
     _add_sampling_options(p)
     p.add_argument("--seed", type=int, help=lib)
     p.add_argument("--batch-size", type=_positive_int, help=lib)
