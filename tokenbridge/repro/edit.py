@@ -167,7 +167,13 @@ def edit_table(ctx: Context) -> str:
         f"{e['keep']} half; each model samples the rest with its recorded sampling defaults (in edit.json), sampling "
         f"seed {ctx.eval_seed}. Metrics against the other {len(ref)} test images; class accuracy on the class the "
         f"results were generated under; PSNR of the kept region against the VAE reconstruction of the original.",
-        "Figures: " + ", ".join(f"`edit_{spec}.png`" for spec in e["models"]) + " (one image per class).",
+        "Figures: " + ", ".join(f"`edit_{spec}.png`" for spec in e["models"]) + " (one image per class; "
+        "`edit.png`: all side by side).",
+        "TokenBridge keeps the kept tokens' quantizer indices, MAR their latents; D2C forces stage 1's code of every "
+        "coarse cell wholly inside the kept region (the discrete source's code of the kept latents, the rest set to "
+        "0) and draws the other codes in raster order, then keeps the kept latents in stage 2.",
+        "s / image: wall time of the edits (sampling, encoding, decoding) on this machine at the time, batch "
+        f"{e['batch_size']}; a model's edits are cached in the work folder and reused, with their time.",
     ]
     for spec in e["models"]:
         for condition, gap in record[spec].get("lookahead", {}).items():
