@@ -89,3 +89,20 @@ def test_presets_and_painted_masks_on_the_token_grid(tmp_path):
     assert torch.equal(read_mask(tmp_path / "m.png", 8, 8, 32), tokens)
     with pytest.raises(ValueError, match="unknown kept region"):
         keep_region("middle", 8, 8)
+
+
+def test_images_of_the_wrong_dtype_shape_channels_or_range_are_named_before_encoding(monkeypatch):
+    model = load_generator("fmnist")
+    vae = editing.resolve_vae(model)
+    monkeypatch.setattr(vae, "encode", lambda *a, **k: pytest.fail("encoding started"))
+    good = torch.zeros(2, 1, 32, 32)
+    cases = [(good.to(torch.uint8), "images must be a float tensor"),
+             (good[0], r"images must be \[N, 1, 32, 32\] \(the VAE's 1 channel"),
+             (good.expand(2, 3, 32, 32), "the VAE's 1 channel"),
+             (good[..., :28, :28], "images must be 32x32 .* got 28x28"),
+             (good + 2, r"lie in \[-1, 1\]")]
+    for images, message in cases:
+        with pytest.raises(ValueError, match=message):
+            encode_images(model, images, vae=vae)
+    with pytest.raises(ValueError, match=r"keep must be bool \[N=2, 8, 8\]"):
+        editing.edit(model, good, torch.ones(2, 4, 4, dtype=torch.bool), [0, 1], vae=vae)
