@@ -106,3 +106,5 @@ def test_images_of_the_wrong_dtype_shape_channels_or_range_are_named_before_enco
             encode_images(model, images, vae=vae)
     with pytest.raises(ValueError, match=r"keep must be bool \[N=2, 8, 8\]"):
         editing.edit(model, good, torch.ones(2, 4, 4, dtype=torch.bool), [0, 1], vae=vae)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\]"):
+        editing.edit(model, good, torch.ones(8, 8, dtype=torch.bool), [0, 12], vae=vae)

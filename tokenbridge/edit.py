@@ -153,6 +153,9 @@ def edit(model: str | os.PathLike | nn.Module, images: torch.Tensor, keep: torch
     if keep.dtype != torch.bool or tuple(keep.shape) != (len(images), gh, gw) or len(labels) != len(images):
         raise ValueError(f"keep must be bool [N={len(images)}, {gh}, {gw}] (or [{gh}, {gw}]) and labels [N], got "
                          f"keep {keep.dtype} {tuple(keep.shape)}, labels {tuple(labels.shape)}")
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) <= model.num_classes:
+        raise ValueError(f"labels must lie in [0, {model.num_classes}] ({model.num_classes} = unconditional), got "
+                         f"range [{int(labels.min())}, {int(labels.max())}]")
     decoder = resolve_vae(model, vae, device, allow_other_vae)
     known = encode_images(model, images, decoder, device, batch_size)
     rows = torch.arange(len(images)).repeat_interleave(int(per_image))
