@@ -9,7 +9,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "tokenbridge"
 MODULES = sorted(PACKAGE.rglob("*.py"))
-ARGPARSE_BUILDERS = {("cli.py", "build_parser")}
+ARGPARSE_BUILDERS = {("cli_parser.py", "build_parser")}
 
 
 def _functions(tree: ast.AST):

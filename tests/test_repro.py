@@ -264,3 +264,39 @@ def test_frontier_scores_each_setting_and_reuses_its_rows(tmp_path, resources, m
     assert (out / "frontier.png").stat().st_size > 0 and "Fastest setting of fmnist" in (out / "frontier.md").read_text()
     monkeypatch.setattr(repro.frontier, "generate", lambda *a, **k: pytest.fail("a measured family was re-sampled"))
     assert repro.run_repro("frontier", out_dir=out, scale="tiny", work_dir=work, resources=resources) == table
+
+
+def test_edit_scores_both_classes_keeps_the_region_and_reuses_its_runs(tmp_path, resources):
+    def same_generator():  # the same weights at every load, as a shipped generator
+        torch.manual_seed(0)
+        return resources._generator_fn()
+
+    big = repro.Resources(vae=resources.vae, classifier=resources.classifier,
+                          dataset={"train": _images(256, 1), "test": _images(200, 3)}.__getitem__,
+                          generator=same_generator, vae_spec="random-test-vae")
+    out, work = tmp_path / "out", tmp_path / "work"
+    table = repro.run_repro("edit", out_dir=out, scale="tiny", work_dir=work, resources=big)
+    rows = [r.split("|")[1:-1] for r in table.splitlines()[2:]]
+    assert [r[1].strip() for r in rows] == ["own class y", "own class y", "own class y", "class y+1"]
+    assert rows[2][0].strip() == "fmnist (tokenbridge)" and all(math.isfinite(float(r[6])) for r in rows[2:])
+    data = json.loads((out / "edit.json").read_text())
+    assert set(data["fmnist"]) == {"options", "own", "other"} and data["fmnist"]["own"]["psnr_kept"] > 10
+    assert (out / "edit_fmnist.png").stat().st_size > 0 and (out / "edit.png").stat().st_size > 0
+    assert "20 test images (2 per class" in (out / "edit.md").read_text()
+    cached = list(work.glob("edit-*.pt"))
+    assert len(cached) == 1
+    again = repro.run_repro("edit", out_dir=tmp_path / "out2", scale="tiny", work_dir=work, resources=big)
+    assert again == table and list(work.glob("edit-*.pt")) == cached  # reused (times included), not sampled again
+
+
+def test_kept_psnr_is_psnr_on_the_kept_pixels_only():
+    from tokenbridge.metrics import psnr
+    from tokenbridge.repro.edit import kept_psnr
+    a = torch.zeros(2, 1, 8, 8)
+    b = a.clone()
+    b[:, :, :, 4:] = 1.0  # differs only where nothing is kept
+    keep = torch.zeros(2, 4, 4, dtype=torch.bool)
+    keep[:, :, :2] = True
+    assert math.isinf(kept_psnr(a, b, keep))
+    b[:, :, :, :4] = 0.1
+    assert kept_psnr(a, b, keep) == pytest.approx(float(psnr(a[..., :4], b[..., :4]).mean()))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -76,3 +77,34 @@ def test_unchanged_pictures_are_not_sent_again_except_in_the_last_frame():
         [0, 0, 0], ["skip", 1, "skip"], [1, "skip", "skip"], [1, 1, 0]]
     assert list(drop_repeats(iter([]), "skip")) == []
 
+
+
+def test_edit_streams_the_region_filling_in_and_keeps_the_rest(client):
+    from tokenbridge.ui import PAINTED
+    args = ("tokenbridge: fmnist", 3, None, "left", None, "Sandal", 2, 3.0, 1.0, 4, 1)
+    job = client.submit(*args, api_name="/edit")
+    steps = job.outputs() if job.result() else []
+    assert [s[2].split(" - ")[0] for s in steps[:-1]] == [f"step {k} / 4" for k in range(1, 5)]
+    assert steps[-1][2].startswith("done: 2 edit(s)")
+    header, last = (np.asarray(Image.open(path)) for path in steps[-1][:2])
+    first = np.asarray(Image.open(steps[0][1]))
+    assert header.shape == (((32 + 2) + 2) * 4, ((32 + 2) * 2 + 2) * 4)  # original | kept region
+    assert last.shape == (((32 + 2) + 2) * 4, ((32 + 2) * 2 + 2) * 4) and last.max() > 192
+    # the kept (left) part away from the seam is there from the first step; the right half fills in
+    left, right = (slice(8, 8 + 32 * 4), slice(8, 8 + 10 * 4)), (slice(8, 8 + 32 * 4), slice(8 + 20 * 4, 8 + 32 * 4))
+    assert np.abs(first[left].astype(int) - last[left].astype(int)).mean() < 8
+    assert np.abs(first[right].astype(int) - last[right].astype(int)).mean() > 8
+    again = np.asarray(Image.open(client.predict(*args, api_name="/edit")[1]))
+    assert np.array_equal(again, last)  # same seed, same edit
+    with pytest.raises(AppError, match="nothing painted"):
+        client.predict(*args[:3], PAINTED, None, *args[5:], api_name="/edit")
+
+
+def test_a_painting_regenerates_every_token_it_touches():
+    from tokenbridge.ui import painted_keep, picture_to_image
+    layer = np.zeros((64, 64, 4), np.uint8)
+    layer[0:10, 40:64, 3] = 255  # top right corner painted
+    keep = painted_keep({"background": None, "layers": [layer], "composite": None}, 8, 8)
+    assert not keep[0:2, 5:].any() and keep[2:].all() and keep[:, :5].all()
+    picture = picture_to_image(np.full((50, 70, 3), 255, np.uint8), 32, 1)
+    assert picture.shape == (1, 32, 32) and torch.allclose(picture, torch.ones(1, 32, 32))

@@ -244,7 +244,8 @@ class RasterGPT(nn.Module):
     @torch.no_grad()
     def sample(self, labels: Tensor, generator: torch.Generator | None = None, cfg: float = 1.0,
                cfg_schedule: str = "constant", temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               use_cache: bool = True, progress: bool = False) -> Tensor:
+               use_cache: bool = True, progress: bool = False, known: Tensor | None = None,
+               known_mask: Tensor | None = None) -> Tensor:
         """Sample codes [N, L] int64 (raster order) for labels [N] in [0, num_classes] (num_classes = unconditional).
 
         Each of the L steps computes the next code's logits, guides them, divides them by `temperature` (> 0),
@@ -258,6 +259,8 @@ class RasterGPT(nn.Module):
         unconditional model, cfg = 0 samples it.
         use_cache: one new position per step against per-layer KV caches; False recomputes the whole sequence at
         every step (the reference path: same codes for the same seed, up to rounding). progress: a tqdm bar.
+        known [N, L] int64, known_mask [N, L] bool (editing): where the mask is True the code is forced to the known
+        one (later steps condition on it); a code is still drawn there, so the random stream is the same as without.
         """
         self._check_labels(labels)
         self._check_sampling(cfg, cfg_schedule, temperature, top_k, top_p)
@@ -265,6 +268,8 @@ class RasterGPT(nn.Module):
         labels = labels.to(device)
         n, length = labels.shape[0], self.seq_len
         codes = torch.zeros(n, length, dtype=torch.long, device=device)
+        if known is not None:
+            known, known_mask = known.to(device).long(), known_mask.to(device)
         guided = float(cfg) != 1.0
         rows = torch.cat([labels, torch.full_like(labels, self.num_classes)]) if guided else labels
         if n == 0:
@@ -278,5 +283,6 @@ class RasterGPT(nn.Module):
                 scale = cfg_scale(cfg, cfg_schedule, (length - t - 1) / length)
                 logits = guide(logits, logits.new_full((n, 1), scale))
             logits = _filter_logits(logits / temperature, int(top_k), float(top_p))
-            codes[:, t] = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            codes[:, t] = drawn if known is None else torch.where(known_mask[:, t], known[:, t], drawn)
         return codes

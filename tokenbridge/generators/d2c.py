@@ -40,6 +40,7 @@ from ..fusion import CodeEmbedding, FusedMAR, build_fusion
 from ..gpt import RasterGPT
 from .. import samplers
 from ..samplers import TOOLBOX_OPTIONS
+from .editing import check_known
 from .mar import ContinuousMARConfig, ContinuousMARGenerator, legacy_head
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
@@ -264,7 +265,8 @@ class D2CGenerator(nn.Module):
                diffusion_sampler: Literal["ddpm", "ddim"] = samplers.PAPER.diffusion_sampler,
                generator: torch.Generator | int | None = None, progress: bool = False,
                callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
-               orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               orders: torch.Tensor | None = None, known: torch.Tensor | None = None,
+               known_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Generate for class ``labels`` [N]: stage-1 codes, then stage-2 latents given them.
 
         stage1_*: the GPT's guidance scale (constant), temperature (> 0), top-k (0 = off) and nucleus (1 = off).
@@ -275,6 +277,10 @@ class D2CGenerator(nn.Module):
         generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
         draw from it. Returns dict(latents [N, C, h, w] float, codes [N, gh, gw] int64); callback as the mar
         family's (after every stage-2 step), with the codes added.
+        known, known_mask: editing (generators/editing.py): latents [N, C, h, w] and [N, h, w] bool (True = keep).
+        Stage 1 is a raster GPT: the code of every cell wholly inside the kept region is forced to the source's
+        code of the kept latents (`known_codes`) and the other codes are drawn in raster order, each seeing the
+        forced codes before it but not those after it. Stage 2 keeps the kept latents as the mar family does.
         """
         stage2 = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
                   "num_sampling_steps": num_sampling_steps, "clip_denoised": clip_denoised,
@@ -283,20 +289,44 @@ class D2CGenerator(nn.Module):
                   "num_sampling_steps_end": num_sampling_steps_end, "sampling_steps_anneal": sampling_steps_anneal,
                   "diffusion_sampler": diffusion_sampler}
         self._check_stage2_options(labels, stage2)  # before stage 1 runs
+        s2 = self.stage2
+        edit = check_known(known, known_mask, labels.shape[0], s2.channels, s2.grid_size, s2.patch_size)
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
+        forced, keep = {}, None
+        if edit is not None:
+            known, keep = edit[0].to(device), known_mask.to(device)
+            given, cells = self.known_codes(known, keep)
+            if bool(keep.all()):  # nothing to generate
+                return {"latents": known, "codes": given}
+            forced = {"known": given.flatten(1), "known_mask": cells.flatten(1)}
         codes = self.stage1.sample(labels.to(device), generator=gen, cfg=float(stage1_cfg),
                                    temperature=float(stage1_temperature), top_k=int(stage1_top_k),
-                                   top_p=float(stage1_top_p), progress=progress)
+                                   top_p=float(stage1_top_p), progress=progress, **forced)
         codes = codes.reshape(labels.shape[0], *self.code_grid)
-        return self.sample_stage2(labels, codes, generator=gen, progress=progress, callback=callback, **stage2)
+        return self.sample_stage2(labels, codes, generator=gen, progress=progress, callback=callback, known=known,
+                                  known_mask=keep, **stage2)
+
+    @torch.no_grad()
+    def known_codes(self, known: torch.Tensor, keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The source's codes of kept latents: (codes [N, gh, gw] int64, cell_known [N, gh, gw] bool).
+
+        known [N, C, h, w], keep [N, h, w] bool. Latents outside the kept region are set to 0 (the prior mean)
+        before encoding, so that no code depends on what is being regenerated (a learned VQ sees past its cell);
+        a cell counts as known only when every latent under it is kept."""
+        (gh, gw), (h, w) = self.code_grid, keep.shape[1:]
+        codes = self.source.encode((known * keep[:, None]).permute(0, 2, 3, 1).contiguous())
+        cells = keep.reshape(keep.shape[0], gh, h // gh, gw, w // gw).all(4).all(2)
+        return codes, cells
 
     @torch.no_grad()
     def sample_stage2(self, labels: torch.Tensor, codes: torch.Tensor, generator: torch.Generator | int | None = None,
                       progress: bool = False, callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+                      known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                       **options: Any) -> dict[str, torch.Tensor]:
         """Stage 2 alone for labels [N] and given codes [N, gh, gw] in [0, codebook_size); options: `sample`'s
-        stage-2 options (unset ones take `sample`'s defaults). Returns dict(latents [N, C, h, w], codes)."""
+        stage-2 options (unset ones take `sample`'s defaults). known, known_mask: the region to keep, as the mar
+        family's. Returns dict(latents [N, C, h, w], codes)."""
         unknown = sorted(set(options) - set(STAGE2_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown stage-2 sampling options {unknown}; known: {sorted(STAGE2_DEFAULTS)}")
@@ -308,7 +338,7 @@ class D2CGenerator(nn.Module):
         gen = make_generator(generator, device)
         hook = None if callback is None else (lambda out: callback({**out, "codes": codes}))
         out = self.stage2.conditioned_sample(labels, codes, generator=gen, progress=progress, callback=hook,
-                                             **options)
+                                             known=known, known_mask=known_mask, **options)
         return {**out, "codes": codes}
 
     def _check_stage2_options(self, labels: torch.Tensor, options: dict[str, Any]) -> None:

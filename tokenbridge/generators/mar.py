@@ -27,6 +27,7 @@ from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
 from ..diffusion import DiffusionHead
 from .. import samplers
+from .editing import check_known
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -146,7 +147,8 @@ class ContinuousMARGenerator(MaskedGenerator):
                diffusion_sampler: Literal["ddpm", "ddim"] = samplers.PAPER.diffusion_sampler,
                generator: torch.Generator | int | None = None, progress: bool = False,
                callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
-               orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               orders: torch.Tensor | None = None, known: torch.Tensor | None = None,
+               known_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
 
         num_iter: MAR steps (capped at the sequence length L). num_sampling_steps: DDPM steps per token, respaced
@@ -167,16 +169,21 @@ class ContinuousMARGenerator(MaskedGenerator):
         sampler toolbox (tokenbridge.samplers): guidance interval, unconditional-feature reuse, diffusion steps
         annealed from num_sampling_steps to num_sampling_steps_end across the MAR steps (DiSA), DDIM (eta 0);
         sampler="paper" ignores them (the sampler before the toolbox).
+        known, known_mask: editing (generators/editing.py): latents [N, C, H, W] and [N, H, W] bool (True = keep);
+        the kept latents are returned unchanged, the rest is sampled.
         """
         self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
+        edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
         train_steps = len(self.head.schedule)
         if int(num_sampling_steps) != num_sampling_steps or not 1 <= num_sampling_steps <= train_steps:
             raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {num_sampling_steps}")
         box = samplers.resolve(sampler, num_sampling_steps, cfg_interval=cfg_interval, uncond_every=uncond_every,
                                num_sampling_steps_end=num_sampling_steps_end,
                                sampling_steps_anneal=sampling_steps_anneal, diffusion_sampler=diffusion_sampler)
-        # diffusion steps of each MAR step, in order (the loop calls predict once per step)
-        steps = iter(samplers.diffusion_steps_schedule(min(int(num_iter), self.seq_len), int(num_sampling_steps),
+        # diffusion steps of each MAR step, in order (the loop calls predict once per step, over the tokens an
+        # edit leaves to generate)
+        todo = self.seq_len if edit is None else max(self.seq_len - int(edit[1][0].sum()), 1)
+        steps = iter(samplers.diffusion_steps_schedule(min(int(num_iter), todo), int(num_sampling_steps),
                                                        box.num_sampling_steps_end, box.sampling_steps_anneal))
         if clip_denoised is not None and not 0 < float(clip_denoised) < float("inf"):
             raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip_denoised}")
@@ -191,9 +198,14 @@ class ContinuousMARGenerator(MaskedGenerator):
             return x, None
 
         values = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, device=device)
+        token_known = None
+        if edit is not None:
+            latents, token_known = edit[0].to(device), edit[1].to(device)
+            given = patchify(latents.permute(0, 2, 3, 1), self.patch_size)
+            values = torch.where(token_known[..., None], given, values)
         values, score = self._generate(labels, values, lambda v: v, predict, num_iter, cfg, cfg_schedule, True, gen,
                                        progress, callback, released_cfg=bool(released_cfg), orders=orders,
-                                       sorted_positions=bool(sorted_positions), box=box)
+                                       sorted_positions=bool(sorted_positions), box=box, known=token_known)
         return self._outputs(values, score)
 
     def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:

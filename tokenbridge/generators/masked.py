@@ -121,12 +121,23 @@ class MaskedGenerator(nn.Module):
             return orders[:, remaining:prev]
         return torch.argsort(mask.to(torch.int8), dim=1, descending=True, stable=True)[:, :prev]
 
+    def _loop_orders(self, orders: torch.Tensor | None, known: torch.Tensor | None, n: int, random_order: bool,
+                     gen: torch.Generator | None, device: torch.device) -> torch.Tensor | None:
+        """The loop's generation orders [N, L] (given, drawn from ``gen``, or None for the confidence order), with
+        an edit's unknown positions first, each row keeping its order among them."""
+        if orders is None and random_order:
+            orders = sample_orders(n, self.seq_len, device=device, generator=gen)
+        if orders is not None and known is not None:
+            orders = orders.gather(1, torch.argsort(known.gather(1, orders).to(torch.int8), dim=1, stable=True))
+        return orders
+
     def _generate(self, labels: torch.Tensor, values: torch.Tensor, to_tokens: Callable[[torch.Tensor], torch.Tensor],
                   predict: Predict, num_iter: int, cfg: float | None, cfg_schedule: str, random_order: bool,
                   gen: torch.Generator | None, progress: bool,
                   callback: Callable[[dict[str, torch.Tensor]], None] | None,
                   released_cfg: bool = False, orders: torch.Tensor | None = None,
-                  sorted_positions: bool = False, box: Toolbox = PAPER) -> tuple[torch.Tensor, torch.Tensor]:
+                  sorted_positions: bool = False, box: Toolbox = PAPER,
+                  known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAR loop: ``num_iter`` steps on the cosine mask schedule; each step runs the backbone on the values
         so far and lets ``predict`` draw the values of the next positions (the random order's next chunk, or with
         ``random_order`` False every masked position, keeping the highest-scoring ones). With cfg != 1 the
@@ -142,23 +153,27 @@ class MaskedGenerator(nn.Module):
         generation order.
         box: the sampler toolbox's setting (tokenbridge.samplers); its guidance interval and feature reuse decide
         which rows the backbone runs (a step outside the interval gives ``predict`` N rows and cfg None).
+        known [N, L] bool (editing; every row the same count): positions whose ``values`` are given and kept; the
+        loop starts with them unmasked and spreads its steps over the others (none left: no step runs).
         """
         n, seq_len, device = labels.shape[0], self.seq_len, labels.device
-        num_iter = min(int(num_iter), seq_len)
-        schedule = mask_schedule_list(num_iter, seq_len)
+        todo = seq_len if known is None else seq_len - int(known[0].sum())
+        if todo == 0:
+            return values, torch.zeros(n, seq_len, device=device)
+        num_iter = min(int(num_iter), todo)
+        schedule = mask_schedule_list(num_iter, todo)
         use_cfg = cfg is not None and float(cfg) != 1.0
         if use_cfg:
             labels = torch.cat([labels, torch.full_like(labels, self.num_classes)])
         tdim = values.shape[-1]
         score = torch.zeros(n, seq_len, device=device)
-        mask = torch.ones(n, seq_len, dtype=torch.bool, device=device)
-        if orders is None and random_order:
-            orders = sample_orders(n, seq_len, device=device, generator=gen)
+        mask = torch.ones(n, seq_len, dtype=torch.bool, device=device) if known is None else ~known
+        orders = self._loop_orders(orders, known, n, random_order, gen, device)
         plan = GuidancePlan(self.backbone, box) if use_cfg and box != PAPER else None
         was_training = self.training
         self.eval()
         try:
-            prev = seq_len
+            prev = todo
             for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
                 remaining = schedule[step]
                 tokens = to_tokens(values)

@@ -28,8 +28,9 @@ from .pretrained import PretrainedMethods
 
 FAMILIES: dict[str, type[nn.Module]] = {}
 # sample() parameters that are not sampling options: the class labels, the random source, the progress bar, a
-# per-step callback (live views) and given generation orders (a tensor per run, for replays)
-_NOT_OPTIONS = ("labels", "generator", "progress", "callback", "orders")
+# per-step callback (live views), given generation orders (a tensor per run, for replays) and the kept region of
+# an edit (tensors)
+_NOT_OPTIONS = ("labels", "generator", "progress", "callback", "orders", "known", "known_mask")
 
 
 def register_family(cls: type[nn.Module]) -> type[nn.Module]:

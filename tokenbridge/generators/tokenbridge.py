@@ -33,6 +33,7 @@ from ..official_head import OfficialARHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
 from .. import samplers
+from .editing import check_known
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -249,6 +250,8 @@ class TokenBridgeGenerator(MaskedGenerator):
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
         orders: torch.Tensor | None = None,
+        known: torch.Tensor | None = None,
+        known_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
         """Generate token grids for class `labels` [N] (value num_classes = unconditional).
 
@@ -269,9 +272,12 @@ class TokenBridgeGenerator(MaskedGenerator):
         sampler, cfg_interval, uncond_every: the sampler toolbox (tokenbridge.samplers): guidance only on the
         steps whose mask ratio lies in cfg_interval, unconditional features reused between guided steps;
         sampler="paper" ignores them (the sampler before the toolbox).
+        known, known_mask: editing (generators/editing.py): latents [N, C, H, W] and [N, H, W] bool (True = keep);
+        the kept tokens are the quantizer's indices of ``known``, returned unchanged, and the rest is sampled.
         """
         self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
         box = samplers.resolve(sampler, cfg_interval=cfg_interval, uncond_every=uncond_every)
+        edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
@@ -284,9 +290,15 @@ class TokenBridgeGenerator(MaskedGenerator):
                                     generator=g)
 
         idx = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, dtype=torch.long, device=device)
+        token_known = None
+        if edit is not None:
+            latents, token_known = edit[0].to(device), edit[1].to(device)
+            given = patchify(self.quantizer.quantize(latents.permute(0, 2, 3, 1).contiguous()), self.patch_size)
+            idx = torch.where(token_known[..., None], given.long(), idx)
         idx, conf = self._generate(labels, idx, self.indices_to_tokens, predict, num_iter, cfg, cfg_schedule,
                                    order == "random", gen, progress, callback, released_cfg=cfg_mix == "z",
-                                   orders=orders, sorted_positions=bool(sorted_positions), box=box)
+                                   orders=orders, sorted_positions=bool(sorted_positions), box=box,
+                                   known=token_known)
         return self._outputs(idx, conf)
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -80,6 +80,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "fig8": {"show_per_class": 1},
         "shipped": {"model": "fmnist", "per_class": 4, "weakest": 2, "recall_goal": 0.85, "fd_goal": 2.0},
         "d2c": _d2c("tiny", steps=4, batch_size=32, codebook_size=16),
+        "edit": {"models": ["fmnist"], "per_class": 2, "keep": "left", "other": 1, "batch_size": 64},
         "table3": {"mar_model": {"preset": "tiny"}, "num_sampling_steps": 4, "clip_denoised": 5.0,
                    "num_iters": [2, 4], "diffusion_steps": [2], "speed_batch": 4, "speed_repeats": 1},
         "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8, "only": None,
@@ -110,6 +111,9 @@ SCALES: dict[str, dict[str, Any]] = {
         "d2c": _d2c("fmnist", steps=500, batch_size=256, codebook_size=256),
         # issue 9's goals: recall >= 0.85 x real test images', FD <= 2 x the VAE reconstructions' (the floor)
         "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 2.0},
+        # every shipped family regenerates the right half of 1,000 test images (issue 24)
+        "edit": {"models": ["fmnist", "fmnist-mar", "fmnist-d2c"], "per_class": 100, "keep": "left", "other": 1,
+                 "batch_size": 250},
         # the TokenBridge generator's fmnist backbone with a 128 x 3 diffusion head (as the shipped pair)
         # clip_denoised: the predicted x0 clamped at +-5 (unit-variance latents); unclipped, the 100-step sampler of
         # these short runs diverges (tokenbridge.diffusion.DiffusionHead.sample)
@@ -139,6 +143,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "fig8": {"show_per_class": 2},
         "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 2.0},
         "d2c": _d2c("fmnist", steps=2000, batch_size=256, codebook_size=256),
+        "edit": {"models": ["fmnist", "fmnist-mar", "fmnist-d2c"], "per_class": 100, "keep": "left", "other": 1,
+                 "batch_size": 250},
         "table3": {"num_sampling_steps": 100, "clip_denoised": None, "num_iters": [16, 64, 256],
                    "mar_model": {"preset": "mar-l", "grid_size": None, "channels": None, "num_classes": None},
                    "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 5},

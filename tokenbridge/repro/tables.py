@@ -17,6 +17,7 @@ from ..generate import confidence_images
 from ..markdown import fmt, markdown_table
 from ..reconstruct import quantizer_settings, reconstruction_table, save_histograms, save_reconstruction_grid
 from .d2c import d2c
+from .edit import edit_table
 from .families import table3
 from .shipped import shipped
 from .frontier import frontier
@@ -42,6 +43,7 @@ TITLES = {
     "shipped": "The shipped generator against real data and the VAE floor",
     "frontier": "Sampler toolbox: speed against quality for every shipped family",
     "d2c": "D2C (discrete coarse tokens, then continuous fine tokens) vs TokenBridge vs continuous MAR",
+    "edit": "Editing: half of each test image regenerated under its own class and under another, every family",
 }
 
 # The paper's numbers (ImageNet 256x256; gFID / rFID are Inception FID-50k; Table 5 on an A100 at batch 1).
@@ -353,4 +355,5 @@ def fig8(ctx: Context) -> str:
 TABLES: dict[str, Callable[[Context], str]] = {"table1": table1, "table2a": table2a, "table2b": table2b,
                                               "table2c": table2c, "table2d": table2d, "table2e": table2e,
                                               "table5": table5, "fig8": fig8, "table3": table3,
-                                              "shipped": shipped, "d2c": d2c, "frontier": frontier}
+                                              "shipped": shipped, "d2c": d2c, "frontier": frontier,
+                                              "edit": edit_table}
