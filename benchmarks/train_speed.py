@@ -1,12 +1,20 @@
-"""Training throughput of the `fmnist` generator through the trainer, this tree against a baseline tree.
+"""Training throughput of every family's `fmnist` generator against this machine's matmul throughput, and the
+trainer's speed levers (train.compile, train.fused_adamw) against today's trainer (levers off).
 
-    git worktree add /tmp/tb-base 515b4c4        # any earlier commit (the one before the [arch] refactor here)
-    python benchmarks/train_speed.py --baseline /tmp/tb-base
+    python benchmarks/train_speed.py                      # all families, then the lever comparison
+    python benchmarks/train_speed.py --families tokenbridge --repeats 5
 
-Each measurement is a fresh process that trains the fmnist-sized TokenBridge generator (8x8x4 tokens, B = 64,
-batch 128) on random tokens through `tokenbridge.train.train` and reads the steps/s of its log windows (the first
-window, with warm-up, is dropped). Trees alternate (A B A B ...) so that machine load hits both alike. Prints a
-table and a last line `RESULT current_steps_s=... baseline_steps_s=... ratio=...` (ratio = current / baseline).
+1. Per family: FLOPs of one training step (forward + backward, torch's FlopCounterMode, batch 64), the step time
+   through `tokenbridge.train.train` (median of its log windows, the first dropped), the achieved GFLOP/s, and a
+   large float32 matmul timed in the same process just before and after (its GFLOP/s is the machine's practical
+   peak at that moment); host synchronisations per step (aten::_local_scalar_dense: item/int/float/bool of a
+   tensor, and aten::nonzero: boolean indexing) and the time to load one batch.
+2. Levers: the tokenbridge family trained with the levers off and on, alternating (off on off on ...) in this
+   process so that the load of a shared machine hits both alike. Last line:
+   ``RESULT train_speedup=<median steps/s with levers / median steps/s without>``.
+
+The machine's load average is printed with every measurement: on a shared CPU the absolute numbers move with it,
+the ratios (step over matmul, levers over today) much less.
 """
 
 from __future__ import annotations
@@ -15,69 +23,134 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parents[1]
-
-# Runs inside the measured tree; knows both the current API and the one before the refactor.
-WORKER = r'''
-import json, sys, tempfile
-from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
-torch.set_num_threads(int(sys.argv[2]))
-steps, window = int(sys.argv[1]), int(sys.argv[3])
-g = torch.Generator().manual_seed(0)
-data = TensorDataset(torch.randint(0, 64, (128 * steps, 8, 8, 4), generator=g), torch.randint(0, 10, (128 * steps,), generator=g))
-train_cfg = {"steps": steps, "global_batch": 128, "lr": 1e-3, "warmup_steps": 10, "ema": 0.998, "log_every": window,
-             "ckpt_every": 0, "device": "cpu"}
-out = tempfile.mkdtemp()
-import tokenbridge
-if (Path(tokenbridge.__file__).parent / "generators").is_dir():  # current API
-    from tokenbridge.train import train
-    train({"out_dir": out, "family": "tokenbridge", "model": {"preset": "fmnist"}, "train": train_cfg}, dataset=data)
-else:  # the API before the generator registry
-    from tokenbridge.model import DEFAULT_FMNIST_CONFIG, build_generator
-    from tokenbridge.train import train
-    train({"out_dir": out, "model": DEFAULT_FMNIST_CONFIG, "train": train_cfg}, dataset=data,
-          model_fn=build_generator)
-rates = [json.loads(line)["it_s"] for line in open(out + "/log.jsonl")]
-print("RATES " + json.dumps(rates[1:]))
-'''
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tokenbridge.generators import FAMILIES, get_family  # noqa: E402
+from tokenbridge.train import train  # noqa: E402
+
+SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
 
 
-def measure(tree: Path, steps: int, threads: int, window: int) -> float:
-    env = {**os.environ, "PYTHONPATH": str(tree), "OMP_NUM_THREADS": str(threads)}
-    with tempfile.TemporaryDirectory() as cwd:  # so that the tree on PYTHONPATH, not this checkout, is imported
-        res = subprocess.run([sys.executable, "-c", WORKER, str(steps), str(threads), str(window)], env=env,
-                             cwd=cwd, capture_output=True, text=True)
-    if res.returncode:
-        raise RuntimeError(f"worker in {tree} failed:\n{res.stderr[-3000:]}")
-    rates = json.loads(next(line for line in res.stdout.splitlines() if line.startswith("RATES "))[6:])
-    return statistics.median(rates)
+def load() -> str:
+    return "/".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def random_batches(family: str, n: int, generator: torch.Generator) -> TensorDataset:
+    """n random training items in the family's format: token indices [n, 8, 8, 4] or latents [n, 8, 8, 4]."""
+    cls = get_family(family)
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    if getattr(cls, "items", "indices") == "latents":
+        return TensorDataset(torch.randn(n, 8, 8, 4, generator=generator), labels)
+    return TensorDataset(torch.randint(0, 64, (n, 8, 8, 4), generator=generator), labels)
+
+
+def matmul_gflops(size: int = 2048, repeats: int = 5) -> float:
+    """Best of ``repeats`` float32 [size, size] @ [size, size] products, in GFLOP/s."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * size**3 / best / 1e9
+
+
+def step_cost(family: str, batch: int) -> tuple[float, float, float]:
+    """(GFLOP of one training step, host syncs per step, seconds to load one batch) of the family's fmnist
+    generator: forward + backward of its loss, counted on the second step (the first builds lazy state)."""
+    torch.manual_seed(0)
+    model = get_family(family).from_config({"preset": "fmnist"})
+    data = random_batches(family, batch, torch.Generator().manual_seed(1))
+    t = time.perf_counter()
+    items = [data[i] for i in range(batch)]
+    cols = tuple(torch.stack(c) for c in zip(*items))  # what the DataLoader does per batch (num_workers=0)
+    load_s = time.perf_counter() - t
+    model.loss(cols).backward()
+    with FlopCounterMode(display=False) as flops:
+        model.loss(cols).backward()
+    with torch.profiler.profile() as prof:
+        model.loss(cols).backward()
+    syncs = sum(e.count for e in prof.key_averages() if e.key in SYNC_OPS)
+    return flops.get_total_flops() / 1e9, syncs, load_s
+
+
+def train_rates(family: str, steps: int, window: int, batch: int, levers: dict) -> list[float]:
+    """Steps/s of each log window after the first of a `train` run of ``steps`` on random items."""
+    data = random_batches(family, batch * steps, torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as out:
+        train({"out_dir": out, "family": family, "model": {"preset": "fmnist"},
+               "train": {"steps": steps, "global_batch": batch, "lr": 1e-3, "warmup_steps": 2, "ema": 0.999,
+                         "log_every": window, "ckpt_every": 0, "device": "cpu", **levers}}, dataset=data)
+        rates = [json.loads(line)["it_s"] for line in open(Path(out) / "log.jsonl")]
+    return rates[1:]
+
+
+def spread(values: list[float]) -> str:
+    return f"{statistics.median(values):.3f} [{min(values):.3f}, {max(values):.3f}]"
+
+
+def families_table(families: list[str], args: argparse.Namespace) -> None:
+    print("| family | GFLOP/step | step s (median [min, max]) | GFLOP/s | matmul GFLOP/s | step / matmul "
+          "| host syncs/step | batch load s | load avg |\n|---|---|---|---|---|---|---|---|---|", flush=True)
+    for family in families:
+        gflop, syncs, load_s = step_cost(family, args.batch)
+        peak = [matmul_gflops()]
+        rates = train_rates(family, args.steps, args.window, args.batch, {})
+        peak.append(matmul_gflops())
+        step_s = [1 / r for r in rates]
+        achieved = gflop / statistics.median(step_s)
+        print(f"| {family} | {gflop:.1f} | {spread(step_s)} | {achieved:.1f} | {statistics.median(peak):.1f} | "
+              f"{achieved / statistics.median(peak):.0%} | {syncs:.0f} | {load_s:.4f} | {load()} |", flush=True)
+
+
+def lever_comparison(args: argparse.Namespace) -> float:
+    levers = {"compile": args.compile, "fused_adamw": args.fused_adamw}
+    print(f"\nlevers: {levers}; tokenbridge fmnist, batch {args.batch}, {args.steps} steps per run, log window "
+          f"{args.window}\n", flush=True)
+    rates: dict[str, list[float]] = {"today": [], "levers": []}
+    for _ in range(args.repeats):
+        for name, options in (("today", {}), ("levers", levers)):
+            rates[name] += train_rates("tokenbridge", args.steps, args.window, args.batch, options)
+            print(f"{name:7s} steps/s {spread(rates[name][-(args.steps // args.window - 1):])}  load {load()}",
+                  flush=True)
+    print("\n| trainer | steps/s (median [min, max] of windows) | windows |\n|---|---|---|")
+    for name, values in rates.items():
+        print(f"| {name} | {spread(values)} | {len(values)} |")
+    return statistics.median(rates["levers"]) / statistics.median(rates["today"])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--baseline", type=Path, required=True, help="a checkout of the tree to compare against")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--window", type=int, default=10, help="log window (steps); the first one is dropped")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--families", nargs="*", default=None, help="default: every family with an fmnist preset")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=12, help="steps per training run")
+    parser.add_argument("--window", type=int, default=3, help="log window (steps); the first one is dropped")
+    parser.add_argument("--repeats", type=int, default=3, help="alternations of today's trainer and the levers")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--fused-adamw", action=argparse.BooleanOptionalAction, default=True)
     args = parser.parse_args()
-    results: dict[str, list[float]] = {"current": [], "baseline": []}
-    for _ in range(args.repeats):
-        for name, tree in (("current", HERE), ("baseline", args.baseline.resolve())):
-            results[name].append(measure(tree, args.steps, args.threads, args.window))
-            print(f"{name:9s} {results[name][-1]:.3f} steps/s", flush=True)
-    print("\n| tree | steps/s (median of runs) | runs |\n|---|---|---|")
-    for name, rates in results.items():
-        print(f"| {name} | {statistics.median(rates):.3f} | {', '.join(f'{r:.3f}' for r in rates)} |")
-    cur, base = (statistics.median(results[k]) for k in ("current", "baseline"))
-    print(f"RESULT current_steps_s={cur:.4f} baseline_steps_s={base:.4f} ratio={cur / base:.3f}")
+    if args.steps // args.window < 2:
+        parser.error("--steps must cover at least two log windows (the first is dropped)")
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+    families = args.families if args.families is not None else [
+        name for name, cls in FAMILIES.items() if "fmnist" in getattr(cls, "presets", {})]
+    print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load avg {load()}\n")
+    families_table(families, args)
+    speedup = lever_comparison(args)
+    print(f"RESULT train_speedup={speedup:.3f}")
 
 
 if __name__ == "__main__":
