@@ -92,7 +92,7 @@ def test_resume_is_exact_with_the_levers_on(tmp_path):
     assert_states_equal(a["model"], b["model"])
     assert_states_equal(a["ema"], b["ema"])
     assert a["optimizer"]["param_groups"][0]["fused"]
-    off = tiny_config(tmp_path / "off")
+    off = tiny_config(tmp_path / "off", fused_adamw=False)
     run_tiny(off)  # the fused update moves the weights as the multi-tensor one does, to float rounding
     assert_states_equal(ckpt_of(tmp_path / "off")["model"], a["model"], exact=False)
 
@@ -131,3 +131,15 @@ def test_training_loop_reads_the_device_only_at_log_intervals(tmp_path, monkeypa
     run_tiny(tiny_config(tmp_path, steps=8, log_every=4, ckpt_every=0))
     assert len(calls) == 2, calls  # one stats.tolist() per log window
     assert all(c.startswith("tolist") for c in calls)
+
+
+def test_a_checkpoint_resumes_with_the_update_it_was_written_with(tmp_path):
+    """A run checkpointed with the multi-tensor update (every run before train.fused_adamw) and resumed under the
+    fused default continues exactly as it would have: the optimizer state records which update it uses."""
+    m_full = run_tiny(tiny_config(tmp_path / "full", fused_adamw=False))
+    run_tiny(tiny_config(tmp_path / "part", fused_adamw=False), stop_at=5)
+    m_res = run_tiny(tiny_config(tmp_path / "part"))  # the default: fused
+    assert m_res["loss"] == m_full["loss"]
+    part = ckpt_of(tmp_path / "part")
+    assert_states_equal(ckpt_of(tmp_path / "full")["model"], part["model"])
+    assert part["optimizer"]["param_groups"][0]["foreach"] and not part["optimizer"]["param_groups"][0]["fused"]
