@@ -5,10 +5,12 @@ trainer's speed levers (train.compile, train.fused_adamw) against today's traine
     python benchmarks/train_speed.py --families tokenbridge --repeats 5
 
 1. Per family: FLOPs of one training step (forward + backward, torch's FlopCounterMode, batch 64), the step time
-   through `tokenbridge.train.train` (median of its log windows, the first dropped), the achieved GFLOP/s, and
-   1024^3 float32 matmuls timed for 3 s in the same process just before and after (median and best GFLOP/s: the
-   machine's practical peak at that moment); host synchronisations per step (aten::_local_scalar_dense:
-   item/int/float/bool of a tensor, and aten::nonzero: boolean indexing) and the time to load one batch.
+   through `tokenbridge.train.train` with the levers off (median of its log windows, the first dropped), the
+   achieved GFLOP/s, and 1024^3 float32 matmuls timed for 3 s in the same process just before and after (median
+   and best GFLOP/s: the machine's practical peak at that moment); from a profiled step, the share of CPU time in
+   matmuls + attention and in AdamW (1 / matmul share bounds what removing everything else could gain), host
+   synchronisations per step (aten::_local_scalar_dense: item/int/float/bool of a tensor, and aten::nonzero:
+   boolean indexing) and the time to load one batch.
 2. Levers (default: train.fused_adamw; --compile adds train.compile): the tokenbridge family trained with the
    levers off and on, alternating (off on off on ...) in this
    process so that the load of a shared machine hits both alike. Last line:
@@ -37,9 +39,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tokenbridge.generators import FAMILIES, get_family  # noqa: E402
+from tokenbridge.optim import adamw, param_groups  # noqa: E402
 from tokenbridge.train import train  # noqa: E402
 
 SYNC_OPS = ("aten::_local_scalar_dense", "aten::nonzero")
+MATMUL_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm",
+              "aten::_scaled_dot_product_flash_attention_for_cpu",
+              "aten::_scaled_dot_product_flash_attention_for_cpu_backward")
+TODAY = {"compile": False, "fused_adamw": False}  # the trainer before the levers (its default is fused_adamw)
 
 
 def load() -> str:
@@ -69,23 +76,37 @@ def matmul_gflops(size: int = 1024, seconds: float = 3.0) -> tuple[float, float]
     return 2 * size**3 / statistics.median(times) / 1e9, 2 * size**3 / min(times) / 1e9
 
 
-def step_cost(family: str, batch: int) -> tuple[float, float, float]:
-    """(GFLOP of one training step, host syncs per step, seconds to load one batch) of the family's fmnist
-    generator: forward + backward of its loss, counted on the second step (the first builds lazy state)."""
+def step_cost(family: str, batch: int) -> dict[str, float]:
+    """One training step of the family's fmnist generator (forward + backward of its loss, AdamW), counted on the
+    third step (the first ones build lazy state): GFLOP, host syncs, the share of its CPU time spent in matmuls and
+    attention (torch profiler, self time), the share in the optimizer, and the seconds to load one batch."""
     torch.manual_seed(0)
     model = get_family(family).from_config({"preset": "fmnist"})
+    opt = adamw(param_groups(model, 0.02), 1e-4, (0.9, 0.95), 1e-8, fused=False)
     data = random_batches(family, batch, torch.Generator().manual_seed(1))
     t = time.perf_counter()
-    items = [data[i] for i in range(batch)]
-    cols = tuple(torch.stack(c) for c in zip(*items))  # what the DataLoader does per batch (num_workers=0)
+    cols = tuple(torch.stack(c) for c in zip(*[data[i] for i in range(batch)]))  # a DataLoader batch
     load_s = time.perf_counter() - t
-    model.loss(cols).backward()
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        model.loss(cols).backward()
+        with torch.profiler.record_function("optimizer"):
+            opt.step()
+
+    step()
     with FlopCounterMode(display=False) as flops:
-        model.loss(cols).backward()
+        step()
     with torch.profiler.profile() as prof:
+        step()
+    with torch.profiler.profile() as model_only:  # syncs of the model's step (CPU AdamW reads its step counts)
         model.loss(cols).backward()
-    syncs = sum(e.count for e in prof.key_averages() if e.key in SYNC_OPS)
-    return flops.get_total_flops() / 1e9, syncs, load_s
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    syncs = sum(e.count for e in model_only.key_averages() if e.key in SYNC_OPS)
+    return {"gflop": flops.get_total_flops() / 1e9, "syncs": syncs,
+            "matmul": sum(e.self_cpu_time_total for e in events if e.key in MATMUL_OPS) / total,
+            "optimizer": next(e.cpu_time_total for e in events if e.key == "optimizer") / total, "load_s": load_s}
 
 
 def train_rates(family: str, steps: int, window: int, batch: int, levers: dict) -> list[float]:
@@ -105,18 +126,19 @@ def spread(values: list[float]) -> str:
 
 def families_table(families: list[str], args: argparse.Namespace) -> None:
     print("| family | GFLOP/step | step s (median [min, max]) | GFLOP/s | matmul GFLOP/s (median, best) "
-          "| step / matmul median | host syncs/step | batch load s | load avg |\n|---|---|---|---|---|---|---|---|---|",
-          flush=True)
+          "| step / matmul median | matmul+attention share of step | AdamW share | host syncs/step | batch load s "
+          "| load avg |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for family in families:
-        gflop, syncs, load_s = step_cost(family, args.batch)
+        cost = step_cost(family, args.batch)
         before = matmul_gflops()
-        rates = train_rates(family, args.table_steps, args.window, args.batch, {})
+        rates = train_rates(family, args.table_steps, args.window, args.batch, TODAY)
         after = matmul_gflops()
         median, best = (before[0] + after[0]) / 2, max(before[1], after[1])
         step_s = [1 / r for r in rates]
-        achieved = gflop / statistics.median(step_s)
-        print(f"| {family} | {gflop:.1f} | {spread(step_s)} | {achieved:.1f} | {median:.1f}, {best:.1f} | "
-              f"{achieved / median:.0%} | {syncs:.0f} | {load_s:.4f} | {load()} |", flush=True)
+        achieved = cost["gflop"] / statistics.median(step_s)
+        print(f"| {family} | {cost['gflop']:.1f} | {spread(step_s)} | {achieved:.1f} | {median:.1f}, {best:.1f} | "
+              f"{achieved / median:.0%} | {cost['matmul']:.0%} | {cost['optimizer']:.0%} | {cost['syncs']:.0f} | "
+              f"{cost['load_s']:.4f} | {load()} |", flush=True)
 
 
 def lever_comparison(args: argparse.Namespace) -> float:
@@ -125,7 +147,7 @@ def lever_comparison(args: argparse.Namespace) -> float:
           f"{args.window}\n", flush=True)
     rates: dict[str, list[float]] = {"today": [], "levers": []}
     for _ in range(args.repeats):
-        for name, options in (("today", {}), ("levers", levers)):
+        for name, options in (("today", TODAY), ("levers", levers)):
             rates[name] += train_rates("tokenbridge", args.steps, args.window, args.batch, options)
             print(f"{name:7s} steps/s {spread(rates[name][-(args.steps // args.window - 1):])}  load {load()}",
                   flush=True)
@@ -139,10 +161,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--families", nargs="*", default=None, help="default: every family with an fmnist preset")
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--steps", type=int, default=8, help="steps per training run of the lever comparison")
-    parser.add_argument("--table-steps", type=int, default=6, help="steps per training run of the family table")
-    parser.add_argument("--window", type=int, default=2, help="log window (steps); the first one is dropped")
-    parser.add_argument("--repeats", type=int, default=3, help="alternations of today's trainer and the levers")
+    parser.add_argument("--steps", type=int, default=6, help="steps per training run of the lever comparison")
+    parser.add_argument("--table-steps", type=int, default=5, help="steps per training run of the family table")
+    parser.add_argument("--window", type=int, default=1, help="log window (steps); the first one is dropped")
+    parser.add_argument("--repeats", type=int, default=4, help="alternations of today's trainer and the levers")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="also train.compile (its compilation falls in the first, dropped, window)")
