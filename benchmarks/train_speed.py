@@ -141,6 +141,29 @@ def families_table(families: list[str], args: argparse.Namespace) -> None:
               f"{cost['load_s']:.4f} | {load()} |", flush=True)
 
 
+def adamw_table(repeats: int = 20) -> None:
+    """The AdamW update alone on the tokenbridge fmnist generator's parameters (random gradients): the multi-tensor
+    update (today) and the fused one alternating, ``repeats`` times each."""
+    torch.manual_seed(0)
+    model = get_family("tokenbridge").from_config({"preset": "fmnist"})
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    opts = {"foreach (today)": adamw(param_groups(model, 0.02), 1e-4, (0.9, 0.95), 1e-8, fused=False),
+            "fused": adamw(param_groups(model, 0.02), 1e-4, (0.9, 0.95), 1e-8, fused=True)}
+    times: dict[str, list[float]] = {name: [] for name in opts}
+    for i in range(repeats + 1):
+        for name, opt in opts.items():
+            t = time.perf_counter()
+            opt.step()
+            if i:  # the first step creates the optimizer state
+                times[name].append(time.perf_counter() - t)
+    print(f"\n| AdamW update, {sum(p.numel() for p in model.parameters()):,} parameters | ms (median [min, max]) |"
+          "\n|---|---|")
+    for name, values in times.items():
+        print(f"| {name} | {spread([v * 1e3 for v in values])} |")
+    print(f"load avg {load()}", flush=True)
+
+
 def lever_comparison(args: argparse.Namespace) -> float:
     levers = {"compile": args.compile, "fused_adamw": args.fused_adamw}
     print(f"\nlevers: {levers}; tokenbridge fmnist, batch {args.batch}, {args.steps} steps per run, log window "
@@ -164,7 +187,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps per training run of the lever comparison")
     parser.add_argument("--table-steps", type=int, default=5, help="steps per training run of the family table")
     parser.add_argument("--window", type=int, default=1, help="log window (steps); the first one is dropped")
-    parser.add_argument("--repeats", type=int, default=4, help="alternations of today's trainer and the levers")
+    parser.add_argument("--repeats", type=int, default=4,
+                        help="alternations of today's trainer and the levers (0: no comparison, no RESULT line)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
                         help="also train.compile (its compilation falls in the first, dropped, window)")
@@ -177,9 +201,11 @@ def main() -> None:
     families = args.families if args.families is not None else [
         name for name, cls in FAMILIES.items() if "fmnist" in getattr(cls, "presets", {})]
     print(f"torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, load avg {load()}\n")
-    families_table(families, args)
-    speedup = lever_comparison(args)
-    print(f"RESULT train_speedup={speedup:.3f}")
+    if families:
+        families_table(families, args)
+    adamw_table()
+    if args.repeats:
+        print(f"RESULT train_speedup={lever_comparison(args):.3f}")
 
 
 if __name__ == "__main__":
