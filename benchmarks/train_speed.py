@@ -14,7 +14,7 @@ trainer's speed levers (train.compile, train.fused_adamw) against today's traine
 2. Levers (default: train.fused_adamw; --compile adds train.compile): the tokenbridge family trained with the
    levers off and on, alternating (off on off on ...) in this
    process so that the load of a shared machine hits both alike. Last line:
-   ``RESULT train_speedup=<median steps/s with levers / median steps/s without>``.
+   ``RESULT train_speedup=<median over alternations of steps/s with levers / steps/s without>``.
 
 The machine's load average is printed with every measurement: on a shared CPU the absolute numbers move with it,
 the ratios (step over matmul, levers over today) much less.
@@ -165,19 +165,26 @@ def adamw_table(repeats: int = 20) -> None:
 
 
 def lever_comparison(args: argparse.Namespace) -> float:
+    """Median over alternations of (levers' median steps/s) / (today's median steps/s in the same alternation):
+    paired, so that a change of the machine's load between alternations cancels."""
     levers = {"compile": args.compile, "fused_adamw": args.fused_adamw}
     print(f"\nlevers: {levers}; tokenbridge fmnist, batch {args.batch}, {args.steps} steps per run, log window "
           f"{args.window}\n", flush=True)
     rates: dict[str, list[float]] = {"today": [], "levers": []}
+    ratios = []
     for _ in range(args.repeats):
+        pair = {}
         for name, options in (("today", TODAY), ("levers", levers)):
-            rates[name] += train_rates("tokenbridge", args.steps, args.window, args.batch, options)
-            print(f"{name:7s} steps/s {spread(rates[name][-(args.steps // args.window - 1):])}  load {load()}",
-                  flush=True)
+            pair[name] = train_rates("tokenbridge", args.steps, args.window, args.batch, options)
+            rates[name] += pair[name]
+            print(f"{name:7s} steps/s {spread(pair[name])}  load {load()}", flush=True)
+        ratios.append(statistics.median(pair["levers"]) / statistics.median(pair["today"]))
+        print(f"levers / today in this alternation: {ratios[-1]:.3f}", flush=True)
     print("\n| trainer | steps/s (median [min, max] of windows) | windows |\n|---|---|---|")
     for name, values in rates.items():
         print(f"| {name} | {spread(values)} | {len(values)} |")
-    return statistics.median(rates["levers"]) / statistics.median(rates["today"])
+    print(f"levers / today per alternation: {', '.join(f'{r:.3f}' for r in ratios)}")
+    return statistics.median(ratios)
 
 
 def main() -> None:
