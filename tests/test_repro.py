@@ -251,3 +251,16 @@ def test_d2c_compares_both_fusions_and_sources_with_the_table3_rows(tmp_path, re
     assert (out / "d2c.png").stat().st_size > 0 and (out / "d2c_steps.png").stat().st_size > 0
     md = (out / "d2c.md").read_text()
     assert md.count("within the spread") + md.count("exceeds the spread") == 3 * 2 * 2
+
+
+def test_frontier_scores_each_setting_and_reuses_its_rows(tmp_path, resources, monkeypatch):
+    out, work = tmp_path / "out", tmp_path / "work"
+    table = repro.run_repro("frontier", out_dir=out, scale="tiny", work_dir=work, resources=resources)
+    names = [r.split("|")[2].strip() for r in table.splitlines() if r.startswith("| fmnist")]
+    assert names == list(repro.SCALES["tiny"]["frontier"]["families"]["fmnist"])
+    rows = json.loads((out / "frontier.json").read_text())
+    assert all(len(r["runs"]) == 2 and r["images_per_s"] > 0 for r in rows)  # two sampling seeds each
+    assert next(r for r in rows if r["name"] == "paper")["kept"]  # today keeps its own quality
+    assert (out / "frontier.png").stat().st_size > 0 and "Fastest setting of fmnist" in (out / "frontier.md").read_text()
+    monkeypatch.setattr(repro.frontier, "generate", lambda *a, **k: pytest.fail("a measured family was re-sampled"))
+    assert repro.run_repro("frontier", out_dir=out, scale="tiny", work_dir=work, resources=resources) == table

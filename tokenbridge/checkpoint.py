@@ -20,7 +20,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .files import atomic_path
+from .files import atomic_path, check_target, holds_output, tensor_bytes
 from .generators import check_sample_options, get_family
 from .generators.pretrained import build_generator, read_pretrained
 
@@ -39,7 +39,7 @@ _CKPT_KEYS = ("format", "version", "step", "epoch", "batch_in_epoch", "model", "
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     """Atomic torch.save: a temporary file in the same folder, then os.replace; a failure keeps the old file."""
-    with atomic_path(path) as tmp:
+    with atomic_path(path, CKPT_FORMAT, needed=tensor_bytes(state)) as tmp:
         torch.save(state, tmp)
 
 
@@ -73,6 +73,7 @@ def _record(config: dict, provenance: dict, step: int, ema: bool) -> dict[str, A
             "step": int(step), "ema": bool(ema)}
 
 
+@holds_output("out_path", "export")
 def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, ema: bool = True,
                    half: bool = False, sample: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint's EMA (or raw) weights as a self-describing .safetensors generator. A pretrained folder
@@ -81,6 +82,7 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, em
     half: store float32 tensors as float16 (half the file; they load back into float32 parameters). Float64
     buffers such as the quantizer's tables stay exact. sample: sampling defaults to record over the run's
     (validated against the family's sampling options before anything is read)."""
+    check_target(out_path, EXPORT_FORMAT, what="export")
     if Path(ckpt_path).is_dir():
         record, state = read_pretrained(ckpt_path)
     else:
@@ -98,7 +100,7 @@ def save_generator_weights(state: dict[str, torch.Tensor], record: dict[str, Any
     """Write ``state`` with ``record`` (family, config, sample, vae, vae_fingerprint, ...) as safetensors metadata."""
     meta = {"format": EXPORT_FORMAT, "version": str(FORMAT_VERSION),
             **{k: json.dumps(v) for k, v in record.items()}}
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, EXPORT_FORMAT, needed=tensor_bytes(state)) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return Path(out_path)
 

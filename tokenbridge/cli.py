@@ -5,6 +5,7 @@ Options left out take the library's defaults (the function each command calls ho
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -15,6 +16,7 @@ from typing import Any
 import torch
 import yaml
 
+from .budget import check_images_request, check_sample_request, duration, is_out_of_memory, out_of_memory
 from .checkpoint import SHIPPED, export_weights, load_generator
 from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
@@ -22,7 +24,7 @@ from .convert import convert as convert_official
 from .data import as_tensors
 from .distributed import TrainingInterrupted
 from .evaluate import evaluate_samples, read_samples
-from .files import check_writable
+from .files import check_target, command_lock, overwriting
 from .generate import generate, save_samples
 from .generators import FAMILIES, sample_options
 from .inception import InceptionFID
@@ -67,12 +69,14 @@ def _given(args: argparse.Namespace, **names: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------------------------------------- reconstruct
 def cmd_reconstruct(args: argparse.Namespace) -> None:
-    check_writable(Path(args.out) / "table1.md", "reconstruct output")
+    check_target(Path(args.out) / "table1.md", what="reconstruct output")
     device = _device(args.device)
     vae = load_vae(args.vae, device=device).eval()
     features, fd_name, fit_latents = None, "FD", None
     if args.images:  # a folder, or any image source spec (wds:PATTERN, hf:PATH, folder:PATH)
         spec = args.images if args.images.split(":", 1)[0] in ("folder", "wds", "hf") else f"folder:{args.images}"
+        check_images_request(args.num_images, vae.image_channels, args.resolution, f"reconstruct: {args.num_images} "
+                             f"images at {args.resolution}x{args.resolution}", "lower --num-images or --resolution")
         source = image_source(spec, args.resolution, vae.image_channels, limit=args.num_images,
                               **_given(args, strict="strict_images", allow_large_images="allow_large_images"))
         images = torch.stack([source[i][0] for i in range(len(source))])
@@ -113,7 +117,7 @@ def cmd_train_vq(args: argparse.Namespace) -> None:
 
 
 def cmd_train_classifier(args: argparse.Namespace) -> None:
-    check_writable(args.out, "classifier output")
+    check_target(args.out, what="classifier output")
     result = train_classifier(args.out, device=_device(args.device),
                               **_given(args, epochs="epochs", batch_size="batch_size", lr="lr", seed="seed",
                                        threads="threads"))
@@ -171,7 +175,7 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
-    check_writable(Path(args.out) / "config.json", "pretrained folder")
+    check_target(Path(args.out) / "config.json", what="pretrained folder")
     options = _given(args, num_heads="num_heads", head_num_heads="head_num_heads", vae="vae")
     if args.no_first_token_timestep:
         options["first_token_timestep"] = False
@@ -185,10 +189,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- sample / evaluate
 def cmd_sample(args: argparse.Namespace) -> None:
-    check_writable(Path(args.out) / "samples.png", "sample output")
+    check_target(Path(args.out) / "samples.png", what="sample output")
     device = _device(args.device)
     model = load_generator(device=device, ema=not args.raw_weights, **_given(args, spec="model"))
     options = {name: getattr(args, name) for name in _sampling_fields() if getattr(args, name) is not None}
+    _check_sample_size(args, model, device, options)
     labels = [label for label in args.labels for _ in range(args.per_class)]
     result = generate(model, labels, vae=args.vae, device=device, allow_other_vae=args.allow_other_vae,
                       **_given(args, seed="seed", batch_size="batch_size"), **options)
@@ -200,6 +205,15 @@ def cmd_sample(args: argparse.Namespace) -> None:
         accuracy = class_accuracy(result["images"], torch.tensor(labels), classifier=load_classifier(device=device))
         print(f"classifier accuracy of the samples on their conditioning class: {accuracy:.3f} "
               f"({len(labels)} samples)")
+
+
+def _check_sample_size(args: argparse.Namespace, model: Any, device: str, options: dict[str, Any]) -> None:
+    """Labels x per-class against the free memory and a time estimate (one image sampled first), before the work."""
+    batch_size = args.batch_size or inspect.signature(generate).parameters["batch_size"].default
+    seconds = check_sample_request(model, len(args.labels) * args.per_class, batch_size, lambda: generate(
+        model, args.labels[:1], vae=args.vae, device=device, allow_other_vae=args.allow_other_vae, **options))
+    if seconds is not None and seconds > 60:
+        print(f"sampling {len(args.labels) * args.per_class:,} images: about {duration(seconds)} here", file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -262,7 +276,11 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
         if typing.get_origin(kind) is typing.Literal:
             kind, choices = str, typing.get_args(kind)
         kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None -> X
-        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices,
+        nargs = None
+        if typing.get_origin(kind) is tuple:  # cfg_interval: --cfg-interval LO HI
+            nargs, kind = len(typing.get_args(kind)), typing.get_args(kind)[0]
+        p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices, nargs=nargs,
+                       metavar=("LO", "HI") if nargs == 2 else None,
                        help=f"sampling option (default: the generator's recorded value, else {field.default!r})")
 
 
@@ -281,12 +299,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranges", type=float, nargs="+", help=f"value ranges +-a of the rows {lib}")
     p.add_argument("--batch-size", type=_positive_int, help=lib)
     p.add_argument("--out", default="out/reconstruct")
+    p.add_argument("--overwrite", action="store_true", help="replace files tokenbridge did not write in --out")
     _add_image_options(p)
     p.add_argument("--device")
     p.set_defaults(func=cmd_reconstruct)
 
     p = sub.add_parser("train-vae", help="train the embedded Fashion-MNIST KL-VAE")
-    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
+    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a file of another kind or the shipped weights")
     for flag, kind in (("--steps", _positive_int), ("--batch-size", _positive_int), ("--lr", float),
                        ("--kl-weight", float), ("--seed", int)):
         p.add_argument(flag, type=kind, help=lib)
@@ -305,7 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train_vq)
 
     p = sub.add_parser("train-classifier", help="train the embedded evaluation classifier")
-    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights are never replaced)")
+    p.add_argument("--out", required=True, help="the .safetensors to write (the shipped weights only with --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace a file of another kind or the shipped weights")
     for flag, kind in (("--epochs", _positive_int), ("--batch-size", _positive_int), ("--lr", float), ("--seed", int),
                        ("--threads", _positive_int)):
         p.add_argument(flag, type=kind, help=lib)
@@ -345,6 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="checkpoint.pt -> self-describing .safetensors (EMA weights, config, VAE)")
     p.add_argument("checkpoint", help="a training checkpoint.pt or a pretrained folder")
     p.add_argument("out")
+    p.add_argument("--overwrite", action="store_true", help="replace a file of another kind (token file, checkpoint)")
     p.add_argument("--raw", action="store_true", help="export the raw weights instead of the EMA")
     p.add_argument("--half", action="store_true", help="store float32 tensors as float16")
     p.add_argument("--sample", action="append", metavar="KEY=VALUE", type=_key_value,
@@ -355,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "(config.json + model.safetensors) computing the released functions")
     p.add_argument("checkpoint", help="checkpoint-last.pth (or the folder holding it)")
     p.add_argument("out", help="the pretrained folder to write (every --model option takes it)")
+    p.add_argument("--overwrite", action="store_true", help="replace files tokenbridge did not write in that folder")
     p.add_argument("--family", choices=["tokenbridge", "mar"], help="default: told by the checkpoint's keys")
     p.add_argument("--weights", choices=["model_ema", "model"], default="model_ema")
     p.add_argument("--num-heads", type=_positive_int, help="backbone attention heads (default: the released "
@@ -378,6 +401,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help=lib)
     p.add_argument("--batch-size", type=_positive_int, help=lib)
     p.add_argument("--out", default="out/samples")
+    p.add_argument("--overwrite", action="store_true", help="replace files tokenbridge did not write in --out")
     p.add_argument("--show-confidence", action="store_true", help="also write the per-token confidence maps")
     p.add_argument("--npz", action="store_true", help="also write the images as a uint8 .npz")
     p.add_argument("--evaluate", action="store_true", help="report the embedded classifier's accuracy")
@@ -421,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", help="dotted key=value overrides of the run config")
     p.add_argument("--scale", help=f"tiny (smoke test), small (2 CPU cores) or paper (GPUs) {lib}")
     p.add_argument("--out", help=f"results folder {lib}")
+    p.add_argument("--overwrite", action="store_true", help="replace files tokenbridge did not write there")
     p.add_argument("--device")
     p.set_defaults(func=cmd_repro)
     return parser
@@ -436,12 +461,18 @@ def main(argv: list[str] | None = None) -> None:
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        args.func(args)
+        with overwriting(bool(getattr(args, "overwrite", False))), command_lock(args):
+            args.func(args)
     except TrainingInterrupted as stop:  # the checkpoint is saved: a message, not a traceback
         print(f"tokenbridge {args.command}: {stop}", file=sys.stderr)
         raise SystemExit(128 + stop.signum) from None
     except (OSError, ValueError) as error:  # bad input, a missing file, a full disk: the message names it
         print(f"tokenbridge {args.command}: error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except (MemoryError, RuntimeError) as error:  # torch.OutOfMemoryError is a RuntimeError
+        if not is_out_of_memory(error):
+            raise
+        print(f"tokenbridge {args.command}: error: {out_of_memory(error, args)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, PositiveInt, ValidationError, create_model
-from pydantic import model_validator
+from pydantic import field_validator, model_validator
 
 # ----------------------------------------------------------------------------------------------------------------
 # Errors
@@ -157,6 +157,18 @@ class TrainConfig(Section):
     device: str = "auto"  # auto -> cuda:LOCAL_RANK if available, else cpu
     find_unused_parameters: bool = False
 
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, device: str) -> str:
+        import torch  # only here: reading a config needs no torch otherwise
+
+        if device != "auto":
+            try:
+                torch.device(device)
+            except (RuntimeError, TypeError):
+                raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
+        return device
+
     @model_validator(mode="after")
     def _one_length(self) -> TrainConfig:
         if (self.steps is None) == (self.epochs is None):
@@ -212,7 +224,11 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
             if not isinstance(child, dict):
                 raise ConfigError(f"override {item!r}: '{'.'.join(parts[:i + 1])}' is a value, not a section")
             node = child
-        node[parts[-1]] = parse_value(raw)
+        try:
+            node[parts[-1]] = parse_value(raw)
+        except yaml.YAMLError as e:  # a tag (!!python/object, ...) or broken syntax: the parser names it
+            raise ConfigError(f"override {item!r}: its value is not a plain YAML value: "
+                              f"{' '.join(str(e).split())}") from None
     return config
 
 

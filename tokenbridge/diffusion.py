@@ -133,6 +133,19 @@ class DiffusionSchedule:
         return (mean, logvar, x0) if return_x0 else (mean, logvar)
 
 
+def ddim_step(s: DiffusionSchedule, x: Tensor, i: int, eps: Tensor, clip: float | None = None) -> Tensor:
+    """One deterministic DDIM step (eta = 0) from respaced step i to i - 1 (to x0 at i = 0): the predicted x0
+    (clamped to [-clip, clip] if given) and the noise direction that x = sqrt(a_i) x0 + sqrt(1 - a_i) eps implies
+    for it, re-noised to the previous step's level: sqrt(a_{i-1}) x0 + sqrt(1 - a_{i-1}) eps'. x, eps [N, D]."""
+    x0 = (x - s.at("sqrt_1m_ac", i, x) * eps) / s.at("sqrt_ac", i, x)
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    if i == 0:
+        return x0
+    eps = (x - s.at("sqrt_ac", i, x) * x0) / s.at("sqrt_1m_ac", i, x)
+    return s.at("sqrt_ac", i - 1, x) * x0 + s.at("sqrt_1m_ac", i - 1, x) * eps
+
+
 class _DiffusionBlock(nn.Module):
     """Residual AdaLN MLP block: x + gate * MLP(modulate(LN(x))), modulation from cond."""
 
@@ -268,14 +281,19 @@ class DiffusionHead(nn.Module):
 
     @torch.no_grad()
     def sample(self, z: Tensor, num_steps: int = 100, temperature: float = 1.0, cfg: float | Tensor | None = None,
-               generator: torch.Generator | None = None, clip_denoised: float | None = None) -> Tensor:
+               generator: torch.Generator | None = None, clip_denoised: float | None = None,
+               method: Literal["ddpm", "ddim"] = "ddpm") -> Tensor:
         """Token [N, token_dim] by DDPM respaced to num_steps; temperature scales the per-step noise.
         z: [N, z_dim], or with cfg [2N, z_dim] (N conditional then N unconditional rows) and
         eps = e_u + cfg * (e_c - e_u); cfg: float or [N] tensor. clip_denoised: clamp each step's predicted x0 to
         [-clip_denoised, clip_denoised]. Respacing makes the first steps sensitive to eps errors (at t = 999,
         x0 = (x - sqrt(1 - a) eps) / sqrt(a) with sqrt(a) ~ 5e-5), so a model trained briefly can diverge
-        without it; None keeps MAR's unclipped sampler."""
+        without it; None keeps MAR's unclipped sampler. method: "ddpm" (respaced DDPM, MAR's) or "ddim"
+        (deterministic DDIM, eta = 0, on the same respaced steps: no per-step noise, so temperature has no effect;
+        the learned variance is not used)."""
         check_z(z, self.z_dim)
+        if method not in ("ddpm", "ddim"):
+            raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
         n, scale = cfg_rows(z, cfg)
@@ -287,6 +305,9 @@ class DiffusionHead(nn.Module):
             eps, v = self.denoise(x if scale is None else x.repeat(2, 1), t, z_cond)
             if scale is not None:
                 eps, v = guide(eps, scale), v[:n]
+            if method == "ddim":
+                x = ddim_step(s, x, i, eps, clip_denoised)
+                continue
             mean, logvar = s.p_mean_logvar(x, i, eps, v, clip_denoised)
             if self.full_batch_noise:  # MAR: noise for every row of the batch, at every step
                 rows = n if scale is None else 2 * n

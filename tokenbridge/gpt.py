@@ -168,8 +168,12 @@ class RasterGPT(nn.Module):
     def _inputs(self, labels: Tensor, codes: Tensor) -> Tensor:
         """Embedded input positions 0..P+T-1: [N, P + T, W] from labels [N] and the first T codes [N, T]."""
         cls = self.class_emb(labels.long())[:, None].expand(-1, self.prefix_tokens, -1)
-        x = torch.cat([cls, self.tok_emb(codes.long())], dim=1)
+        x = torch.cat([cls, self._embed(codes)], dim=1)
         return x + self.pos_emb[: x.shape[1]]
+
+    def _embed(self, codes: Tensor) -> Tensor:
+        """Input embeddings [N, T, W] of codes [N, T] (a subclass embeds other tokens: generators/causal.py)."""
+        return self.tok_emb(codes.long())
 
     def _hidden(self, x: Tensor, caches: list[KVCache] | None = None, start: int = 0) -> Tensor:
         """Blocks + final norm on x [N, S, W] (positions start..start+S-1) -> [N, S, W]."""
@@ -223,7 +227,7 @@ class RasterGPT(nn.Module):
             h = self._hidden(self._inputs(labels, codes[:, :0]), caches, 0)
         else:
             start = self.prefix_tokens + t - 1
-            h = self._hidden(self.tok_emb(codes[:, t - 1 : t].long()) + self.pos_emb[start], caches, start)
+            h = self._hidden(self._embed(codes[:, t - 1 : t]) + self.pos_emb[start], caches, start)
         return self.head(h[:, -1])
 
     @torch.no_grad()

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .files import atomic_path
+
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
     """Images `[N, C, H, W]` in [-1, 1] (C = 1 or 3) -> uint8 array `[N, H, W, C]`."""
@@ -51,6 +53,6 @@ def image_grid(images: torch.Tensor, nrow: int = 8, padding: int = 2, scale: int
 def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int = 8, scale: int = 1) -> Path:
     """Save `[N, C, H, W]` images in [-1, 1] as one PNG grid; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, nrow=nrow, scale=scale).save(path)
+    with atomic_path(path) as tmp:
+        image_grid(images, nrow=nrow, scale=scale).save(tmp, format="PNG")
     return path

@@ -13,6 +13,7 @@ from typing import Callable
 import torch
 from tqdm import tqdm
 
+from .files import save_figure, write_text
 from .images import save_image_grid
 from .markdown import fmt, markdown_table
 from .metrics import feature_statistics, frechet_distance, psnr, ssim
@@ -144,9 +145,7 @@ def save_histograms(latents: torch.Tensor, path: str | Path, levels: int = 64,
         axes[k // cols][k % cols].axis("off")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    path = save_figure(fig, path)
     plt.close(fig)
     return path
 
@@ -164,9 +163,8 @@ def run_reconstruct(vae, images: torch.Tensor, out_dir: str | Path, features=Non
                                          features=features, batch_size=batch_size, device=device,
                                          fit_latents=fit_latents)
     table = format_table(rows, fd_name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "table1.md").write_text(
-        f"{table}\n\n{len(images)} images, {time.time() - start:.0f} s. PSNR on images in [-1, 1].\n")
+    write_text(out_dir / "table1.md",
+               f"{table}\n\n{len(images)} images, {time.time() - start:.0f} s. PSNR on images in [-1, 1].\n")
     save_reconstruction_grid(samples, rows, out_dir / "reconstruction_grid.png")
     save_histograms(samples["latents"], out_dir / "latent_histograms.png")
     return rows, table

@@ -32,7 +32,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from .config import DataConfig
 from .distributed import barrier, init_distributed
-from .files import atomic_path, check_writable
+from .files import atomic_path, check_writable, tensor_bytes
+from .reading import inside
 from .quantizer import DimensionwiseQuantizer
 from .rows import FileTensor, LazyRows, read_tensors
 from .tokens import LATENT_DTYPES as TOKEN_LATENT_DTYPES
@@ -75,7 +76,7 @@ def _key(obj: Any) -> str:
 def _write_shard(out_dir: Path, k: int, tensors: dict[str, torch.Tensor], setup: str) -> dict[str, Any]:
     """Write shard k atomically, then its sidecar (so a sidecar always describes a complete shard)."""
     path = out_dir / shard_file(k)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, SHARD_FORMAT, needed=tensor_bytes(tensors)) as tmp:
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(tmp),
                   # one metadata key: safetensors writes several in a random order, and shards must be byte-identical
                   metadata={"shard": json.dumps({"format": SHARD_FORMAT, "version": FORMAT_VERSION, "shard": k})})
@@ -325,7 +326,7 @@ class ShardedTokens(Dataset):
         self.grid_shape = tuple(int(x) for x in m["grid"])
         self.quantizer_config, self.scaling_factor = dict(m["quantizer"]), m.get("scaling_factor")
         self.vae, self.vae_fingerprint = m.get("vae"), m.get("vae_fingerprint")
-        qpath = path.parent / m.get("quantizer_file", QUANTIZER_FILE)
+        qpath = inside(path.parent, m.get("quantizer_file", QUANTIZER_FILE), f"shard manifest {path}", "quantizer file")
         if not qpath.is_file():
             raise ValueError(f"shard manifest {path} names quantizer file {qpath}, which does not exist")
         self.quantizer_state = load_file(str(qpath))
@@ -357,7 +358,7 @@ class ShardedTokens(Dataset):
             setattr(self, name, getattr(single, name))
 
     def _open_shard(self, folder: Path, entry: dict[str, Any], verify: bool) -> dict[str, FileTensor]:
-        path = folder / entry["file"]
+        path = inside(folder, entry.get("file"), f"shard manifest {self.path}", "shard")
         if not path.is_file():
             raise ValueError(f"shard {path} listed in {self.path} is missing")
         if verify and _sha256(path) != entry.get("sha256"):

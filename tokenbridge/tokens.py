@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from .config import DataConfig
-from .files import atomic_path, check_writable
+from .budget import check_encode_request
+from .files import atomic_path, check_target, holds_output, tensor_bytes
 from .quantizer import DimensionwiseQuantizer
 from .sources import image_source
 from .vae import VAE, load_vae, vae_fingerprint
@@ -85,6 +86,7 @@ def _encode_all(vae: VAE, quantizer: DimensionwiseQuantizer, dataset: Dataset, d
     return tensors
 
 
+@holds_output("out_path", "token file")
 def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict[str, Any] | None = None,
                   device: str | torch.device = "cpu", seed: int = 0, fit_samples: int = 10000,
                   vae: VAE | None = None, dataset: Dataset | None = None, overwrite: bool = False) -> Path:
@@ -95,7 +97,7 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
     (the spec ``data.vae`` is still recorded). Posterior samples (``data.sample_posterior``) draw from ``seed``.
     An existing ``out_path`` is replaced only with ``overwrite``; the path is checked before any encoding.
     """
-    check_writable(out_path, "token file")
+    check_target(out_path, TOKENS_FORMAT, overwrite, "token file")
     if Path(out_path).exists() and not overwrite:
         raise ValueError(f"token file {out_path} already exists; pass --overwrite (overwrite=True) to replace it")
     device = torch.device(device)
@@ -108,6 +110,9 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
         dataset = Subset(dataset, range(min(data.limit, len(dataset))))
     if len(dataset) == 0:
         raise ValueError(f"dataset {data.dataset}:{data.split} is empty")
+    shape = tuple(dataset[0][0].shape)
+    check_encode_request(data.encode_batch, shape, f"encoding batches of {data.encode_batch} images {list(shape)}",
+                         "lower data.encode_batch (--batch-size) or data.resolution")
     vae = (load_vae(data.vae, device) if vae is None else vae).to(device).eval()
     rng_state = torch.random.get_rng_state()
     torch.manual_seed(seed)  # posterior sampling draws from the global RNG; make the cache reproducible
@@ -128,7 +133,7 @@ def cache_latents(data: DataConfig, out_path: str | os.PathLike, quantizer: dict
         "data": data.dataset, "split": data.split, "sample_posterior": json.dumps(data.sample_posterior),
         "num_classes": str(len(classes) if classes is not None else int(tensors["labels"].max()) + 1),
     }
-    with atomic_path(out_path) as tmp:
+    with atomic_path(out_path, TOKENS_FORMAT, overwrite=overwrite or None, needed=tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata=metadata)
     return Path(out_path)
 

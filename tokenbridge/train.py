@@ -32,6 +32,7 @@ from .checkpoint import CHECKPOINT_NAME, CKPT_FORMAT, FORMAT_VERSION, load_check
 from .config import ConfigError, RunConfig, apply_overrides, read_yaml, validate
 from .files import FolderLock, atomic_path, check_writable
 from .optim import EMA, adamw, lr_at, param_groups
+from .reading import check_tokens
 from .generators import apply_preset, check_sample_options, get_family
 from .shards import ShardedTokens
 from .tokens import CachedTokens, LatentTokens, OnTheFlyTokens, image_dataset
@@ -129,7 +130,8 @@ class _Logger:
             self.path.unlink(missing_ok=True)  # a fresh run starts a fresh log
         elif self.path.is_file():  # entries a killed run wrote after its last checkpoint would be repeated
             kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= truncate_after]
-            with atomic_path(self.path) as tmp:
+            # the log of the run just resumed (appended to line by line, so it carries no mark of its kind)
+            with atomic_path(self.path, overwrite=True) as tmp:
                 tmp.write_text("".join(s + "\n" for s in kept))
         try:
             from torch.utils.tensorboard import SummaryWriter
@@ -231,9 +233,16 @@ class Trainer:
         if self.is_main and ckpt.get("steps_per_epoch") not in (None, self.steps_per_epoch):
             warnings.warn("steps per epoch changed since the checkpoint; data order will differ from that run")
         states = ckpt["rng"]
-        if len(states) == self.world:
-            D.set_rng_state(states[self.rank], self.device)
+        if isinstance(states, list) and len(states) == self.world:
+            try:
+                D.set_rng_state(states[self.rank], self.device)
+            except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as e:
+                raise ValueError(f"checkpoint {self.ckpt_path} holds a malformed RNG state ({type(e).__name__}: {e}); "
+                                 "it cannot resume exactly: start a new out_dir") from None
             return
+        if not isinstance(states, list):
+            raise ValueError(f"checkpoint {self.ckpt_path} holds a malformed RNG state (a {type(states).__name__}, "
+                             "not a list per process); start a new out_dir")
         if self.is_main:
             warnings.warn(f"checkpoint was written by {len(states)} processes, now {self.world}: RNG reseeded")
         D.seed_all(self.run.seed + self.rank + 1_000_003 * self.start_step)
@@ -266,10 +275,11 @@ class Trainer:
             })
         D.barrier()
 
-    def write_config(self) -> None:
-        """out_dir/config.yaml: the resolved run config (what `tokenbridge train --config` would repeat)."""
+    def write_config(self, overwrite: bool | None = None) -> None:
+        """out_dir/config.yaml: the resolved run config (what `tokenbridge train --config` would repeat).
+        ``overwrite``: replace whatever is there (a resumed run owns its folder, files from before included)."""
         if self.is_main:
-            with atomic_path(self.out_dir / "config.yaml") as tmp:
+            with atomic_path(self.out_dir / "config.yaml", overwrite=overwrite) as tmp:
                 tmp.write_text(yaml.safe_dump(self.run.model_dump(mode="json"), sort_keys=False))
 
     def _training_module(self) -> nn.Module:
@@ -324,6 +334,16 @@ class Trainer:
         self.ema.update(self.model, step)
         return torch.stack([loss.detach().float(), gnorm.detach().float()])
 
+    def _checked(self, batch: tuple) -> tuple:
+        """``batch`` once its token indices and labels are known to lie in range, whatever the cache kind (a
+        single file is checked when opened, memory-mapped shards item by item here)."""
+        tokens = self.data.dataset
+        levels = getattr(tokens, "levels", None)
+        if levels is not None and torch.is_tensor(batch[0]) and not batch[0].is_floating_point():
+            check_tokens(batch[0], batch[1], int(levels), getattr(tokens, "num_classes", None),
+                         f"token cache {getattr(tokens, 'path', '')}")
+        return batch
+
     def fit(self, end_step: int, logger: _Logger) -> dict[str, Any]:
         """Optimizer steps from start_step to end_step; returns the last log record. SIGTERM / Ctrl-C save the
         current step and raise TrainingInterrupted."""
@@ -336,8 +356,8 @@ class Trainer:
         with D.StopSignals(self.device) as stop:
             while step < end_step:
                 batches = self._batches(step, batches)
-                batch = tuple(b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b
-                              for b in next(batches))
+                batch = self._checked(next(batches))
+                batch = tuple(b.to(self.device, non_blocking=True) if torch.is_tensor(b) else b for b in batch)
                 sums += self._update(module, batch, step)
                 step, n_window = step + 1, n_window + 1
                 pbar.update(1)
@@ -397,7 +417,11 @@ def train(config: dict | RunConfig, resume: bool = True, overwrite: bool = False
                 if dataset is not None else training_data(run, device))
         trainer = Trainer(run, data, rank, world, device)
         resumed = _start(trainer, resume, overwrite)
-        trainer.write_config()
+        if resumed and trainer.start_step > trainer.total_steps:
+            raise ValueError(f"{trainer.ckpt_path} is at step {trainer.start_step}, past the {trainer.total_steps} "
+                             "steps the config asks for: nothing to train. Raise train.steps to continue it, or "
+                             "start a new out_dir")
+        trainer.write_config(overwrite=True if resumed else None)
         logger = _Logger(trainer.out_dir, trainer.is_main, trainer.start_step if resumed else None)
         end_step = trainer.total_steps if stop_at is None else min(trainer.total_steps, int(stop_at))
         t_start = time.time()

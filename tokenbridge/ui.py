@@ -28,6 +28,9 @@ from .images import image_grid
 from .vae import VAE
 
 MAX_IMAGES = 16  # per request: one visitor must not exhaust a shared machine
+# Gradio keeps every picture it streams as a file; every minute, the ones older than ten minutes are deleted, so the
+# server's disk use is bounded by the traffic of ten minutes, not of its lifetime
+CACHE_SWEEP = (60, 600)  # (every seconds, older than seconds)
 CONCURRENCY = 1  # requests sampled at the same time; the others wait in the queue
 QUEUE_SIZE = 16
 SCALE = 4  # pixels per image pixel in the shown grids
@@ -159,7 +162,7 @@ def build_app(entries: dict[str, Entry], max_images: int = MAX_IMAGES) -> Any:
 
     names = list(entries)
     first = entries[names[0]]
-    with gr.Blocks(title="tokenbridge") as app:
+    with gr.Blocks(title="tokenbridge", delete_cache=CACHE_SWEEP) as app:
         gr.Markdown("# tokenbridge: watch a generator fill the token grid\nEach step of the masked-autoregressive "
                     "sampler predicts a chunk of tokens; tokens not generated yet are decoded at the prior mean (0).")
         with gr.Row():

@@ -33,7 +33,7 @@ from torch import nn
 from .autoencoder import KL16_SCALING_FACTOR, PRESETS, VAE, AutoencoderKL, AutoencoderKLConfig
 from .autoencoder import DiffusersVAE, build_vae, cannot_match, check_shapes, is_number, meta_vae
 from .data import as_tensors
-from .files import atomic_path, check_writable
+from .files import atomic_path, check_target, holds_output, tensor_bytes
 from .metrics import psnr
 from .optim import lr_at
 
@@ -146,13 +146,13 @@ def save_vae(vae: AutoencoderKL, path: str | os.PathLike, training: dict | None 
     Refuses (ValueError) weights with NaN or inf, a ``path`` that is a directory or whose folder is not writable."""
     if not isinstance(vae, AutoencoderKL):
         raise ValueError(f"save_vae supports AutoencoderKL, got {type(vae).__name__}")
-    path = check_writable(path, "VAE file")
+    path = check_target(path, _FORMAT, what="VAE file")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in vae.state_dict().items()}
     _check_finite(tensors, f"save_vae (not writing {path})")
     meta = {"format": _FORMAT, "config": json.dumps(asdict(vae.config))}
     if training:
         meta["training"] = json.dumps(training)
-    with atomic_path(path) as tmp:
+    with atomic_path(path, _FORMAT, needed=tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
@@ -421,9 +421,10 @@ def _check_training(out_path: str | os.PathLike, steps: int, batch_size: int, lr
     if preset not in PRESETS:
         raise ValueError(f"train_vae: unknown VAE preset {preset!r}; choose from {sorted(PRESETS)}")
     device = check_device(device)
-    return check_writable(out_path, "VAE output"), device
+    return check_target(out_path, _FORMAT, what="VAE output"), device
 
 
+@holds_output("out_path", "VAE output")
 def train_vae(
     out_path: str | os.PathLike,
     steps: int = 1400,

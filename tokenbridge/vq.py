@@ -32,10 +32,12 @@ from torch import nn
 from tqdm.auto import tqdm
 from vector_quantize_pytorch import VectorQuantize
 
-from .files import atomic_path, check_writable
+from .budget import check_model_budget, state_bytes
+from .files import atomic_path, check_writable, holds_output, remove_stale_temporaries, tensor_bytes
 from .markdown import markdown_table
 from .metrics import psnr
 from .optim import lr_at
+from .reading import check_state
 from .shards import ShardedTokens
 from .tokens import CachedTokens
 from .vae import load_vae, vae_fingerprint
@@ -203,7 +205,7 @@ class VQTokenizer(nn.Module):
         state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
 
         def write(folder: Path) -> None:
-            with atomic_path(folder / WEIGHTS_NAME) as tmp:
+            with atomic_path(folder / WEIGHTS_NAME, VQ_FORMAT, needed=tensor_bytes(state)) as tmp:
                 save_file(state, str(tmp), metadata={"format": VQ_FORMAT})
             with atomic_path(folder / CONFIG_NAME) as tmp:
                 tmp.write_text(json.dumps(record, indent=2) + "\n")
@@ -223,7 +225,11 @@ class VQTokenizer(nn.Module):
             state = load_file(str(weights))
         except Exception as e:  # safetensors raises its own error types for truncated or garbled files
             raise ValueError(f"{weights} is corrupt or not a safetensors file: {e}") from None
-        model = build_tokenizer(record["config"], f"{directory}/{CONFIG_NAME}")
+        where = f"{directory}/{CONFIG_NAME}"
+        with torch.device("meta"):  # its size first: a crafted config could ask for any
+            check_model_budget(state_bytes(build_tokenizer(record["config"], where)), where, "VQ tokenizer")
+        model = build_tokenizer(record["config"], where)
+        check_state(model.state_dict(), state, weights)  # NaN, inf or integer weights named
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
@@ -279,6 +285,7 @@ def _replace_folder(directory: Path, write: Any) -> None:
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.with_name(f".{directory.name}.{os.getpid()}.tmp")
     old = directory.with_name(f".{directory.name}.{os.getpid()}.old")
+    remove_stale_temporaries(directory)  # the temporary folders of killed runs too
     for leftover in (tmp, old):
         shutil.rmtree(leftover, ignore_errors=True)
     tmp.mkdir()
@@ -373,6 +380,7 @@ def _fit_vq(model: VQTokenizer, latents_train: torch.Tensor, steps: int, batch_s
             "final_train_loss": sum(losses[-50:]) / len(losses[-50:]), "seconds": round(time.time() - t0, 1)}
 
 
+@holds_output("out_dir", "VQ tokenizer folder")
 def train_vq(latents_train: torch.Tensor, latents_test: torch.Tensor, config: dict | None = None,
              steps: int = 2000, batch_size: int = 256, lr: float = 2e-3, seed: int = 0,
              out_dir: str | os.PathLike | None = None, progress: bool = True, vae: nn.Module | None = None,

@@ -38,6 +38,8 @@ from ..diffusion import DiffusionHead
 from ..discrete import DiscreteSource, build_source
 from ..fusion import CodeEmbedding, FusedMAR, build_fusion
 from ..gpt import RasterGPT
+from .. import samplers
+from ..samplers import TOOLBOX_OPTIONS
 from .mar import ContinuousMARConfig, ContinuousMARGenerator, legacy_head
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
@@ -254,6 +256,12 @@ class D2CGenerator(nn.Module):
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
                num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
                sorted_positions: bool = False,
+               sampler: Literal["toolbox", "paper"] = samplers.DEFAULT_SAMPLER,
+               cfg_interval: tuple[float, float] | None = samplers.PAPER.cfg_interval,
+               uncond_every: int = samplers.PAPER.uncond_every,
+               num_sampling_steps_end: int | None = samplers.PAPER.num_sampling_steps_end,
+               sampling_steps_anneal: Literal["linear", "cosine"] = samplers.PAPER.sampling_steps_anneal,
+               diffusion_sampler: Literal["ddpm", "ddim"] = samplers.PAPER.diffusion_sampler,
                generator: torch.Generator | int | None = None, progress: bool = False,
                callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
                orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -261,15 +269,19 @@ class D2CGenerator(nn.Module):
 
         stage1_*: the GPT's guidance scale (constant), temperature (> 0), top-k (0 = off) and nucleus (1 = off).
         num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, clip_denoised, released_cfg, sorted_positions,
-        orders:
-        stage 2's, as the mar family's sample (orders [N, L]: stage 2's generation orders, to replay a run).
+        orders and the sampler toolbox's options (sampler, cfg_interval, uncond_every, num_sampling_steps_end,
+        sampling_steps_anneal, diffusion_sampler; tokenbridge.samplers): stage 2's, as the mar family's sample
+        (orders [N, L]: stage 2's generation orders, to replay a run).
         generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
         draw from it. Returns dict(latents [N, C, h, w] float, codes [N, gh, gw] int64); callback as the mar
         family's (after every stage-2 step), with the codes added.
         """
         stage2 = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
                   "num_sampling_steps": num_sampling_steps, "clip_denoised": clip_denoised,
-                  "released_cfg": released_cfg, "sorted_positions": sorted_positions, "orders": orders}
+                  "released_cfg": released_cfg, "sorted_positions": sorted_positions, "orders": orders,
+                  "sampler": sampler, "cfg_interval": cfg_interval, "uncond_every": uncond_every,
+                  "num_sampling_steps_end": num_sampling_steps_end, "sampling_steps_anneal": sampling_steps_anneal,
+                  "diffusion_sampler": diffusion_sampler}
         self._check_stage2_options(labels, stage2)  # before stage 1 runs
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
@@ -310,6 +322,7 @@ class D2CGenerator(nn.Module):
         if clip is not None and not 0 < float(clip) < float("inf"):
             raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip}")
         self.stage2._check_orders(options["orders"], labels.shape[0])
+        samplers.resolve(options["sampler"], steps, **{k: options[k] for k in TOOLBOX_OPTIONS[1:]})
 
     def _check_codes(self, codes: torch.Tensor, n: int) -> None:
         gh, gw = self.code_grid
@@ -326,7 +339,7 @@ class D2CGenerator(nn.Module):
 # stage 2's sampling options and their defaults: those of `D2CGenerator.sample`'s signature (one place)
 STAGE2_DEFAULTS = {name: p.default for name, p in inspect.signature(D2CGenerator.sample).parameters.items()
                    if name in ("num_iter", "cfg", "cfg_schedule", "temperature", "num_sampling_steps",
-                               "clip_denoised", "released_cfg", "sorted_positions", "orders")}
+                               "clip_denoised", "released_cfg", "sorted_positions", "orders", *TOOLBOX_OPTIONS)}
 
 # ----------------------------------------------------------------------------------------------------------------
 # Presets (one place names the sizes; `model: {preset: NAME}` in a config). The source is left to the config's

@@ -26,6 +26,7 @@ from pydantic import Field, PositiveInt
 from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
 from ..diffusion import DiffusionHead
+from .. import samplers
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -136,8 +137,15 @@ class ContinuousMARGenerator(MaskedGenerator):
     def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg: float | None = 1.0,
                cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
                num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
-               sorted_positions: bool = False, generator: torch.Generator | int | None = None,
-               progress: bool = False, callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+               sorted_positions: bool = False,
+               sampler: Literal["toolbox", "paper"] = samplers.DEFAULT_SAMPLER,
+               cfg_interval: tuple[float, float] | None = samplers.PAPER.cfg_interval,
+               uncond_every: int = samplers.PAPER.uncond_every,
+               num_sampling_steps_end: int | None = samplers.PAPER.num_sampling_steps_end,
+               sampling_steps_anneal: Literal["linear", "cosine"] = samplers.PAPER.sampling_steps_anneal,
+               diffusion_sampler: Literal["ddpm", "ddim"] = samplers.PAPER.diffusion_sampler,
+               generator: torch.Generator | int | None = None, progress: bool = False,
+               callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
                orders: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
 
@@ -155,11 +163,21 @@ class ContinuousMARGenerator(MaskedGenerator):
         `cfg_schedule`. generator: None (global RNG), an int seed or a torch.Generator on the model's device.
         Returns dict(latents [N, C, H, W] float). callback: called after every MAR step with the outputs so far
         plus ``step``, ``num_iter`` and ``mask`` [N, H, W] bool (True = not generated yet; those latents are 0).
+        sampler, cfg_interval, uncond_every, num_sampling_steps_end, sampling_steps_anneal, diffusion_sampler: the
+        sampler toolbox (tokenbridge.samplers): guidance interval, unconditional-feature reuse, diffusion steps
+        annealed from num_sampling_steps to num_sampling_steps_end across the MAR steps (DiSA), DDIM (eta 0);
+        sampler="paper" ignores them (the sampler before the toolbox).
         """
         self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
         train_steps = len(self.head.schedule)
         if int(num_sampling_steps) != num_sampling_steps or not 1 <= num_sampling_steps <= train_steps:
             raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {num_sampling_steps}")
+        box = samplers.resolve(sampler, num_sampling_steps, cfg_interval=cfg_interval, uncond_every=uncond_every,
+                               num_sampling_steps_end=num_sampling_steps_end,
+                               sampling_steps_anneal=sampling_steps_anneal, diffusion_sampler=diffusion_sampler)
+        # diffusion steps of each MAR step, in order (the loop calls predict once per step)
+        steps = iter(samplers.diffusion_steps_schedule(min(int(num_iter), self.seq_len), int(num_sampling_steps),
+                                                       box.num_sampling_steps_end, box.sampling_steps_anneal))
         if clip_denoised is not None and not 0 < float(clip_denoised) < float("inf"):
             raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip_denoised}")
         device = next(self.parameters()).device
@@ -168,14 +186,14 @@ class ContinuousMARGenerator(MaskedGenerator):
         orders = self._check_orders(orders, labels.shape[0])
 
         def predict(z_sel: torch.Tensor, step_cfg: float | None, g: torch.Generator | None):
-            x = self.head.sample(z_sel, num_steps=int(num_sampling_steps), temperature=float(temperature),
-                                 cfg=step_cfg, generator=g, clip_denoised=clip_denoised)
+            x = self.head.sample(z_sel, num_steps=next(steps), temperature=float(temperature),
+                                 cfg=step_cfg, generator=g, clip_denoised=clip_denoised, method=box.diffusion_sampler)
             return x, None
 
         values = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, device=device)
         values, score = self._generate(labels, values, lambda v: v, predict, num_iter, cfg, cfg_schedule, True, gen,
                                        progress, callback, released_cfg=bool(released_cfg), orders=orders,
-                                       sorted_positions=bool(sorted_positions))
+                                       sorted_positions=bool(sorted_positions), box=box)
         return self._outputs(values, score)
 
     def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:

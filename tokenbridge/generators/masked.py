@@ -21,6 +21,7 @@ from ..backbone import random_masking, sample_orders
 from ..config import ConfigError
 from ..sampling import CFG_SCHEDULES, cfg_schedule as cfg_at, mask_schedule_list, num_masked_for_ratio
 from ..sampling import truncnorm_mask_ratio
+from ..samplers import PAPER, GuidancePlan, Toolbox
 
 # predict(z_sel [n*m (2n*m with cfg), W], step cfg or None, generator) -> (values [n*m, D], score [n*m] or None)
 Predict = Callable[[torch.Tensor, float | None, torch.Generator | None], tuple[torch.Tensor, torch.Tensor | None]]
@@ -125,7 +126,7 @@ class MaskedGenerator(nn.Module):
                   gen: torch.Generator | None, progress: bool,
                   callback: Callable[[dict[str, torch.Tensor]], None] | None,
                   released_cfg: bool = False, orders: torch.Tensor | None = None,
-                  sorted_positions: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                  sorted_positions: bool = False, box: Toolbox = PAPER) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAR loop: ``num_iter`` steps on the cosine mask schedule; each step runs the backbone on the values
         so far and lets ``predict`` draw the values of the next positions (the random order's next chunk, or with
         ``random_order`` False every masked position, keeping the highest-scoring ones). With cfg != 1 the
@@ -139,6 +140,8 @@ class MaskedGenerator(nn.Module):
         sorted_positions: a step's positions reach ``predict`` in ascending position order, as the released code's
         ``nonzero`` hands them to its head (then equal seeds and orders draw equal noise per position); False: in
         generation order.
+        box: the sampler toolbox's setting (tokenbridge.samplers); its guidance interval and feature reuse decide
+        which rows the backbone runs (a step outside the interval gives ``predict`` N rows and cfg None).
         """
         n, seq_len, device = labels.shape[0], self.seq_len, labels.device
         num_iter = min(int(num_iter), seq_len)
@@ -151,6 +154,7 @@ class MaskedGenerator(nn.Module):
         mask = torch.ones(n, seq_len, dtype=torch.bool, device=device)
         if orders is None and random_order:
             orders = sample_orders(n, seq_len, device=device, generator=gen)
+        plan = GuidancePlan(self.backbone, box) if use_cfg and box != PAPER else None
         was_training = self.training
         self.eval()
         try:
@@ -158,8 +162,11 @@ class MaskedGenerator(nn.Module):
             for step in tqdm(range(num_iter), disable=not progress, desc="sampling"):
                 remaining = schedule[step]
                 tokens = to_tokens(values)
-                z = self.backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
-                                  torch.cat([mask, mask]) if use_cfg else mask)
+                if plan is not None:
+                    z = plan.features(tokens, labels, mask, prev / seq_len, step)
+                else:
+                    z = self.backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
+                                      torch.cat([mask, mask]) if use_cfg else mask)
                 pos = self._positions(mask, orders, remaining, prev)
                 if sorted_positions:
                     pos = pos.sort(dim=1).values
@@ -167,7 +174,7 @@ class MaskedGenerator(nn.Module):
                 gather = pos.unsqueeze(-1).expand(n, m, z.shape[-1])
                 z_sel = torch.gather(z[:n], 1, gather).reshape(n * m, -1)
                 step_cfg = None
-                if use_cfg:
+                if z.shape[0] > n:  # a guided step
                     z_sel = torch.cat([z_sel, torch.gather(z[n:], 1, gather).reshape(n * m, -1)])
                     step_cfg = cfg_at(float(cfg), cfg_schedule, max(remaining, int(released_cfg)) / seq_len)
                 new, new_score = predict(z_sel, step_cfg, gen)

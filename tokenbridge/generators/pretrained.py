@@ -18,7 +18,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files import atomic_path
+from ..files import atomic_path, tensor_bytes
+from ..reading import check_generator_file
 
 __all__ = [
     "CONFIG_NAME",
@@ -51,7 +52,7 @@ def save_pretrained(model: nn.Module, directory: str | os.PathLike, **record: An
               **{k: provenance.get(k) for k in _RECORD_KEYS}}
     config["sample"] = config["sample"] or {}
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(directory / WEIGHTS_NAME) as tmp:
+    with atomic_path(directory / WEIGHTS_NAME, PRETRAINED_FORMAT, needed=tensor_bytes(state)) as tmp:
         save_file(state, str(tmp), metadata={"format": PRETRAINED_FORMAT})
     with atomic_path(directory / CONFIG_NAME) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
@@ -91,9 +92,12 @@ def from_pretrained(cls: type[nn.Module], directory: str | os.PathLike,
 def build_generator(cls: type[nn.Module], record: dict[str, Any], state: dict[str, torch.Tensor],
                     where: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
     """``cls`` built from ``record["config"]`` with ``state`` loaded strictly and ``provenance = record``, in eval
-    mode on ``device``; a state that does not fit is a ValueError naming ``where``."""
+    mode on ``device``; a state that does not fit (or is over the size budget, or holds NaN / inf / integer
+    weights) is a ValueError naming ``where``, before the generator is allocated."""
     recorded = getattr(cls, "recorded_config", None)  # fills what older records leave out (a family's choice)
-    model = cls.from_config(recorded(record["config"]) if recorded else record["config"])
+    config = recorded(record["config"]) if recorded else record["config"]
+    check_generator_file(cls, config, state, where)
+    model = cls.from_config(config)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:

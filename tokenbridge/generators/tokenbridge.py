@@ -32,6 +32,7 @@ from ..layers import cfg_rows, guide
 from ..official_head import OfficialARHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
+from .. import samplers
 from .masked import MaskedGenerator, fill_shapes, make_generator
 from .registry import apply_preset, register_family
 
@@ -241,6 +242,9 @@ class TokenBridgeGenerator(MaskedGenerator):
         order: Literal["random", "confidence"] = "random",
         cfg_mix: Literal["logits", "z"] = "logits",
         sorted_positions: bool = False,
+        sampler: Literal["toolbox", "paper"] = samplers.DEFAULT_SAMPLER,
+        cfg_interval: tuple[float, float] | None = samplers.PAPER.cfg_interval,
+        uncond_every: int = samplers.PAPER.uncond_every,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
@@ -262,8 +266,12 @@ class TokenBridgeGenerator(MaskedGenerator):
         of random ones, to replay a run. sorted_positions: each step's positions reach the head in ascending
         position order, as the released code's ``nonzero`` (converted checkpoints record it), so that equal seeds
         and orders draw the same randomness for the same position; False (the shipped generator): generation order.
+        sampler, cfg_interval, uncond_every: the sampler toolbox (tokenbridge.samplers): guidance only on the
+        steps whose mask ratio lies in cfg_interval, unconditional features reused between guided steps;
+        sampler="paper" ignores them (the sampler before the toolbox).
         """
         self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
+        box = samplers.resolve(sampler, cfg_interval=cfg_interval, uncond_every=uncond_every)
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
@@ -278,7 +286,7 @@ class TokenBridgeGenerator(MaskedGenerator):
         idx = torch.zeros(labels.shape[0], self.seq_len, self.backbone.token_dim, dtype=torch.long, device=device)
         idx, conf = self._generate(labels, idx, self.indices_to_tokens, predict, num_iter, cfg, cfg_schedule,
                                    order == "random", gen, progress, callback, released_cfg=cfg_mix == "z",
-                                   orders=orders, sorted_positions=bool(sorted_positions))
+                                   orders=orders, sorted_positions=bool(sorted_positions), box=box)
         return self._outputs(idx, conf)
 
     def _outputs(self, idx: torch.Tensor, conf: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -30,12 +30,14 @@ from pathlib import Path
 
 import torch
 
+from ..files import write_text
 from .budgets import SCALES, resolve_budget
 from .runs import Context, Resources, Variant, VariantResult, heldout_nll, run_variant
 from . import shipped
 from .tables import PAPER, TABLES, TITLES
 
-REPRO_NAMES = ("table1", "table2a", "table2b", "table2c", "table2d", "table2e", "table5", "fig8", "table3", "shipped", "d2c")
+REPRO_NAMES = ("table1", "table2a", "table2b", "table2c", "table2d", "table2e", "table5", "fig8", "table3", "shipped", "d2c",
+               "frontier")
 
 __all__ = ["PAPER", "REPRO_NAMES", "SCALES", "TABLES", "TITLES", "Context", "Resources", "Variant", "VariantResult",
            "heldout_nll", "resolve_budget", "run_repro", "run_variant"]
@@ -54,7 +56,7 @@ def _write_markdown(ctx: Context, table: str, wall_s: float) -> Path:
         "",
     ]
     path = ctx.out_dir / f"{ctx.name}.md"
-    path.write_text("\n".join(lines))
+    write_text(path, "\n".join(lines))
     return path
 
 

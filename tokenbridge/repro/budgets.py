@@ -13,7 +13,9 @@ generators, which measures the evaluation's own noise); then one section per tab
 maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths divided by that
 factor); table5 holds tokenbridge.repro.speed.TimingOptions; table3 (TokenBridge vs continuous MAR) names the
 continuous model config and the speed and quality-vs-time settings (tokenbridge.repro.families); shipped the
-generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling and the VQ of the learned source.
+generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling and the VQ of the learned source;
+frontier the sampler toolbox's settings per shipped generator (FRONTIER_SETTINGS), samples per class, sampling
+seeds, batch and the generators to run (``only``; tokenbridge.repro.frontier).
 """
 from __future__ import annotations
 
@@ -48,6 +50,18 @@ def _d2c(preset: str, steps: int, batch_size: int, codebook_size: int) -> dict[s
 # the channel order is derived from each token file when training starts (paper Sec. 3.2)
 _FREQUENCY = {"order": "frequency"}
 
+# the sampler toolbox's settings per shipped generator (tokenbridge.repro.frontier); "paper" is today's sampler
+_PAPER = {"sampler": "paper"}
+_TB_SETTINGS = {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]},
+                "interval+reuse": {"cfg_interval": [0.0, 0.5], "uncond_every": 2},
+                "8 steps": {"num_iter": 8}, "8 steps+interval": {"num_iter": 8, "cfg_interval": [0.0, 0.5]}}
+_DDIM_ANNEAL = {"diffusion_sampler": "ddim", "num_sampling_steps": 25, "num_sampling_steps_end": 5}
+_DIFFUSION_SETTINGS = {"paper": _PAPER, "disa 50-5": {"num_sampling_steps": 50, "num_sampling_steps_end": 5},
+                       "ddim 25-5+interval": {**_DDIM_ANNEAL, "cfg_interval": [0.0, 0.5]},
+                       "ddim 25-5+interval+reuse": {**_DDIM_ANNEAL, "cfg_interval": [0.0, 0.5], "uncond_every": 2},
+                       "8 steps+ddim 25-5+interval": {**_DDIM_ANNEAL, "num_iter": 8, "cfg_interval": [0.0, 0.5]}}
+FRONTIER_SETTINGS = {"fmnist": _TB_SETTINGS, "fmnist-mar": _DIFFUSION_SETTINGS, "fmnist-d2c": _DIFFUSION_SETTINGS}
+
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {
         "seed": 0,
@@ -68,6 +82,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "d2c": _d2c("tiny", steps=4, batch_size=32, codebook_size=16),
         "table3": {"mar_model": {"preset": "tiny"}, "num_sampling_steps": 4, "clip_denoised": 5.0,
                    "num_iters": [2, 4], "diffusion_steps": [2], "speed_batch": 4, "speed_repeats": 1},
+        "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8, "only": None,
+                     "families": {"fmnist": {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]}}}},
     },
     "small": {
         "seed": 0,
@@ -99,6 +115,9 @@ SCALES: dict[str, dict[str, Any]] = {
         # these short runs diverges (tokenbridge.diffusion.DiffusionHead.sample)
         "table3": {"mar_model": {"preset": "fmnist"}, "num_sampling_steps": 100, "clip_denoised": 5.0,
                    "num_iters": [4, 8, 16], "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 3},
+        # >= 1,000 samples and 2 sampling seeds per setting (issue 27)
+        "frontier": {"per_class": 100, "seeds": [0, 1], "speed_batch": 64, "only": None,
+                     "families": FRONTIER_SETTINGS},
     },
     "paper": {
         "seed": 0,
@@ -123,6 +142,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "table3": {"num_sampling_steps": 100, "clip_denoised": None, "num_iters": [16, 64, 256],
                    "mar_model": {"preset": "mar-l", "grid_size": None, "channels": None, "num_classes": None},
                    "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 5},
+        "frontier": {"per_class": 1000, "seeds": [0, 1], "speed_batch": 64, "only": None,
+                     "families": FRONTIER_SETTINGS},
     },
 }
 # Sections whose keys are checked downstream (the generator family, train.train): overrides may add keys there.

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .. import files
 from ..images import image_grid
 from .runs import VariantResult
 from .stats import mean_sd
@@ -25,8 +26,7 @@ def pyplot() -> Any:
 
 
 def save_figure(fig: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path)
     pyplot().close(fig)
 
 

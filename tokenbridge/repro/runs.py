@@ -314,7 +314,8 @@ def evaluate_variant(ctx: Context, model: nn.Module, model_cfg: dict, run_dir: P
     metrics["density_nll"] = metrics["nll"] + mean_log_bin_width(model.quantizer, tokens.indices[:e["nll_images"]])
     metrics["eval_s"] = time.time() - start
     samples = result["images"][::int(e["per_class"])].contiguous()
-    save_file({"samples": samples}, str(samples_path))
+    with atomic_path(samples_path) as tmp:
+        save_file({"samples": samples}, str(tmp))
     _write_json(metrics_path, metrics)
     return metrics, samples
 

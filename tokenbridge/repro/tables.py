@@ -19,6 +19,7 @@ from ..reconstruct import quantizer_settings, reconstruction_table, save_histogr
 from .d2c import d2c
 from .families import table3
 from .shipped import shipped
+from .frontier import frontier
 from .plots import plot_head_times, plot_orders, plot_variants
 from ..checkpoint import load_generator
 from ..classifier import classifier_features
@@ -39,6 +40,7 @@ TITLES = {
     "fig8": "Fig. 8: confidence-guided vs random-order generation",
     "table3": "Table 3 (headline): TokenBridge vs continuous MAR at equal backbone, data and training steps",
     "shipped": "The shipped generator against real data and the VAE floor",
+    "frontier": "Sampler toolbox: speed against quality for every shipped family",
     "d2c": "D2C (discrete coarse tokens, then continuous fine tokens) vs TokenBridge vs continuous MAR",
 }
 
@@ -351,4 +353,4 @@ def fig8(ctx: Context) -> str:
 TABLES: dict[str, Callable[[Context], str]] = {"table1": table1, "table2a": table2a, "table2b": table2b,
                                               "table2c": table2c, "table2d": table2d, "table2e": table2e,
                                               "table5": table5, "fig8": fig8, "table3": table3,
-                                              "shipped": shipped, "d2c": d2c}
+                                              "shipped": shipped, "d2c": d2c, "frontier": frontier}

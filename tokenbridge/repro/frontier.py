@@ -1,0 +1,152 @@
+"""`tokenbridge repro frontier`: the sampler toolbox's speed-quality frontier for every shipped family.
+
+Every family (``frontier.families``: a generator spec -> its settings) is sampled at each setting: sampling
+options merged over the generator's recorded defaults (``{"sampler": "paper"}`` is today's sampler). Quality:
+FD_cls, k-NN precision / recall and class accuracy of ``10 * per_class`` samples (the same labels at every
+setting) against the test split, once per sampling seed in ``seeds``; speed: images/s of one `generate` call of
+the scored samples, generated at batch ``speed_batch`` (sampling + VAE decode), median over the seeds. A setting *keeps quality* when its
+mean FD is at most today's mean FD plus today's sampling-seed spread (max - min over the seeds) and its mean
+recall at least today's mean recall minus that spread. ``frontier.only``: the generator specs to run (None: all). The Pareto set (no other setting of the family both
+faster and lower in FD) is marked; the plot shows FD against images/s, one curve per family.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from typing import Any
+
+import torch
+
+from ..classifier import classifier_metrics
+from ..generate import generate, sampling_defaults
+from ..markdown import fmt, markdown_table
+from .plots import pyplot, save_figure
+from ..samplers import record_reuse_error
+from .runs import Context, _write_json, class_labels, short_hash
+
+METRICS = ("fd_cls", "precision", "recall", "class_accuracy")
+
+
+def _score_setting(ctx: Context, model: Any, options: dict, labels: torch.Tensor,
+                   real: torch.Tensor) -> tuple[float, list[dict]]:
+    """(images/s: median over the seeds of samples / seconds of their `generate` call, metrics of each seed)."""
+    f, rates, runs = ctx.budget["frontier"], [], []
+    for seed in f["seeds"]:
+        start = time.perf_counter()
+        fake = generate(model, labels.tolist(), vae=ctx.res.vae, seed=int(seed), device=ctx.device,
+                        batch_size=int(f["speed_batch"]), **options)["images"]
+        rates.append(len(labels) / (time.perf_counter() - start))
+        metrics = classifier_metrics(fake, labels, real_images=real, classifier=ctx.res.classifier, device=ctx.device)
+        runs.append({m: float(metrics[m]) for m in METRICS})
+    return statistics.median(rates), runs
+
+
+def reuse_error(ctx: Context, model: Any, options: dict, labels: torch.Tensor) -> dict[str, float]:
+    """Mean relative error of the reused unconditional features and guidance direction (uncond_every > 1) over
+    the reusing MAR steps of one batch of ``labels``."""
+    with record_reuse_error() as errors:
+        generate(model, labels.tolist(), vae=ctx.res.vae, seed=0, device=ctx.device, **options)
+    return {k: statistics.fmean(e[k] for e in errors) for k in ("z_u", "guidance")} if errors else {}
+
+
+def _summary(runs: list[dict]) -> dict[str, tuple[float, float]]:
+    """metric -> (mean, spread = max - min) over the sampling seeds."""
+    return {m: (statistics.fmean(r[m] for r in runs), max(r[m] for r in runs) - min(r[m] for r in runs))
+            for m in METRICS}
+
+
+def kept(setting: dict, today: dict) -> bool:
+    """FD and recall within today's sampling-seed spread (see the module docstring)."""
+    (fd, _), (recall, _) = setting["fd_cls"], setting["recall"]
+    (fd0, fd_spread), (recall0, recall_spread) = today["fd_cls"], today["recall"]
+    return fd <= fd0 + fd_spread and recall >= recall0 - recall_spread
+
+
+def pareto(rows: list[dict]) -> set[str]:
+    """Names of the settings no other setting beats in both images/s and mean FD."""
+    return {r["name"] for r in rows
+            if not any(o["images_per_s"] > r["images_per_s"] and o["fd_cls"][0] < r["fd_cls"][0] for o in rows)}
+
+
+def _family_rows(ctx: Context, spec: str, settings: dict[str, dict], labels: torch.Tensor,
+                 real: torch.Tensor) -> list[dict]:
+    """The family's rows, reused from ``work_dir`` when a run with the same settings, samples and threads made
+    them (so that families can be measured by separate processes, ``frontier.only``, and then tabulated)."""
+    f = ctx.budget["frontier"]
+    key = short_hash([spec, settings, f["per_class"], f["seeds"], f["speed_batch"], torch.get_num_threads()])
+    cache = ctx.work_dir / "frontier" / f"{spec}-{key}.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    model = ctx.res.generator(spec)
+    recorded = sampling_defaults(model)
+    rows = []
+    for name, changes in settings.items():
+        options = {**recorded, **changes}
+        rate, runs = _score_setting(ctx, model, options, labels, real)
+        rows.append({"family": spec, "name": name, "options": changes, "images_per_s": rate, "runs": runs,
+                     **_summary(runs)})
+        if options.get("uncond_every", 1) > 1 and options.get("sampler") != "paper":
+            rows[-1]["reuse_error"] = reuse_error(ctx, model, options, labels[::max(1, len(labels) // 20)])
+        print(f"frontier {spec} {name}: {rate:.2f} images/s, FD {rows[-1]['fd_cls'][0]:.2f}", flush=True)
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    _write_json(cache, rows)
+    return rows
+
+
+def _plot(ctx: Context, rows: list[dict]) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for spec in dict.fromkeys(r["family"] for r in rows):
+        own = sorted((r for r in rows if r["family"] == spec), key=lambda r: r["images_per_s"])
+        xs, ys = [r["images_per_s"] for r in own], [r["fd_cls"][0] for r in own]
+        ax.errorbar(xs, ys, yerr=[r["fd_cls"][1] / 2 for r in own], marker="o", capsize=3, label=spec)
+        for r in own:
+            ax.annotate(r["name"], (r["images_per_s"], r["fd_cls"][0]), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
+    ax.set_xscale("log")
+    ax.set_xlabel(f"images/s at batch {ctx.budget['frontier']['speed_batch']} (sampling + decode)")
+    ax.set_ylabel("FD_cls (lower is better; bar = seed spread)")
+    ax.set_title("Sampler toolbox: quality against speed")
+    ax.legend()
+    fig.tight_layout()
+    save_figure(fig, ctx.out_dir / "frontier.png")
+
+
+def frontier(ctx: Context) -> str:
+    f = ctx.budget["frontier"]
+    labels = class_labels(int(f["per_class"]))
+    real = ctx.res.images("test", None)
+    rows, table = [], []
+    families = {k: v for k, v in f["families"].items() if f.get("only") is None or k in f["only"]}
+    for spec, settings in families.items():
+        own = _family_rows(ctx, spec, settings, labels, real)
+        today = next(r for r in own if r["options"] == {"sampler": "paper"})
+        front = pareto(own)
+        for r in own:
+            r["kept"], r["pareto"] = kept(r, today), r["name"] in front
+            table.append([spec, r["name"], fmt(r["images_per_s"], 2), fmt(r["images_per_s"] / today["images_per_s"], 2),
+                          *[f"{fmt(r[m][0], 3)} +- {fmt(r[m][1] / 2, 3)}" for m in METRICS],
+                          "yes" if r["kept"] else "no", "yes" if r["pareto"] else ""])
+        rows += own
+    best = {spec: max((r for r in rows if r["family"] == spec and r["kept"]), key=lambda r: r["images_per_s"])["name"]
+            for spec in families}
+    _plot(ctx, rows)
+    _write_json(ctx.out_dir / "frontier.json", rows)
+    ctx.notes += [
+        f"{10 * int(f['per_class'])} samples ({f['per_class']} per class) for each setting and each sampling seed "
+        f"of {list(f['seeds'])}; metrics against the {len(real)} test images; value +- half the seed range.",
+        f"images/s: the samples of a seed over the seconds of their `generate` call (sampling + VAE decode) at "
+        f"batch {f['speed_batch']}, median over the seeds; torch threads {torch.get_num_threads()}. The settings run "
+        "one after the other on a machine shared with other jobs whose load changed during the run, so the speedup "
+        "column is indicative only: `python benchmarks/samplers.py` measures speed with the settings alternating.",
+        "kept: mean FD <= today's mean FD + today's seed range and mean recall >= today's mean recall - today's "
+        "seed range (today = the `paper` row: `--sampler paper` with the recorded defaults).",
+        *[f"Fastest setting of {spec} that kept quality: {name}." for spec, name in best.items()],
+        *[f"Feature reuse error of {r['family']} {r['name']} (mean over the reusing steps, 20 samples): reused z_u "
+          f"{r['reuse_error']['z_u']:.4f}, guidance direction z_c - z_u {r['reuse_error']['guidance']:.4f} "
+          "(relative L2 against the backbone's)." for r in rows if r.get("reuse_error")],
+        "Settings: " + "; ".join(f"{spec} {name} = {changes}" for spec, s in families.items()
+                                 for name, changes in s.items()),
+    ]
+    return markdown_table(["generator", "setting", "images/s", "speedup", *METRICS, "quality kept", "Pareto"], table)
