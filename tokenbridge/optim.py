@@ -21,6 +21,15 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def adamw(groups: list[dict], lr: float, betas: tuple[float, float], eps: float, fused: bool = False
+          ) -> torch.optim.AdamW:
+    """AdamW over ``groups`` (`param_groups`). fused: torch's single-kernel update (CPU and CUDA), equal to the
+    multi-tensor one (foreach, the default) to float rounding, not bit for bit."""
+    if fused:
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, foreach=True)  # multi-tensor, also on the CPU
+
+
 def lr_at(step: int, peak_lr: float, warmup_steps: int, total_steps: int, min_lr: float = 0.0) -> float:
     """Learning rate for the update with 0-based index ``step``: linear warmup (peak * (step+1) / warmup) over
     ``warmup_steps`` updates, then a half cosine from ``peak_lr`` down to ``min_lr`` at ``total_steps``."""

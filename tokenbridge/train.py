@@ -31,7 +31,7 @@ from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CKPT_FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, apply_overrides, read_yaml, validate
 from .files import FolderLock, atomic_path, check_writable
-from .optim import EMA, lr_at, param_groups
+from .optim import EMA, adamw, lr_at, param_groups
 from .reading import check_tokens
 from .generators import apply_preset, check_sample_options, get_family
 from .shards import ShardedTokens
@@ -172,6 +172,18 @@ class _LossModule(nn.Module):
         return self.generator.loss(batch)
 
 
+def compiler_works(device: torch.device) -> bool:
+    """Whether torch.compile can build kernels for ``device`` here (on the CPU it needs a C++ compiler): a tiny
+    function is compiled and run once. False, with a warning, when that fails (training then runs eager)."""
+    try:
+        torch.compile(lambda x: torch.tanh(x) * 2 + 1)(torch.ones(2, device=device))
+    except Exception as e:  # noqa: BLE001  (the failure types differ between backends and torch versions)
+        warnings.warn(f"train.compile: torch.compile cannot compile for {device} here ({type(e).__name__}: "
+                      f"{str(e).splitlines()[0] if str(e) else ''}); training runs eager", stacklevel=2)
+        return False
+    return True
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The trainer
 
@@ -197,8 +209,7 @@ class Trainer:
         # record the resolved model config (channel order, quantizer of the token file) for rebuilding
         self.run = run.model_copy(update={"model": self.model.config})
         t = run.train
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, t.weight_decay), lr=self.peak_lr, betas=t.betas,
-                                           eps=t.eps, foreach=True)  # multi-tensor update, also on the CPU
+        self.optimizer = adamw(param_groups(self.model, t.weight_decay), self.peak_lr, t.betas, t.eps, t.fused_adamw)
         self.ema = EMA(self.model, t.ema, t.ema_warmup)
         D.seed_all(run.seed + rank)  # different randomness (masks, dropout) per rank
         self.start_step = 0
@@ -277,7 +288,7 @@ class Trainer:
             module = nn.parallel.DistributedDataParallel(
                 module, device_ids=[self.device.index] if self.device.type == "cuda" else None,
                 find_unused_parameters=self.run.train.find_unused_parameters)
-        if self.run.train.compile:
+        if self.run.train.compile and compiler_works(self.device):
             module = torch.compile(module)
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True
