@@ -87,3 +87,14 @@ def test_shipped_generator_records_the_shipped_vae():
     assert model.provenance["sample"] == {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"}
     images = generate(model, [0, 1], num_iter=2)["images"]  # decoded with the recorded VAE, no --vae needed
     assert images.shape == (2, 1, 32, 32) and images.min() >= -1 and images.max() <= 1
+
+
+@pytest.mark.parametrize("argv, expected", [([], None), (["--released-cfg"], True), (["--no-released-cfg"], False)])
+def test_boolean_sampling_options_parse_both_ways(argv, expected):
+    args = cli.build_parser().parse_args(["sample", "--labels", "0", *argv])
+    assert args.released_cfg is expected  # None: not given, the generator's recorded value stays
+
+
+def test_a_boolean_sampling_option_takes_no_value():
+    with pytest.raises(SystemExit):  # `--released-cfg False` read as True was the old trap
+        cli.build_parser().parse_args(["sample", "--labels", "0", "--released-cfg", "False"])

@@ -55,12 +55,16 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
         if typing.get_origin(kind) is typing.Literal:
             kind, choices = str, typing.get_args(kind)
         kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None -> X
+        help_text = f"sampling option (default: the generator's recorded value, else {field.default!r})"
+        if kind is bool:  # --released-cfg / --no-released-cfg (type=bool would read "False" as True)
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,
+                           default=None, help=help_text)
+            continue
         nargs = None
         if typing.get_origin(kind) is tuple:  # cfg_interval: --cfg-interval LO HI
             nargs, kind = len(typing.get_args(kind)), typing.get_args(kind)[0]
         p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=kind, choices=choices, nargs=nargs,
-                       metavar=("LO", "HI") if nargs == 2 else None,
-                       help=f"sampling option (default: the generator's recorded value, else {field.default!r})")
+                       metavar=("LO", "HI") if nargs == 2 else None, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
