@@ -34,7 +34,7 @@ from ..quantizer import DimensionwiseQuantizer
 from ..sampling import cfg_schedule as cfg_scale
 from .masked import make_generator
 from .registry import apply_preset, register_family
-from .tokenbridge import HEAD_CONFIGS, QuantizerConfig, _fill_from_data
+from .tokenbridge import HEAD_CONFIGS, QuantizerConfig, _fill_from_data, check_buildable
 
 BackboneConfig = signature_model(RasterGPT, "CausalBackboneConfig", exclude=("vocab_size", "seq_len", "num_classes"))
 HeadConfig = HEAD_CONFIGS["ar"]  # DimensionwiseARHead's options; order may be "frequency" (from the tokens)
@@ -99,11 +99,7 @@ class CausalTokenBridgeGenerator(nn.Module):
     def __init__(self, config: dict, quantizer: DimensionwiseQuantizer | None = None) -> None:
         super().__init__()
         cfg = self.resolve_config(config)
-        if cfg["grid_size"] is None or cfg["channels"] is None or cfg["num_classes"] is None:
-            raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
-                              "generator without training data")
-        if cfg["head"].get("order") == "frequency":
-            raise ConfigError("config key 'model.head.order' = 'frequency' needs the training tokens to derive it")
+        check_buildable(cfg)
         self.config = cfg
         self.quantizer = quantizer if quantizer is not None else DimensionwiseQuantizer(**cfg["quantizer"])
         self.grid_size = tuple(int(g) for g in cfg["grid_size"])

@@ -42,7 +42,7 @@ from .. import samplers
 from ..samplers import TOOLBOX_OPTIONS
 from .editing import check_known
 from .mar import ContinuousMARConfig, ContinuousMARGenerator, legacy_head
-from .masked import MaskedGenerator, fill_shapes, make_generator
+from .masked import MaskedGenerator, fill_shapes, make_generator, require_shapes
 from .registry import apply_preset, register_family
 
 Stage1Config = signature_model(RasterGPT, "D2CStage1Config", exclude=("vocab_size", "seq_len", "num_classes"))
@@ -171,9 +171,7 @@ class D2CGenerator(nn.Module):
         then supplies them). source: one already built from ``config["source"]`` (check_config)."""
         super().__init__()
         cfg = self.resolve_config(config)
-        if any(cfg[k] is None for k in _SHAPE_KEYS):
-            raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
-                              "generator without training data")
+        require_shapes(cfg)
         self.source = source if source is not None else _build_source(cfg, load_source_weights)
         _record_source(cfg, self.source)
         self.config = cfg

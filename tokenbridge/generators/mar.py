@@ -28,7 +28,7 @@ from ..config import ConfigError, Section, signature_model, validate
 from ..diffusion import DiffusionHead
 from .. import samplers
 from .editing import check_known
-from .masked import MaskedGenerator, fill_shapes, make_generator
+from .masked import MaskedGenerator, fill_shapes, make_generator, require_shapes
 from .registry import apply_preset, register_family
 
 BackboneConfig = signature_model(MAR, "MARBackboneConfig", exclude=("grid_size", "token_dim", "num_classes"))
@@ -62,9 +62,7 @@ class ContinuousMARGenerator(MaskedGenerator):
     def __init__(self, config: dict) -> None:
         super().__init__()
         cfg = self.resolve_config(config)
-        if cfg["grid_size"] is None or cfg["channels"] is None or cfg["num_classes"] is None:
-            raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
-                              "generator without training data")
+        require_shapes(cfg)
         self.config = cfg
         b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])
         self.channels, self.patch_size = int(cfg["channels"]), p

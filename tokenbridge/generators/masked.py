@@ -36,6 +36,13 @@ def make_generator(generator: torch.Generator | int | None, device: torch.device
     return torch.Generator(device=device).manual_seed(generator)
 
 
+def require_shapes(cfg: dict[str, Any]) -> None:
+    """A model config must know its grid, channels and classes (given, or filled from data by `fill_shapes`)."""
+    if any(cfg[key] is None for key in ("grid_size", "channels", "num_classes")):
+        raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
+                          "generator without training data")
+
+
 def fill_shapes(cfg: dict[str, Any], data: Any) -> None:
     """Set a model config's grid_size, channels and num_classes from a token dataset (``grid_shape`` (h, w, C),
     ``num_classes``, ``path``); a value the config already gives (a preset's included) must agree with the data."""

@@ -34,7 +34,7 @@ from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
 from .. import samplers
 from .editing import check_known
-from .masked import MaskedGenerator, fill_shapes, make_generator
+from .masked import MaskedGenerator, fill_shapes, make_generator, require_shapes
 from .registry import apply_preset, register_family
 
 ORDERS = ("random", "confidence")
@@ -99,6 +99,13 @@ def expand_channel_order(order: list[int] | None, channels: int, patch_size: int
                       f"or range({channels * pp})")
 
 
+def check_buildable(cfg: dict) -> None:
+    """A resolved config of the TokenBridge families builds without data: shapes given, no data-derived order."""
+    require_shapes(cfg)
+    if cfg["head"].get("order") == "frequency":
+        raise ConfigError("config key 'model.head.order' = 'frequency' needs the training tokens to derive it")
+
+
 def _fill_from_data(cfg: dict, given_quantizer: dict, data: Any) -> None:
     """grid, channels, classes and quantizer from a token dataset (tokenbridge.tokens.CachedTokens); a value the
     config gives (preset included) must agree with the data."""
@@ -133,11 +140,7 @@ class TokenBridgeGenerator(MaskedGenerator):
     def __init__(self, config: dict, quantizer: DimensionwiseQuantizer | None = None) -> None:
         super().__init__()
         cfg = self.resolve_config(config)
-        if cfg["grid_size"] is None or cfg["channels"] is None or cfg["num_classes"] is None:
-            raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
-                              "generator without training data")
-        if cfg["head"].get("order") == "frequency":
-            raise ConfigError("config key 'model.head.order' = 'frequency' needs the training tokens to derive it")
+        check_buildable(cfg)
         self.config = cfg
         self.quantizer = quantizer if quantizer is not None else DimensionwiseQuantizer(**cfg["quantizer"])
         b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])

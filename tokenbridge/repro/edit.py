@@ -131,7 +131,7 @@ def _edit_model(ctx: Context, spec: str, real: torch.Tensor, labels: torch.Tenso
                       "edit": {k: e[k] for k in ("per_class", "keep", "other")}, "images": float(real.sum())})
     path = ctx.work_dir / f"edit-{key}.pt"
     if path.is_file():
-        done = torch.load(path, weights_only=False)
+        done = torch.load(path, weights_only=True)
     else:
         done = _run_model(ctx, model, spec, real, labels, ref, recon)
         with atomic_path(path) as tmp:
