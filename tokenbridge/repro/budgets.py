@@ -54,9 +54,11 @@ _FREQUENCY = {"order": "frequency"}
 _PAPER = {"sampler": "paper"}
 _TB_SETTINGS = {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]},
                 "interval+reuse": {"cfg_interval": [0.0, 0.5], "uncond_every": 2},
+                "12 steps": {"num_iter": 12}, "12 steps+interval": {"num_iter": 12, "cfg_interval": [0.0, 0.5]},
                 "8 steps": {"num_iter": 8}, "8 steps+interval": {"num_iter": 8, "cfg_interval": [0.0, 0.5]}}
 _DDIM_ANNEAL = {"diffusion_sampler": "ddim", "num_sampling_steps": 25, "num_sampling_steps_end": 5}
 _DIFFUSION_SETTINGS = {"paper": _PAPER, "disa 50-5": {"num_sampling_steps": 50, "num_sampling_steps_end": 5},
+                       "ddim 25-5": _DDIM_ANNEAL,
                        "ddim 25-5+interval": {**_DDIM_ANNEAL, "cfg_interval": [0.0, 0.5]},
                        "ddim 25-5+interval+reuse": {**_DDIM_ANNEAL, "cfg_interval": [0.0, 0.5], "uncond_every": 2},
                        "8 steps+ddim 25-5+interval": {**_DDIM_ANNEAL, "num_iter": 8, "cfg_interval": [0.0, 0.5]}}
