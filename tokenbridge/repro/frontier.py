@@ -69,29 +69,32 @@ def pareto(rows: list[dict]) -> set[str]:
             if not any(o["images_per_s"] > r["images_per_s"] and o["fd_cls"][0] < r["fd_cls"][0] for o in rows)}
 
 
-def _family_rows(ctx: Context, spec: str, settings: dict[str, dict], labels: torch.Tensor,
-                 real: torch.Tensor) -> list[dict]:
-    """The family's rows, reused from ``work_dir`` when a run with the same settings, samples and threads made
-    them (so that families can be measured by separate processes, ``frontier.only``, and then tabulated)."""
+def _setting_row(ctx: Context, spec: str, model: Any, name: str, changes: dict, labels: torch.Tensor,
+                 real: torch.Tensor) -> dict:
+    """One setting's row, reused from ``work_dir`` when a run with the same setting, samples and threads made it
+    (so that a frontier interrupted by the end of a session, or split over processes with ``frontier.only``,
+    resumes where it stopped)."""
     f = ctx.budget["frontier"]
-    key = short_hash([spec, settings, f["per_class"], f["seeds"], f["speed_batch"], torch.get_num_threads()])
+    key = short_hash([spec, changes, f["per_class"], f["seeds"], f["speed_batch"], torch.get_num_threads()])
     cache = ctx.work_dir / "frontier" / f"{spec}-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    model = ctx.res.generator(spec)
-    recorded = sampling_defaults(model)
-    rows = []
-    for name, changes in settings.items():
-        options = {**recorded, **changes}
-        rate, runs = _score_setting(ctx, model, options, labels, real)
-        rows.append({"family": spec, "name": name, "options": changes, "images_per_s": rate, "runs": runs,
-                     **_summary(runs)})
-        if options.get("uncond_every", 1) > 1 and options.get("sampler") != "paper":
-            rows[-1]["reuse_error"] = reuse_error(ctx, model, options, labels[::max(1, len(labels) // 20)])
-        print(f"frontier {spec} {name}: {rate:.2f} images/s, FD {rows[-1]['fd_cls'][0]:.2f}", flush=True)
+    options = {**sampling_defaults(model), **changes}
+    rate, runs = _score_setting(ctx, model, options, labels, real)
+    row = {"family": spec, "name": name, "options": changes, "images_per_s": rate, "runs": runs, **_summary(runs)}
+    if options.get("uncond_every", 1) > 1 and options.get("sampler") != "paper":
+        row["reuse_error"] = reuse_error(ctx, model, options, labels[::max(1, len(labels) // 20)])
+    print(f"frontier {spec} {name}: {rate:.2f} images/s, FD {row['fd_cls'][0]:.2f}", flush=True)
     cache.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(cache, rows)
-    return rows
+    _write_json(cache, row)
+    return row
+
+
+def _family_rows(ctx: Context, spec: str, settings: dict[str, dict], labels: torch.Tensor,
+                 real: torch.Tensor) -> list[dict]:
+    """The family's rows, one per setting (each cached on its own: `_setting_row`)."""
+    model = ctx.res.generator(spec)
+    return [_setting_row(ctx, spec, model, name, changes, labels, real) for name, changes in settings.items()]
 
 
 def _plot(ctx: Context, rows: list[dict]) -> None:
