@@ -57,7 +57,7 @@ def test_tokenbridge_every_key_consumed_and_ema_buffers_from_model():
     assert sorted(source["buffers_from_model"]) == sorted(["reconstruction_values", "boundaries", "channel_mask"])
     assert model.provenance["ema"] and model.provenance["step"] == 399
     assert model.head.order.tolist() == off.ORDER
-    assert model.backbone.encoder_norm.eps == 1e-6 and model.quantizer.tails == "official"
+    assert model.backbone.encoder_norm.eps == 1e-6 and model.quantizer.tails == "clamped"
     # every official tensor landed: the EMA weights, the fake latent as the unconditional class row
     ema = ckpt["model_ema"]
     assert torch.equal(model.backbone.class_emb.weight[-1], ema["fake_latent"][0])
@@ -266,11 +266,11 @@ def test_converted_folders_record_the_released_behaviour_at_any_size(tmp_path, c
     assert mar.config["head"]["vb_objective"] == "bits_discretized"
     assert {"cfg_mix": "z", "sorted_positions": True}.items() <= tb.provenance["sample"].items()
     assert "--cfg 3.1" in tb.provenance["source"]["note"]
-    assert tb.quantizer.arithmetic == "released" and tb.config["quantizer"]["arithmetic"] == "released"
+    assert tb.quantizer.arithmetic == "float32" and tb.config["quantizer"]["arithmetic"] == "float32"
     # the test file's table is the float64 one rounded, not the released float32 computation
     assert tb.provenance["source"]["released_values_match"] is False
     released = off.tokenbridge_checkpoint()
-    released["model"]["reconstruction_values"] = released_values(off.LEVELS, 3.0, "official")
+    released["model"]["reconstruction_values"] = released_values(off.LEVELS, 3.0, "clamped")
     assert _tb(released).provenance["source"]["released_values_match"] is True
     path = tmp_path / "mar.pth"
     torch.save(off.mar_checkpoint(), path)

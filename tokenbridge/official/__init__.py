@@ -25,8 +25,8 @@ folders set, each with the default of this package's own models.
 | `sample(released_cfg=True)` (mar, d2c) and the last step of `cfg_mix="z"` | linear cfg counts at least one masked position: the last step uses 1 + (cfg - 1)(L - 1)/L | the schedule reaches cfg at the last step | a sampling schedule, not weights |
 | `sample(sorted_positions=True)` | a step's positions reach the head in ascending order | generation order | which noise lands on which position (the seeded stream), not the weights |
 | diffusion head `full_batch_noise` | the noise of every step is drawn over the doubled [cond; uncond] batch, the last step too | N rows, none at the last step | the same distribution; only the random stream of a seed differs |
-| quantizer `tails="official"` | boundaries clamped to +-std_range before the bins' means are taken (outer value 2.437 at B = 64) | "paper": open outer bins (2.510) | the quantizer's tables are computed from its config (and checked on load): they define the tokens the backbone reads, they are not weights |
-| quantizer `arithmetic="released"` | Eq. 1 in float32 as the released GPU code computes it, its float32 values, the first index on ties | "midpoints": the float64-exact nearest value | the indices differ at ties (tests/test_quantizer_released.py counts them): a different rounding of the input, not a weight |
+| quantizer `tails="clamped"` | boundaries clamped to +-std_range before the bins' means are taken (outer value 2.437 at B = 64) | "paper": open outer bins (2.510) | the quantizer's tables are computed from its config (and checked on load): they define the tokens the backbone reads, they are not weights |
+| quantizer `arithmetic="float32"` | Eq. 1 in float32 as the released GPU code computes it, its float32 values, the first index on ties | "midpoints": the float64-exact nearest value | the indices differ at ties (tests/test_quantizer_released.py counts them): a different rounding of the input, not a weight |
 """
 
 from __future__ import annotations

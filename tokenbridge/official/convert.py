@@ -165,8 +165,8 @@ def _tokenbridge_config(state: dict[str, Tensor], num_heads: int | None, head_nu
     head = released_head(head_width, _count(state, "channel_blocks"), head_num_heads,
                          _ratio(state, r"channel_blocks\.\d+\.mlp\.fc1\.weight", head_width), list(order),
                          first_token_timestep)
-    quantizer = {"levels": levels, "value_range": list(value_range), "std_range": std_range, "tails": "official",
-                 "arithmetic": "released"}
+    quantizer = {"levels": levels, "value_range": list(value_range), "std_range": std_range, "tails": "clamped",
+                 "arithmetic": "float32"}
     return {**shapes, "quantizer": quantizer, "backbone": backbone, "head": head}
 
 
@@ -185,7 +185,7 @@ def _mar_config(state: dict[str, Tensor], num_heads: int | None, patch_size: int
 def _check_tokenbridge_buffers(model: TokenBridgeGenerator, official: dict[str, Tensor]) -> list[str]:
     """Check the official quantizer tables and channel mask against the converted model's; returns their keys."""
     q = model.quantizer
-    boundaries, values = gaussian_bins(q.levels, q.std_range, "official")
+    boundaries, values = gaussian_bins(q.levels, q.std_range, "clamped")
     steps = model.head.steps
     mask = torch.full((steps, steps), float("-inf")).triu(1)
     problems = []
@@ -235,7 +235,7 @@ def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_
     # the released arithmetic recomputes the float32 table; whether the file's equals it bit for bit is recorded
     q = model.quantizer
     info["released_values_match"] = torch.equal(official["reconstruction_values"].float(),
-                                                released_values(q.levels, q.std_range, "official"))
+                                                released_values(q.levels, q.std_range, "clamped"))
     rules = backbone_rules(ours, "output_pos_embed") + channel_head_rules(ours)
     state = apply_rules(rules, official, ours, buffers, lambda k: k.startswith("quantizer.")
                         or k in ("head.order", "head.inverse"))

@@ -33,7 +33,7 @@ def released_head(width: int, depth: int, num_heads: int = HEAD_NUM_HEADS, mlp_r
 
 def _tokenbridge(width: int, depth: int, head_depth: int) -> dict:
     return {"grid_size": [16, 16], "channels": 16, "num_classes": 1000,
-            "quantizer": {"levels": 64, "tails": "official", "arithmetic": "released"},
+            "quantizer": {"levels": 64, "tails": "clamped", "arithmetic": "float32"},
             "backbone": {"width": width, "encoder_depth": depth, "decoder_depth": depth, "num_heads": NUM_HEADS[width],
                          "buffer_size": 64, "norm_eps": 1e-6, **_DROPOUT},
             "head": released_head(1024, head_depth)}
