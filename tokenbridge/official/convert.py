@@ -221,9 +221,9 @@ def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_
     """An official TokenBridge checkpoint (path, folder holding checkpoint-last.pth, or the loaded dict) -> a
     TokenBridgeGenerator computing the released functions. weights: "model_ema" (default) or "model".
     first_token_timestep: reproduce the released sampler's first-input quirk (the head's sample_start_cond).
-    vae: the VAE spec to record (e.g. "kl16:/path/kl16.ckpt"). Sampling defaults: the released sampler's behaviour for every size
-    (cfg on z, sorted positions, 256 linear-cfg steps), its cfg and temperature for L and H (other sizes: a note in
-    provenance["source"]["note"]). The quantizer uses the released arithmetic."""
+    vae: the VAE spec to record (e.g. "kl16:/path/kl16.ckpt"). Sampling defaults: the released sampler's behaviour
+    for every size (cfg on z, sorted positions, 256 linear-cfg steps), its cfg and temperature for L and H (other
+    sizes: a note in provenance["source"]["note"]). The quantizer uses the released arithmetic ("float32")."""
     official, info = load_official_state(source, weights, trust_pickle)
     if detect_family(official) != "tokenbridge":
         raise ConversionError("this is an official MAR checkpoint: use convert_mar (--family mar)")
