@@ -134,3 +134,13 @@ def test_configs_recorded_before_the_rewrites():
         drop_retired_options({"affine_block_norm": True})
     with pytest.raises(ValueError, match="final_chunks='shift_scale'"):
         drop_retired_options({"final_chunks": "shift_scale"})
+
+
+def test_the_plain_head_options_that_stay():
+    """gelu and final_norm are options of every channel head; a wrong activation name is named before any work."""
+    exact = DimensionwiseARHead(8, 4, 8, width=16, depth=1, num_heads=2, gelu="exact", final_norm=True)
+    assert exact.blocks[0].mlp[1].approximate == "none" and exact.final_norm.elementwise_affine
+    plain = DimensionwiseARHead(8, 4, 8, width=16, depth=1, num_heads=2)
+    assert plain.blocks[0].mlp[1].approximate == "tanh" and not any("final_norm" in k for k in plain.state_dict())
+    with pytest.raises(ValueError, match="gelu must be one of"):
+        DimensionwiseARHead(8, 4, 8, width=16, depth=1, num_heads=2, gelu="erf")
