@@ -9,7 +9,7 @@ Baselines:
   binary search   our own exact fallback (searchsorted over the midpoints), used on devices other than the CPU.
   output floor    allocating and filling the two outputs (int64 indices + float32 values, 12 bytes per value):
                   what any quantizer with this interface pays before doing any work (not a baseline of RESULT).
-  released arith. `arithmetic="released"`: the released code's float32 arithmetic (not a baseline of RESULT); the
+  released arith. `arithmetic="float32"`: the released code's float32 arithmetic (not a baseline of RESULT); the
                   indices it gives other than ours are counted (float-rounding ties), and so are those where the
                   released expression run on the CPU (exact division) differs from its GPU arithmetic.
 
@@ -108,7 +108,7 @@ def main() -> None:
         raise SystemExit("FAIL: lookup and binary search disagree")
     del values, ref_values, ref_indices, differ
 
-    released = DimensionwiseQuantizer(args.levels, tails=quantizer.tails, arithmetic="released").to(device)
+    released = DimensionwiseQuantizer(args.levels, tails=quantizer.tails, arithmetic="float32").to(device)
     released_indices = released.quantize(x)
     released_ties = int((released_indices != indices).sum())
     r = quantizer.std_range

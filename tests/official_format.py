@@ -92,7 +92,7 @@ def random_state(shapes: dict, seed: int) -> dict:
 
 
 def tokenbridge_buffers() -> dict:
-    boundaries, values = gaussian_bins(LEVELS, 3.0, "official")
+    boundaries, values = gaussian_bins(LEVELS, 3.0, "clamped")
     return {"reconstruction_values": values.float(), "boundaries": boundaries.float(),
             "channel_mask": torch.full((C, C), float("-inf")).triu(1)}
 

@@ -1,4 +1,4 @@
-"""Official TokenBridge / MAR checkpoints -> tokenbridge generators (tokenbridge.convert), checked on official-format
+"""Official TokenBridge / MAR checkpoints -> tokenbridge generators (tokenbridge.official), checked on official-format
 checkpoints built here (official key names and shapes, random tensors, a small configuration) against a reference
 of the released math (tests/official_format.py)."""
 
@@ -10,14 +10,17 @@ import torch
 
 import tokenbridge.generators.tokenbridge as TB_MODULE
 from tokenbridge.checkpoint import load_generator
+import tokenbridge.official.presets as PRESETS
 from tokenbridge.cli import main
-from tokenbridge.convert import (
+from tokenbridge.official import (
     ConversionError,
     convert,
     convert_mar,
     convert_tokenbridge,
 )
+from tokenbridge.diffusion import DiffusionHead
 from tokenbridge.generators import ContinuousMARGenerator, TokenBridgeGenerator
+from tokenbridge.heads import DimensionwiseARHead
 from tokenbridge.layers import cfg_rows, guide
 from tokenbridge.quantizer import released_values
 
@@ -48,12 +51,13 @@ def _inputs(seed=0):
 def test_tokenbridge_every_key_consumed_and_ema_buffers_from_model():
     ckpt = off.tokenbridge_checkpoint()
     model = _tb(ckpt)
-    assert isinstance(model, TokenBridgeGenerator) and model.config["head"]["kind"] == "official"
+    assert isinstance(model, TokenBridgeGenerator) and model.config["head"]["kind"] == "ar"
+    assert type(model.head) is DimensionwiseARHead  # the plain head, the released layout folded into its weights
     source = model.provenance["source"]
     assert sorted(source["buffers_from_model"]) == sorted(["reconstruction_values", "boundaries", "channel_mask"])
     assert model.provenance["ema"] and model.provenance["step"] == 399
     assert model.head.order.tolist() == off.ORDER
-    assert model.backbone.encoder_norm.eps == 1e-6 and model.quantizer.tails == "official"
+    assert model.backbone.encoder_norm.eps == 1e-6 and model.quantizer.tails == "clamped"
     # every official tensor landed: the EMA weights, the fake latent as the unconditional class row
     ema = ckpt["model_ema"]
     assert torch.equal(model.backbone.class_emb.weight[-1], ema["fake_latent"][0])
@@ -67,7 +71,8 @@ def test_mar_every_key_consumed():
     model = _mar()
     assert isinstance(model, ContinuousMARGenerator) and model.family == "mar"
     head = model.config["head"]
-    assert head["affine_block_norm"] and head["final_chunks"] == "shift_scale" and head["full_batch_noise"]
+    assert type(model.head) is DiffusionHead and head["full_batch_noise"]
+    assert set(head) == {"width", "depth", "train_steps", "full_batch_noise", "vb_objective"}
 
 
 def test_family_told_by_keys():
@@ -261,11 +266,11 @@ def test_converted_folders_record_the_released_behaviour_at_any_size(tmp_path, c
     assert mar.config["head"]["vb_objective"] == "bits_discretized"
     assert {"cfg_mix": "z", "sorted_positions": True}.items() <= tb.provenance["sample"].items()
     assert "--cfg 3.1" in tb.provenance["source"]["note"]
-    assert tb.quantizer.arithmetic == "released" and tb.config["quantizer"]["arithmetic"] == "released"
+    assert tb.quantizer.arithmetic == "float32" and tb.config["quantizer"]["arithmetic"] == "float32"
     # the test file's table is the float64 one rounded, not the released float32 computation
     assert tb.provenance["source"]["released_values_match"] is False
     released = off.tokenbridge_checkpoint()
-    released["model"]["reconstruction_values"] = released_values(off.LEVELS, 3.0, "official")
+    released["model"]["reconstruction_values"] = released_values(off.LEVELS, 3.0, "clamped")
     assert _tb(released).provenance["source"]["released_values_match"] is True
     path = tmp_path / "mar.pth"
     torch.save(off.mar_checkpoint(), path)
@@ -276,8 +281,7 @@ def test_converted_folders_record_the_released_behaviour_at_any_size(tmp_path, c
 
 
 def test_known_sizes_get_their_released_cfg(monkeypatch):
-    import tokenbridge.convert as CONVERT
     size = (off.D, off.MLP_DEPTH)  # this test checkpoint's (backbone width, diffusion depth), as if it were a released size
-    monkeypatch.setitem(CONVERT.MAR_SAMPLING, size, {"cfg": 2.9})
+    monkeypatch.setitem(PRESETS.MAR_SAMPLING, size, {"cfg": 2.9})
     mar = _mar()
     assert mar.provenance["sample"]["cfg"] == 2.9 and "note" not in mar.provenance["source"]

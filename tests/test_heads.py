@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import tokenbridge.heads as heads
+import tokenbridge.layers as layers
 from tokenbridge.diffusion import DiffusionHead, DiffusionSchedule
 from tokenbridge.heads import DimensionwiseARHead, GroupedHead, ParallelHead, build_head
 
@@ -235,7 +236,7 @@ def test_fused_loss_equals_the_plain_loss_and_gradients(monkeypatch, group_size)
     results = []
     for min_vocab in (10**9, 1):  # plain, then fused (in chunks of a few rows)
         monkeypatch.setattr(GroupedHead, "fused_loss_min_vocab", min_vocab)
-        monkeypatch.setattr(heads._LinearCrossEntropy, "chunk_elements", 5 * head.vocab)
+        monkeypatch.setattr(layers.LinearCrossEntropy, "chunk_elements", 5 * head.vocab)
         head.zero_grad()
         loss = head.loss(z, indices)
         (3.0 * loss).backward()  # a non-unit upstream gradient

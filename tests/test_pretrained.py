@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tokenbridge.checkpoint import export_weights, load_generator
-from tokenbridge.convert import convert_mar, convert_tokenbridge
+from tokenbridge.official import convert_mar, convert_tokenbridge
 from tokenbridge.generators import ContinuousMARGenerator, TokenBridgeGenerator
 
 

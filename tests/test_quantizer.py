@@ -55,7 +55,7 @@ def hard_values(q: DimensionwiseQuantizer) -> torch.Tensor:
 @pytest.mark.parametrize("levels", LEVELS)
 def test_reconstruction_values_are_truncated_normal_means(levels):
     boundaries = stats.norm.ppf(np.linspace(0, 1, levels + 1))  # Eq. 2, open outer bins
-    for tails, lo_hi in (("paper", boundaries), ("official", np.clip(boundaries, -R, R))):
+    for tails, lo_hi in (("paper", boundaries), ("clamped", np.clip(boundaries, -R, R))):
         expected = stats.truncnorm.mean(lo_hi[:-1], lo_hi[1:])  # Eq. 3
         edges, values = gaussian_bins(levels, R, tails)
         np.testing.assert_allclose(values.numpy(), expected, rtol=1e-9, atol=1e-12)
@@ -71,11 +71,11 @@ def test_reconstruction_values_are_truncated_normal_means(levels):
 
 def test_outer_values_paper_vs_official_tails():
     assert float(gaussian_bins(64, 3.0, "paper")[1][-1]) == pytest.approx(2.510, abs=5e-4)
-    assert float(gaussian_bins(64, 3.0, "official")[1][-1]) == pytest.approx(2.437, abs=5e-4)
-    assert float(gaussian_bins(64, 3.0, "official")[1][0]) == pytest.approx(-2.437, abs=5e-4)
+    assert float(gaussian_bins(64, 3.0, "clamped")[1][-1]) == pytest.approx(2.437, abs=5e-4)
+    assert float(gaussian_bins(64, 3.0, "clamped")[1][0]) == pytest.approx(-2.437, abs=5e-4)
     paper_edges = gaussian_bins(8, 3.0, "paper")[0]
     assert paper_edges[0] == float("-inf") and paper_edges[-1] == float("inf")
-    assert gaussian_bins(8, 3.0, "official")[0].abs().max() == 3.0
+    assert gaussian_bins(8, 3.0, "clamped")[0].abs().max() == 3.0
 
 
 def test_uniform_bins_centres_and_widths():
@@ -89,7 +89,7 @@ def test_uniform_bins_centres_and_widths():
 
 
 # ---------------------------------------------------------------------------------------------- nearest value (Eq. 4)
-@pytest.mark.parametrize("kind,tails", [("gaussian", "paper"), ("gaussian", "official"), ("uniform", "paper")])
+@pytest.mark.parametrize("kind,tails", [("gaussian", "paper"), ("gaussian", "clamped"), ("uniform", "paper")])
 @pytest.mark.parametrize("levels", LEVELS)
 def test_indices_are_the_nearest_reconstruction_value(levels, kind, tails):
     torch.manual_seed(levels)
@@ -326,10 +326,10 @@ def test_input_dtypes(dtype):
 
 
 def test_state_dict_config_and_module_moves():
-    q = DimensionwiseQuantizer(32, value_range=(-4, 6), std_range=2.5, tails="official")
+    q = DimensionwiseQuantizer(32, value_range=(-4, 6), std_range=2.5, tails="clamped")
     state = q.state_dict()
     assert {"reconstruction_values", "scale", "shift", "fitted_channels"} <= set(state)
-    torch.testing.assert_close(state["reconstruction_values"], gaussian_bins(32, 2.5, "official")[1])
+    torch.testing.assert_close(state["reconstruction_values"], gaussian_bins(32, 2.5, "clamped")[1])
     rebuilt = DimensionwiseQuantizer(**q.config())
     rebuilt.load_state_dict(state)
     x = torch.randn(100, 3) * 3 + 1
@@ -393,9 +393,9 @@ def test_limits_and_argument_checks():
         with pytest.raises(ValueError, match="std_range"):
             DimensionwiseQuantizer(std_range=std_range)
     # official tails: beyond 1 / P(N(0,1) < -3) ~ 740.8 levels, the clamped outer bins have no mass (NaN values)
-    DimensionwiseQuantizer(740, tails="official")
+    DimensionwiseQuantizer(740, tails="clamped")
     with pytest.raises(ValueError, match="at most about 740 levels"):
-        DimensionwiseQuantizer(741, tails="official")
+        DimensionwiseQuantizer(741, tails="clamped")
     # float32 tables: ranges that it cannot split into the levels, or hold at all
     for value_range, std_range, problem in (((1e6, 1e6 + 1e-3), 3.0, "resolve"), ((-1e39, 1e39), 3.0, "range"),
                                              ((-1e308, 1e308), 3.0, "range"), ((-5, 5), 1e-300, "range")):
@@ -435,7 +435,7 @@ def test_load_state_dict_rejects_other_configs_before_replacing_anything(calibra
     x = synthetic_latents(500, seed=6)
     before, indices = copy.deepcopy(q.state_dict()), q.quantize(x)
     mismatches = [("levels", other_state(levels=32)), ("levels", other_state(levels=128, fit="quantile")),
-                  ("kind/tails", other_state(kind="uniform")), ("kind/tails", other_state(tails="official"))]
+                  ("kind/tails", other_state(kind="uniform")), ("kind/tails", other_state(tails="clamped"))]
     if calibration != "standardize":  # a 'standardize' fit replaces the map of Eq. 1 by its own
         mismatches += [("value_range/std_range", other_state(value_range=(-4, 6))),
                        ("value_range/std_range", other_state(std_range=2.5))]

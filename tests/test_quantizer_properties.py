@@ -43,10 +43,10 @@ RANGES = st.sampled_from([(-5.0, 5.0), (-4.0, 6.0), (0.0, 1.0), (-1000.0, 1000.0
 
 @st.composite
 def shared_quantizers(draw) -> DimensionwiseQuantizer:
-    kind, tails = draw(st.sampled_from([("gaussian", "paper"), ("gaussian", "official"), ("uniform", "paper")]))
+    kind, tails = draw(st.sampled_from([("gaussian", "paper"), ("gaussian", "clamped"), ("uniform", "paper")]))
     levels = draw(LEVELS)
     std_range = draw(st.sampled_from([3.0, 2.5, 1.0]))
-    if tails == "official":  # beyond 1 / P(N(0,1) < -r) levels its outer bins are empty (the constructor says so)
+    if tails == "clamped":  # beyond 1 / P(N(0,1) < -r) levels its outer bins are empty (the constructor says so)
         levels = min(levels, int(0.99 / float(torch.special.ndtr(torch.tensor(-std_range)))))
     try:
         return build(levels, kind, tails, draw(RANGES), std_range)

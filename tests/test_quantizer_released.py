@@ -1,4 +1,4 @@
-"""The quantizer's released arithmetic (`arithmetic="released"`, what converted TokenBridge checkpoints use): tokens
+"""The quantizer's released arithmetic (`arithmetic="float32"`, what converted TokenBridge checkpoints use): tokens
 equal to a reference built here from the released code's published computation: float32 boundaries
 Phi^-1(linspace(0, 1, B + 1)) clamped to +-r, float32 truncated-normal means, the map (x + 5) / 10 * 6 - 3 in float32
 with the division done the way PyTorch's CUDA kernels divide by a Python number (times the float32 reciprocal), a
@@ -54,8 +54,8 @@ def reference_argmin(x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def quantizers() -> tuple[DimensionwiseQuantizer, DimensionwiseQuantizer]:
-    return (DimensionwiseQuantizer(B, tails="official", arithmetic="released"),
-            DimensionwiseQuantizer(B, tails="official"))
+    return (DimensionwiseQuantizer(B, tails="clamped", arithmetic="float32"),
+            DimensionwiseQuantizer(B, tails="clamped"))
 
 
 def constructed_ties(values: torch.Tensor) -> torch.Tensor:
@@ -139,14 +139,14 @@ def test_forward_dequantizes_as_the_released_code_and_any_input_dtype_is_float32
 
 
 def test_the_option_is_recorded_and_checked():
-    q = DimensionwiseQuantizer(16, arithmetic="released")
-    assert q.config()["arithmetic"] == "released" and "arithmetic=released" in repr(q)
+    q = DimensionwiseQuantizer(16, arithmetic="float32")
+    assert q.config()["arithmetic"] == "float32" and "arithmetic=float32" in repr(q)
     assert DimensionwiseQuantizer(16).config()["arithmetic"] == "midpoints"
-    assert DimensionwiseQuantizer(**q.config()).arithmetic == "released"
+    assert DimensionwiseQuantizer(**q.config()).arithmetic == "float32"
     for bad, message in (({"arithmetic": "gpu"}, "arithmetic must be one of"),
-                         ({"arithmetic": "released", "calibration": "quantile"}, "calibration='none'")):
+                         ({"arithmetic": "float32", "calibration": "quantile"}, "calibration='none'")):
         with pytest.raises(ValueError, match=message):
             DimensionwiseQuantizer(16, **bad)
-    model = TokenBridgeGenerator.from_config({"preset": "tiny", "quantizer": {"arithmetic": "released"}})
-    assert model.quantizer.arithmetic == "released" and model.config["quantizer"]["arithmetic"] == "released"
+    model = TokenBridgeGenerator.from_config({"preset": "tiny", "quantizer": {"arithmetic": "float32"}})
+    assert model.quantizer.arithmetic == "float32" and model.config["quantizer"]["arithmetic"] == "float32"
 

@@ -238,13 +238,13 @@ def _lookup_chunks(jobs: list, step: int, tables: Tables) -> None:
             torch.index_select(tables.flat_latent_values, 0, ic.view(-1), out=vc)
 
 
-def released_values(levels: int, std_range: float = 3.0, tails: str = "official") -> torch.Tensor:
+def released_values(levels: int, std_range: float = 3.0, tails: str = "clamped") -> torch.Tensor:
     """The Gaussian bins' reconstruction values [B] as the released code holds them: float32, the truncated normal
     means computed in float32 from float32 boundaries (they differ from the float64 values by up to ~5e-6 at
     B = 64)."""
     probs = torch.linspace(0.0, 1.0, levels + 1, dtype=torch.float32).double()
     bounds = torch.special.ndtri(probs).float()
-    if tails == "official":
+    if tails == "clamped":
         bounds = bounds.clamp(-std_range, std_range)
     density = torch.exp(-0.5 * bounds**2) / math.sqrt(2 * math.pi)
     cdf = 0.5 * (1 + torch.erf(bounds / math.sqrt(2)))

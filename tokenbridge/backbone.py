@@ -116,7 +116,7 @@ class MAR(nn.Module):
     -> z [B, L, width]. Label `num_classes` means unconditional.
 
     norm_eps: epsilon of every LayerNorm (1e-5, torch's default, as trained here; the official MAR and TokenBridge
-    models use 1e-6, which their converted weights need, see tokenbridge.convert).
+    models use 1e-6).
     """
 
     def __init__(

@@ -20,7 +20,6 @@ from .checkpoint import SHIPPED, export_weights, load_generator
 from .cli_parser import build_parser, sampling_fields
 from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
-from .convert import convert as convert_official
 from .data import as_tensors
 from .distributed import TrainingInterrupted
 from .edit import run_edit
@@ -29,6 +28,7 @@ from .files import check_target, command_lock, overwriting
 from .generate import generate, save_samples
 from .inception import InceptionFID
 from .metrics import load_reference_stats
+from .official import convert as convert_official
 from .reconstruct import run_reconstruct
 from .repro import run_repro
 from .shards import cache_shards

@@ -160,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "models' for that width: 768 -> 12, 1024/1280 -> 16)")
     p.add_argument("--head-num-heads", type=_positive_int, help=f"TokenBridge channel-head attention heads ({lib})")
     p.add_argument("--no-first-token-timestep", action="store_true",
-                   help="TokenBridge: leave out the released sampler's first-input quirk (see official_head.py)")
+                   help="TokenBridge: leave out the released sampler's first-input quirk (see tokenbridge/official)")
     p.add_argument("--vae", help="the VAE spec to record, e.g. kl16:/path/kl16.ckpt (else give --vae to sample)")
     p.add_argument("--trust-pickle", action="store_true", help="read a checkpoint holding arbitrary Python objects")
 

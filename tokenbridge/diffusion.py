@@ -24,12 +24,15 @@ from torch import Tensor
 
 from .layers import cfg_rows, check_z, guide, modulate
 
-__all__ = ["VB_OBJECTIVES", "DiffusionSchedule", "DiffusionHead"]
+__all__ = ["VB_OBJECTIVES", "DiffusionSchedule", "DiffusionHead", "drop_retired_options"]
 
 # The variational-bound term of the loss (see DiffusionHead): MAR's released loss, or this package's first one
 VB_OBJECTIVES = ("bits_discretized", "nats_continuous")
 # half the width of the discretized likelihood's bins: 8-bit data on [-1, 1] (improved DDPM, which MAR inherits)
 _BIN_HALF_WIDTH = 1.0 / 255.0
+# Options that head configs recorded before tokenbridge.official folded them into the weights, with the one value
+# this head computes: a recorded config still names them, at that value.
+_RETIRED = {"affine_block_norm": False, "final_chunks": "scale_shift"}
 
 
 def _timestep_embedding(t: Tensor, dim: int = 256, max_period: float = 10000.0) -> Tensor:
@@ -60,6 +63,18 @@ def _discretized_gaussian_nll(x: Tensor, mean: Tensor, log_scale: Tensor) -> Ten
                            torch.where(x > 0.999, torch.log((1.0 - cdf_min).clamp(min=1e-12)),
                                        torch.log((cdf_plus - cdf_min).clamp(min=1e-12))))
     return -log_prob
+
+
+def drop_retired_options(head: dict) -> dict:
+    """A recorded DiffusionHead config without the options older configs carry at the value this head computes
+    (`_RETIRED`); another value is an error naming the fix (a folder converted before the weight rewrites)."""
+    head = dict(head)
+    for name, value in _RETIRED.items():
+        recorded = head.pop(name, value)
+        if recorded != value:
+            raise ValueError(f"this diffusion-head config has {name}={recorded!r}: it was converted from an "
+                             "official checkpoint before the weight rewrites; run tokenbridge convert again")
+    return head
 
 
 class DiffusionSchedule:
@@ -149,9 +164,9 @@ def ddim_step(s: DiffusionSchedule, x: Tensor, i: int, eps: Tensor, clip: float 
 class _DiffusionBlock(nn.Module):
     """Residual AdaLN MLP block: x + gate * MLP(modulate(LN(x))), modulation from cond."""
 
-    def __init__(self, width: int, affine_norm: bool = False):
+    def __init__(self, width: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width, elementwise_affine=affine_norm, eps=1e-6)
+        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, width), nn.SiLU(), nn.Linear(width, width))
         self.ada = nn.Linear(width, 3 * width)
 
@@ -167,9 +182,8 @@ class DiffusionHead(nn.Module):
     eps-prediction with learned-range variance (improved DDPM), cosine schedule with `train_steps` steps
     (`self.schedule`); sampling is DDPM respaced to `num_steps`. MAR-L: width 1024, depth 3, token_dim 16.
 
-    Options for the official MAR layout (tokenbridge.convert; the defaults are this package's own head):
-    affine_block_norm: the residual blocks' LayerNorm has a learned scale and bias (MAR's `in_ln`);
-    final_chunks: how the final AdaLN splits its modulation, "scale_shift" (default) or "shift_scale" (MAR);
+    The blocks' LayerNorms have no scale or bias of their own (the modulation's shift and scale are their affine
+    part) and the final AdaLN splits its modulation as (scale, shift).
     full_batch_noise: with guidance, draw every step's noise over the doubled [cond; uncond] batch and keep the
     first half, and draw it at the last step too, as MAR does (the same distribution; it matters only for matching
     a seed's random stream).
@@ -184,23 +198,20 @@ class DiffusionHead(nn.Module):
     """
 
     def __init__(self, z_dim: int, token_dim: int, width: int = 1024, depth: int = 3, train_steps: int = 1000,
-                 affine_block_norm: bool = False, final_chunks: Literal["scale_shift", "shift_scale"] = "scale_shift",
                  full_batch_noise: bool = False,
                  vb_objective: Literal["bits_discretized", "nats_continuous"] = "bits_discretized"):
         super().__init__()
         if min(z_dim, token_dim, width, depth, train_steps) < 1:
             raise ValueError(f"bad DiffusionHead sizes: z_dim={z_dim} token_dim={token_dim} width={width}")
-        if final_chunks not in ("scale_shift", "shift_scale"):
-            raise ValueError(f"final_chunks must be 'scale_shift' or 'shift_scale', got {final_chunks!r}")
         if vb_objective not in VB_OBJECTIVES:
             raise ValueError(f"vb_objective must be one of {VB_OBJECTIVES}, got {vb_objective!r}")
-        self.final_chunks, self.full_batch_noise = final_chunks, bool(full_batch_noise)
+        self.full_batch_noise = bool(full_batch_noise)
         self.vb_objective = vb_objective
         self.z_dim, self.token_dim = z_dim, token_dim
         self.time_mlp = nn.Sequential(nn.Linear(256, width), nn.SiLU(), nn.Linear(width, width))
         self.z_cond = nn.Linear(z_dim, width)
         self.x_in = nn.Linear(token_dim, width)
-        self.blocks = nn.ModuleList(_DiffusionBlock(width, affine_block_norm) for _ in range(depth))
+        self.blocks = nn.ModuleList(_DiffusionBlock(width) for _ in range(depth))
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(width, 2 * width)
         self.out = nn.Linear(width, 2 * token_dim)
@@ -221,8 +232,6 @@ class DiffusionHead(nn.Module):
         for block in self.blocks:
             h = block(h, cond)
         scale, shift = self.ada_out(cond).chunk(2, dim=-1)
-        if self.final_chunks == "shift_scale":
-            scale, shift = shift, scale
         eps, v = self.out(modulate(self.norm_out(h), shift, scale)).chunk(2, dim=-1)
         return eps, v
 

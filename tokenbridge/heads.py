@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .diffusion import DiffusionHead
-from .layers import AdaLNBlock, KVCache, cfg_rows, check_z, guide, modulate
+from .layers import AdaLNBlock, KVCache, LinearCrossEntropy, cfg_rows, check_z, guide, modulate
 
 __all__ = ["DimensionwiseARHead", "GroupedHead", "ParallelHead", "build_head"]
 
@@ -149,43 +149,6 @@ class _DiscreteHead(nn.Module):
 # causal transformer over the channels (or channel groups) of one token
 
 
-class _LinearCrossEntropy(torch.autograd.Function):
-    """sum_i cross_entropy(h_i @ w + b, target_i) for h [M, W], w [W, V], b [V], target [M], without the [M, V]
-    logits: rows go through in chunks, and each chunk's gradients (softmax - onehot) are taken in the forward
-    pass. With V = 65,536 (Table 2d, 4 channels per group at B = 16) the plain loss spends most of a training step
-    writing and re-reading gigabytes of logits."""
-
-    chunk_elements = 1 << 23  # logits per chunk (32 MB in float32)
-
-    @staticmethod
-    def forward(ctx, h: Tensor, w: Tensor, b: Tensor, target: Tensor) -> Tensor:
-        with torch.autocast(h.device.type, enabled=False):  # float32 logits, softmax and gradients
-            return _LinearCrossEntropy._forward(ctx, h.float(), w.float(), b.float(), target)
-
-    @staticmethod
-    def _forward(ctx, h: Tensor, w: Tensor, b: Tensor, target: Tensor) -> Tensor:
-        rows = max(1, _LinearCrossEntropy.chunk_elements // w.shape[1])
-        total = h.new_zeros(())
-        grad_h, grad_w, grad_b = torch.empty_like(h), torch.zeros_like(w), torch.zeros_like(b)
-        for start in range(0, h.shape[0], rows):
-            hc, tc = h[start : start + rows], target[start : start + rows]
-            logits = torch.addmm(b, hc, w)  # [m, V]
-            lse = torch.logsumexp(logits, 1)
-            total += (lse - logits.gather(1, tc[:, None])[:, 0]).sum()
-            probs = logits.sub_(lse[:, None]).exp_()  # d loss / d logits = softmax - onehot
-            probs[torch.arange(tc.shape[0], device=tc.device), tc] -= 1
-            torch.mm(probs, w.T, out=grad_h[start : start + rows])
-            grad_w.addmm_(hc.T, probs)
-            grad_b += probs.sum(0)
-        ctx.save_for_backward(grad_h, grad_w, grad_b)
-        return total
-
-    @staticmethod
-    def backward(ctx, grad_total: Tensor) -> tuple[Tensor, Tensor, Tensor, None]:
-        grad_h, grad_w, grad_b = ctx.saved_tensors
-        return grad_h * grad_total, grad_w * grad_total, grad_b * grad_total, None
-
-
 class _ChannelARHead(_DiscreteHead):
     """Shared machinery of DimensionwiseARHead and GroupedHead: a causal transformer over the S = C / g steps of
     one token, step j a levels**g-way classification of the g channels order[j*g:(j+1)*g], conditioned on z.
@@ -197,12 +160,15 @@ class _ChannelARHead(_DiscreteHead):
 
     The options both public heads take (keyword-only, defaults here): width, depth, num_heads of the transformer;
     order, the prediction order (a permutation of range(C); channel order[0] first; None = natural order);
-    dropout, attn_dropout; mlp_ratio, the MLP hidden width over `width`.
+    dropout, attn_dropout; mlp_ratio, the MLP hidden width over `width`; gelu, the blocks' MLP activation
+    ("tanh" approximation or "exact", `layers.GELUS`); final_norm: an affine LayerNorm on the last block's output
+    before the final AdaLN; sample_start_cond: the sampler adds the first step's condition embedding e_0 to the
+    first input, which the training path does not (the released TokenBridge sampler's input, see tokenbridge.official).
     """
 
     # sample() modulates all steps at once when N * S <= this (see there); a speed knob, same result either way
     precompute_max_rows = 1024
-    # the training loss skips the [N, S, vocab] logits tensor from this vocabulary size on (`_LinearCrossEntropy`)
+    # the training loss skips the [N, S, vocab] logits tensor from this vocabulary size on (`LinearCrossEntropy`)
     fused_loss_min_vocab = 4096
 
     def __init__(
@@ -219,6 +185,9 @@ class _ChannelARHead(_DiscreteHead):
         dropout: float = 0.0,
         attn_dropout: float = 0.0,
         mlp_ratio: float = 2.0,
+        gelu: str = "tanh",
+        final_norm: bool = False,
+        sample_start_cond: bool = False,
     ):
         super().__init__()
         if min(z_dim, num_channels, width, depth, num_heads) < 1 or levels < 2:
@@ -248,8 +217,10 @@ class _ChannelARHead(_DiscreteHead):
         self.cond_pos = nn.Parameter(torch.zeros(self.steps, width))
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
-            AdaLNBlock(width, num_heads, mlp_ratio, dropout, attn_dropout) for _ in range(depth)
+            AdaLNBlock(width, num_heads, mlp_ratio, dropout, attn_dropout, gelu) for _ in range(depth)
         )
+        self.final_norm = nn.LayerNorm(width, eps=1e-6) if final_norm else nn.Identity()
+        self.sample_start_cond = bool(sample_start_cond)
         self.norm_out = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(width, 2 * width)
         self.out_w = nn.Parameter(torch.zeros(self.steps, width, self.vocab))
@@ -303,21 +274,23 @@ class _ChannelARHead(_DiscreteHead):
     def _out_features(self, h: Tensor, mod: Tensor) -> Tensor:
         """The final AdaLN: what the per-step classifiers read, [N, L, W]."""
         scale, shift = mod.chunk(2, dim=-1)
-        return modulate(self.norm_out(h), shift, scale)
+        return modulate(self.norm_out(self.final_norm(h)), shift, scale)
 
-    def _start(self, z: Tensor) -> Tensor:
-        """The first step's input before its position embedding: Linear(z) [N, 1, W]."""
-        return self.z_in(z)[:, None]
+    def _start(self, z: Tensor, sampling: bool = False) -> Tensor:
+        """The first step's input before its position embedding: Linear(z) [N, 1, W] (+ e_0 when sampling with
+        `sample_start_cond`)."""
+        x = self.z_in(z)[:, None]
+        return x + self.cond_pos[0] if sampling and self.sample_start_cond else x
 
-    def _prefix_logits(self, z: Tensor, tokens: Tensor) -> Tensor:
+    def _prefix_logits(self, z: Tensor, tokens: Tensor, sampling: bool = False) -> Tensor:
         """Teacher forcing: logits [N, L, vocab] of steps 0..L-1 given the classes of steps 0..L-2 ([N, L-1])."""
-        x, cond = self._prefix_hidden(z, tokens)
+        x, cond = self._prefix_hidden(z, tokens, sampling)
         return self._classify(x, self.ada_out(cond))
 
-    def _prefix_hidden(self, z: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
+    def _prefix_hidden(self, z: Tensor, tokens: Tensor, sampling: bool = False) -> tuple[Tensor, Tensor]:
         """The last block's output [N, L, W] and the conditioning [N, L, W] of steps 0..L-1 (teacher forcing)."""
         length = tokens.shape[1] + 1
-        x = [self._start(z)]
+        x = [self._start(z, sampling)]
         if length > 1:
             x.append(self.tok_emb(tokens + self.emb_offset[: length - 1]))
         x = self.drop(torch.cat(x, 1) + self.pos_emb[:length])
@@ -345,15 +318,30 @@ class _ChannelARHead(_DiscreteHead):
         return ce.mean() if reduction == "mean" else ce
 
     def _fused_mean_loss(self, z: Tensor, indices: Tensor) -> Tensor:
-        """loss(reduction="mean") through `_LinearCrossEntropy`: the same value and gradients, less memory."""
+        """loss(reduction="mean") through `LinearCrossEntropy`: the same value and gradients, less memory."""
         check_z(z, self.z_dim)
         _check_indices(indices, z.shape[0], self.num_channels, self.levels)
         classes = self._encode(indices)  # [N, S]
         x, cond = self._prefix_hidden(z, classes[:, :-1])
         h = self._out_features(x, self.ada_out(cond))
-        total = sum(_LinearCrossEntropy.apply(h[:, s], self.out_w[s], self.out_b[s], classes[:, s])
+        total = sum(LinearCrossEntropy.apply(h[:, s], self.out_w[s], self.out_b[s], classes[:, s])
                     for s in range(self.steps))
         return total / (self.num_channels * z.shape[0])
+
+    @torch.no_grad()
+    def sampling_logits(self, z: Tensor, indices: Tensor, use_cache: bool = True) -> Tensor:
+        """The logits [N, S, vocab] (prediction order) the sampler computes while it draws ``indices`` [N, C]
+        (natural order): step s given the classes of steps < s, the KV cache used or (use_cache=False) the prefix
+        re-run at every step. Unlike `step_logits` (the training path) they include `sample_start_cond`."""
+        check_z(z, self.z_dim)
+        classes, logits = self._encode(indices.to(z.device)), []
+
+        def forced(step_logits: Tensor) -> tuple[Tensor, Tensor]:
+            logits.append(step_logits.float())
+            return classes[:, len(logits) - 1], step_logits.new_zeros(step_logits.shape[0], dtype=torch.float32)
+
+        self._sample(z, z.shape[0], None, forced, use_cache)
+        return torch.stack(logits, 1)
 
     def _sample(
         self, z: Tensor, n: int, scale: Tensor | None, pick: Callable[[Tensor], tuple[Tensor, Tensor]], use_cache: bool
@@ -367,7 +355,7 @@ class _ChannelARHead(_DiscreteHead):
             # once, not once per step). Large batches are compute bound and would hold N*S*(6*depth+2)*W floats.
             mods = [f(cond) for f in ada] if z.shape[0] * self.steps <= self.precompute_max_rows else None
             cache = [KVCache(self.steps) for _ in self.blocks]
-            x = self._start(z) + self.pos_emb[0]
+            x = self._start(z, sampling=True) + self.pos_emb[0]
         for t in range(self.steps):
             if use_cache:
                 step_mods = [m[:, t : t + 1] for m in mods] if mods else [f(cond[:, t : t + 1]) for f in ada]
@@ -376,7 +364,7 @@ class _ChannelARHead(_DiscreteHead):
                 logits = self._classify(x, step_mods[-1], t)[:, 0]
             else:
                 prefix = tokens[:, :t] if scale is None else tokens[:, :t].repeat(2, 1)
-                logits = self._prefix_logits(z, prefix)[:, t]
+                logits = self._prefix_logits(z, prefix, sampling=True)[:, t]
             tok, lp = pick(logits)
             tokens[:, t] = tok
             log_prob += lp

@@ -19,7 +19,7 @@ fused pass per element (`_lookup.fused_lookup`); without it, a few torch ops per
 integers. Latents are compared as float32: a finite float64 beyond the float32 range becomes +-inf, which counts
 all midpoints or none, so it still gets the nearest (outermost) reconstruction value.
 
-`arithmetic="released"`: the released code's tokens (Eq. 1 in float32 as it computes it on the GPU, `released_map`,
+`arithmetic="float32"`: the released code's tokens (Eq. 1 in float32 as it computes it on the GPU, `released_map`,
 then its nearest float32 value, the first index on ties); they differ only at float-rounding ties of a midpoint.
 
 Usage::
@@ -39,21 +39,21 @@ from ._lookup import KEY_OFFSET, KEYS, Tables, cell_tables, lookup, numba  # noq
 from ._lookup import released_map, released_search, released_values  # noqa: F401 (released_map: public here)
 
 KINDS = ("gaussian", "uniform")
-TAILS = ("paper", "official")
+TAILS = ("paper", "clamped")
 CALIBRATIONS = ("none", "standardize", "quantile")
-ARITHMETICS = ("midpoints", "released")
+ARITHMETICS = ("midpoints", "float32")
 
 
 def gaussian_bins(levels: int, std_range: float = 3.0, tails: str = "paper") -> tuple[torch.Tensor, torch.Tensor]:
     """Equal-probability bins of N(0, 1) and the conditional mean inside each bin (paper Eq. 2-3).
 
     Returns (boundaries [B+1], reconstruction_values [B]) in float64. With tails="paper" the outer boundaries are
-    -inf/+inf; with tails="official" every boundary is clamped to [-std_range, std_range] before the means are
+    -inf/+inf; with tails="clamped" every boundary is clamped to [-std_range, std_range] before the means are
     taken (the official implementation's behaviour: outer values +-2.437 for B=64 instead of +-2.510).
     """
     probs = torch.linspace(0.0, 1.0, levels + 1, dtype=torch.float64)
     boundaries = torch.special.ndtri(probs)  # -inf and +inf at the ends
-    if tails == "official":
+    if tails == "clamped":
         boundaries = boundaries.clamp(-std_range, std_range)
     lo, hi = boundaries[:-1], boundaries[1:]
     density = torch.exp(-0.5 * boundaries.clamp(-40, 40) ** 2) / math.sqrt(2 * math.pi)  # phi(+-inf) = 0
@@ -132,8 +132,8 @@ class DimensionwiseQuantizer(nn.Module):
         value_range: (a_min, a_max), the latent range mapped to [-std_range, std_range] (paper: (-5, 5)).
         std_range: r, the half-width of the normalised range in standard deviations (paper: 3).
         kind: "gaussian" (equal-probability N(0,1) bins, paper) or "uniform" (equal-width bins over [-r, r]).
-        tails: "paper" (open outer bins) or "official" (boundaries clamped to +-r, as the released code).
-        arithmetic: "midpoints" (default: the float64-exact nearest value by a fast lookup) or "released" (the
+        tails: "paper" (open outer bins) or "clamped" (boundaries clamped to +-r, as the released code).
+        arithmetic: "midpoints" (default: the float64-exact nearest value by a fast lookup) or "float32" (the
             released code's float32 map `released_map` and values `released_values`, the first index on ties: its
             tokens, for data fed to a converted checkpoint; needs calibration="none").
         calibration: a data-calibrated option that the paper does not have, fitted by `fit()` on real latents:
@@ -161,8 +161,8 @@ class DimensionwiseQuantizer(nn.Module):
                                      ("arithmetic", arithmetic, ARITHMETICS)):
             if value not in options:
                 raise ValueError(f"{name} must be one of {options}, got {value!r}")
-        if arithmetic == "released" and calibration != "none":
-            raise ValueError(f"arithmetic='released' (the released fixed map) needs calibration='none', got "
+        if arithmetic == "float32" and calibration != "none":
+            raise ValueError(f"arithmetic='float32' (on the fixed map of Eq. 1) needs calibration='none', got "
                              f"{calibration!r}")
         self.kind = kind
         self.tails = tails
@@ -224,9 +224,9 @@ class DimensionwiseQuantizer(nn.Module):
         self._refresh_released(device)
 
     def _refresh_released(self, device: torch.device) -> None:
-        """arithmetic="released": its float32 values [B] and the released dequantization of Eq. 5."""
+        """arithmetic="float32": its float32 values [B] and the released dequantization of Eq. 5."""
         self._released_values = None
-        if self.arithmetic != "released":
+        if self.arithmetic != "float32":
             return
         values = (released_values(self.levels, self.std_range, self.tails) if self.kind == "gaussian"
                   else uniform_bins(self.levels, self.std_range)[1].float())  # the released code: Gaussian only
@@ -241,10 +241,10 @@ class DimensionwiseQuantizer(nn.Module):
         its float32 `midpoints` `[R, B-1]` (m[i-1] < v[i] <= m[i]): then each index dequantizes to a value that
         quantizes back to it. Fails for bins with no mass (official tails, too many levels) and for a value_range
         too wide or too narrow (for its offset) for float32."""
-        if not torch.isfinite(self.reconstruction_values).all():  # tails="official": clamped bins of zero mass
+        if not torch.isfinite(self.reconstruction_values).all():  # tails="clamped": clamped bins of zero mass
             tail = float(torch.special.ndtr(torch.tensor(-self.std_range, dtype=torch.float64)))
             raise ValueError(
-                f"tails='official' with std_range={self.std_range:g} allows at most about {math.ceil(1 / tail) - 1} "
+                f"tails='clamped' with std_range={self.std_range:g} allows at most about {math.ceil(1 / tail) - 1} "
                 f"levels, got levels={self.levels}: the outer bins lie wholly beyond +-std_range, where the clamped "
                 "boundaries leave them no mass (use tails='paper' or a larger std_range)")
         finite = bool(torch.isfinite(latent).all() and torch.isfinite(midpoints).all())
@@ -450,9 +450,9 @@ class DimensionwiseQuantizer(nn.Module):
 
     def _search(self, x: torch.Tensor) -> torch.Tensor:
         """Indices by binary search over the midpoints (devices other than the CPU, and CPU without cell tables);
-        with arithmetic="released" by `_lookup.released_search`."""
+        with arithmetic="float32" by `_lookup.released_search`."""
         self._check_finite(x)
-        if self.arithmetic == "released":
+        if self.arithmetic == "float32":
             return released_search(x, self._released_values, self.value_range, self.std_range,
                                    self.use_fused_kernel)
         x = x.float()

@@ -25,7 +25,7 @@ from pydantic import Field, PositiveInt
 
 from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
-from ..diffusion import DiffusionHead
+from ..diffusion import DiffusionHead, drop_retired_options
 from .. import samplers
 from .editing import check_known
 from .masked import MaskedGenerator, fill_shapes, make_generator, require_shapes
@@ -212,8 +212,9 @@ class ContinuousMARGenerator(MaskedGenerator):
 
 
 def legacy_head(head: dict | None) -> dict:
-    """A recorded diffusion-head config; without ``vb_objective`` it predates the option: "nats_continuous"."""
-    head = dict(head or {})
+    """A recorded diffusion-head config, retired options dropped (`drop_retired_options`); without ``vb_objective``
+    it predates the option: "nats_continuous"."""
+    head = drop_retired_options(head or {})
     head.setdefault("vb_objective", "nats_continuous")
     return head
 

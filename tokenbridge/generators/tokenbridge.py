@@ -29,7 +29,6 @@ from ..backbone import MAR, patchify, unpatchify
 from ..config import ConfigError, Section, signature_model, validate
 from ..heads import DimensionwiseARHead, GroupedHead, ParallelHead
 from ..layers import cfg_rows, guide
-from ..official_head import OfficialARHead
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
 from .. import samplers
@@ -39,9 +38,7 @@ from .registry import apply_preset, register_family
 
 ORDERS = ("random", "confidence")
 CFG_MIXES = ("logits", "z")
-# "official": the released TokenBridge head's layout (tokenbridge.official_head; converted checkpoints use it)
-HEADS: dict[str, type[nn.Module]] = {"ar": DimensionwiseARHead, "parallel": ParallelHead, "grouped": GroupedHead,
-                                     "official": OfficialARHead}
+HEADS: dict[str, type[nn.Module]] = {"ar": DimensionwiseARHead, "parallel": ParallelHead, "grouped": GroupedHead}
 # "frequency": the data-derived order (paper Sec. 3.2), computed from the training tokens when training starts
 ChannelOrder = list[int] | Literal["frequency"] | None
 
@@ -337,27 +334,3 @@ TokenBridgeGenerator.presets.update({
                                                 "num_heads": 16, **_PAPER_DROPOUT},
                       "head": {"kind": "ar", "width": 1024, "depth": 6, "num_heads": 8, "dropout": 0.1}},
 })
-
-# The released TokenBridge-L / H (tokenbridge.convert): MAR's LayerNorm eps 1e-6, the released head layout, the
-# hard-coded KL-16 channel order, the quantizer's boundaries clamped at +-3, and the released sampling settings.
-OFFICIAL_CHANNEL_ORDER = [8, 1, 10, 9, 6, 12, 4, 0, 3, 11, 7, 14, 2, 15, 13, 5]
-_OFFICIAL_BACKBONE = {"buffer_size": 64, "norm_eps": 1e-6, **_PAPER_DROPOUT}
-_OFFICIAL_HEAD = {"kind": "official", "width": 1024, "num_heads": 8, "mlp_ratio": 4.0, "order": OFFICIAL_CHANNEL_ORDER,
-                  "first_token_timestep": True, **_PAPER_DROPOUT}
-TokenBridgeGenerator.presets.update({
-    "tokenbridge-l-official": {**_IMAGENET, "quantizer": {"levels": 64, "tails": "official"},
-                               "backbone": {"width": 1024, "encoder_depth": 16, "decoder_depth": 16, "num_heads": 16,
-                                            **_OFFICIAL_BACKBONE},
-                               "head": {**_OFFICIAL_HEAD, "depth": 4}},
-    "tokenbridge-h-official": {**_IMAGENET, "quantizer": {"levels": 64, "tails": "official"},
-                               "backbone": {"width": 1280, "encoder_depth": 20, "decoder_depth": 20, "num_heads": 16,
-                                            **_OFFICIAL_BACKBONE},
-                               "head": {**_OFFICIAL_HEAD, "depth": 6}},
-})
-# the released sampler at every size: 256 MAR steps, linear cfg on z, a step's positions to the head in ascending
-# order; and the released evaluation commands' size-dependent settings (README of the official code)
-OFFICIAL_SAMPLING_COMMON = {"num_iter": 256, "cfg_schedule": "linear", "cfg_mix": "z", "sorted_positions": True}
-OFFICIAL_SAMPLING = {
-    "tokenbridge-l-official": {"cfg": 3.1, "temperature": 0.96},
-    "tokenbridge-h-official": {"cfg": 3.45, "temperature": 0.91},
-}

@@ -1,11 +1,12 @@
 """Released checkpoints -> tokenbridge generators: official TokenBridge-L/H and MAR-B/L/H.
 
 An official ``checkpoint-last.pth`` is a dict with ``model``, ``model_ema``, ``optimizer``, ``epoch`` (and
-``scaler``, ``args``). `convert_tokenbridge` builds a `TokenBridgeGenerator` with the released layout (MAR backbone
-with LayerNorm eps 1e-6, `official_head.OfficialARHead`, the quantizer with boundaries clamped at +-3, the
-hard-coded KL-16 channel order) and `convert_mar` a `ContinuousMARGenerator` (the same backbone and a
-`DiffusionHead` with MAR's affine block norms, (shift, scale) final modulation and doubled-batch noise). Sizes
-are read from the tensors' shapes (attention heads, which no shape shows, from the released models' table).
+``scaler``, ``args``). `convert_tokenbridge` builds a plain `TokenBridgeGenerator` (MAR backbone with LayerNorm eps
+1e-6, the "ar" head with the exact GELU, a final norm and the sampler's first-input option, the quantizer with
+boundaries clamped at +-3 and the released arithmetic, the hard-coded KL-16 channel order) and `convert_mar` a plain
+`ContinuousMARGenerator` (the same backbone and a `DiffusionHead` with doubled-batch noise); the weight rewrites of
+`layout` make the plain modules compute the released functions. Sizes are read from the tensors' shapes
+(attention heads, which no shape shows, from the released models' table in `presets`).
 
 The mapping is strict: every key of the checkpoint must be consumed and every tensor of the generator filled;
 missing keys, unexpected keys and shape mismatches are all named in one `ConversionError`. The released
@@ -20,63 +21,32 @@ import argparse
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .generators.mar import ContinuousMARGenerator
-from .generators.tokenbridge import (
-    OFFICIAL_CHANNEL_ORDER,
-    OFFICIAL_SAMPLING,
-    OFFICIAL_SAMPLING_COMMON,
-    TokenBridgeGenerator,
+from ..generators.mar import ContinuousMARGenerator
+from ..generators.tokenbridge import TokenBridgeGenerator
+from ..quantizer import gaussian_bins, released_values
+from .layout import ConversionError, apply_rules, backbone_rules, channel_head_rules, diffusion_head_rules
+from .presets import (
+    CHANNEL_ORDER,
+    HEAD_NUM_HEADS,
+    MAR_SAMPLING,
+    MAR_SAMPLING_COMMON,
+    NUM_HEADS,
+    TOKENBRIDGE_SAMPLING,
+    TOKENBRIDGE_SAMPLING_COMMON,
+    released_head,
+    tokenbridge_preset_of,
 )
-from .quantizer import gaussian_bins, released_values
 
-__all__ = [
-    "MAR_SAMPLING",
-    "OFFICIAL_NUM_HEADS",
-    "ConversionError",
-    "Rule",
-    "apply_rules",
-    "convert",
-    "convert_mar",
-    "convert_tokenbridge",
-    "detect_family",
-    "load_official_state",
-    "read_checkpoint",
-]
+__all__ = ["convert", "convert_mar", "convert_tokenbridge", "detect_family", "load_official_state", "read_checkpoint"]
 
-# backbone width -> attention heads of the released models (mar_base / large / huge, tokenbridge_large / huge)
-OFFICIAL_NUM_HEADS = {768: 12, 1024: 16, 1280: 16}
-OFFICIAL_HEAD_NUM_HEADS = 8  # the channel head's, in every released TokenBridge size
 _TOKENBRIDGE_BUFFERS = ("reconstruction_values", "boundaries", "channel_mask")
-# the released MAR evaluation commands (README of LTH14/mar), keyed by (backbone width, diffusion head depth)
-MAR_SAMPLING = {(768, 6): {"cfg": 2.9}, (1024, 8): {"cfg": 3.0}, (1280, 12): {"cfg": 3.2}}
-# What every converted MAR folder records, whatever its size (TokenBridge: OFFICIAL_SAMPLING_COMMON): the released
-# sampler's own behaviour (the last linear-cfg step, a step's positions to the head in ascending order) and the
-# evaluation settings its README gives for every size. Only cfg depends on the size.
-_MAR_SAMPLING_COMMON = {"num_iter": 256, "num_sampling_steps": 100, "cfg_schedule": "linear", "temperature": 1.0,
-                        "released_cfg": True, "sorted_positions": True}
-
-
-class ConversionError(ValueError):
-    """A checkpoint that does not fit the official layout; the message names every offending key."""
-
-
-@dataclass
-class Rule:
-    """One tensor of ours made from official tensors: ``target`` = ``fn(*sources)``; ``shapes`` are the shapes
-    the sources must have."""
-
-    target: str
-    sources: list[str]
-    shapes: list[tuple[int, ...]]
-    fn: Callable[..., Tensor] = field(default=lambda t: t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -173,7 +143,7 @@ def _backbone_config(state: dict[str, Tensor], out_pos_key: str, num_heads: int 
     if side * side != seq_len or token_dim % (patch_size * patch_size):
         raise ConversionError(f"{out_pos_key} has {seq_len} positions: not a square grid of tokens of "
                               f"{token_dim} values with patch_size {patch_size}")
-    heads = num_heads or OFFICIAL_NUM_HEADS.get(width)
+    heads = num_heads or NUM_HEADS.get(width)
     if heads is None:
         raise ConversionError(f"no released model has width {width}: give num_heads (--num-heads)")
     shapes = {"grid_size": [side * patch_size] * 2, "channels": token_dim // (patch_size * patch_size),
@@ -192,116 +162,20 @@ def _tokenbridge_config(state: dict[str, Tensor], num_heads: int | None, head_nu
     shapes, backbone = _backbone_config(state, "output_pos_embed", num_heads, 1)
     head_width = _shape(state, "condition_proj.weight")[0]
     levels = _shape(state, "channel_heads.0.weight")[0]
-    head = {"kind": "official", "width": head_width, "depth": _count(state, "channel_blocks"),
-            "num_heads": head_num_heads, "order": list(order),
-            "mlp_ratio": _ratio(state, r"channel_blocks\.\d+\.mlp\.fc1\.weight", head_width),
-            "first_token_timestep": first_token_timestep, "dropout": 0.1, "attn_dropout": 0.1}
-    quantizer = {"levels": levels, "value_range": list(value_range), "std_range": std_range, "tails": "official",
-                 "arithmetic": "released"}
+    head = released_head(head_width, _count(state, "channel_blocks"), head_num_heads,
+                         _ratio(state, r"channel_blocks\.\d+\.mlp\.fc1\.weight", head_width), list(order),
+                         first_token_timestep)
+    quantizer = {"levels": levels, "value_range": list(value_range), "std_range": std_range, "tails": "clamped",
+                 "arithmetic": "float32"}
     return {**shapes, "quantizer": quantizer, "backbone": backbone, "head": head}
 
 
 def _mar_config(state: dict[str, Tensor], num_heads: int | None, patch_size: int) -> dict:
     shapes, backbone = _backbone_config(state, "diffusion_pos_embed_learned", num_heads, patch_size)
     head = {"width": _shape(state, "diffloss.net.input_proj.weight")[0],
-            "depth": _count(state, "diffloss.net.res_blocks"), "train_steps": 1000, "affine_block_norm": True,
-            "final_chunks": "shift_scale", "full_batch_noise": True, "vb_objective": "bits_discretized"}
+            "depth": _count(state, "diffloss.net.res_blocks"), "train_steps": 1000, "full_batch_noise": True,
+            "vb_objective": "bits_discretized"}
     return {**shapes, "backbone": backbone, "head": head}
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# key rules
-
-
-def _same(ours: dict[str, Tensor], target: str, source: str) -> Rule:
-    return Rule(target, [source], [tuple(ours[target].shape)])
-
-
-def _module(ours: dict[str, Tensor], target: str, source: str, names: Sequence[str] = ("weight", "bias")) -> list[Rule]:
-    return [_same(ours, f"{target}.{n}", f"{source}.{n}") for n in names]
-
-
-def _backbone_rules(ours: dict[str, Tensor], out_pos_key: str) -> list[Rule]:
-    cls = ours["backbone.class_emb.weight"]
-    rules = [Rule("backbone.class_emb.weight", ["class_emb.weight", "fake_latent"],
-                  [(cls.shape[0] - 1, cls.shape[1]), (1, cls.shape[1])], lambda c, f: torch.cat([c, f])),
-             _same(ours, "backbone.encoder_pos", "encoder_pos_embed_learned"),
-             _same(ours, "backbone.mask_token", "mask_token"),
-             _same(ours, "backbone.decoder_pos", "decoder_pos_embed_learned"),
-             _same(ours, "backbone.output_pos", out_pos_key)]
-    for target, source in (("token_proj", "z_proj"), ("encoder_in_norm", "z_proj_ln"), ("encoder_norm", "encoder_norm"),
-                           ("decoder_embed", "decoder_embed"), ("decoder_norm", "decoder_norm")):
-        rules += _module(ours, f"backbone.{target}", source)
-    for ours_stack, stack in (("encoder", "encoder_blocks"), ("decoder", "decoder_blocks")):
-        depth = sum(1 for k in ours if re.fullmatch(rf"backbone\.{ours_stack}\.\d+\.norm1\.weight", k))
-        for i in range(depth):
-            t, s = f"backbone.{ours_stack}.{i}", f"{stack}.{i}"
-            for a, b in (("norm1", "norm1"), ("attn.qkv", "attn.qkv"), ("attn.proj", "attn.proj"),
-                         ("norm2", "norm2"), ("mlp.0", "mlp.fc1"), ("mlp.3", "mlp.fc2")):
-                rules += _module(ours, f"{t}.{a}", f"{s}.{b}")
-    return rules
-
-
-def _channel_head_rules(ours: dict[str, Tensor]) -> list[Rule]:
-    steps, width, vocab = ours["head.out_w"].shape
-    rules = _module(ours, "head.z_in", "condition_proj") + _module(ours, "head.channel_norm", "channel_norm")
-    rules += _module(ours, "head.ada_out", "channel_final.adaLN_modulation.1")
-    rules += [Rule("head.pos_emb", ["channel_embed"], [(1, steps, width)], lambda t: t[0]),
-              Rule("head.cond_pos", ["timesteps_embeddings"], [(1, steps, width)], lambda t: t[0]),
-              Rule("head.tok_emb.weight", [f"token_embeddings.{i}.weight" for i in range(steps - 1)],
-                   [(vocab, width)] * (steps - 1), lambda *t: torch.cat(t)),
-              Rule("head.out_w", [f"channel_heads.{i}.weight" for i in range(steps)], [(vocab, width)] * steps,
-                   lambda *t: torch.stack([w.t() for w in t])),
-              Rule("head.out_b", [f"channel_heads.{i}.bias" for i in range(steps)], [(vocab,)] * steps,
-                   lambda *t: torch.stack(t))]
-    depth = sum(1 for k in ours if re.fullmatch(r"head\.blocks\.\d+\.qkv\.weight", k))
-    for i in range(depth):
-        t, s = f"head.blocks.{i}", f"channel_blocks.{i}"
-        for a, b in (("norm1", "norm1"), ("qkv", "attn.qkv"), ("q_norm", "attn.q_norm"), ("k_norm", "attn.k_norm"),
-                     ("proj", "attn.proj"), ("norm2", "norm2"), ("mlp.0", "mlp.fc1"), ("mlp.2", "mlp.fc2"),
-                     ("ada", "adaLN_modulation.1")):
-            rules += _module(ours, f"{t}.{a}", f"{s}.{b}")
-    return rules
-
-
-def _diffusion_head_rules(ours: dict[str, Tensor]) -> list[Rule]:
-    net = "diffloss.net"
-    rules: list[Rule] = []
-    for a, b in (("time_mlp.0", "time_embed.mlp.0"), ("time_mlp.2", "time_embed.mlp.2"), ("z_cond", "cond_embed"),
-                 ("x_in", "input_proj"), ("out", "final_layer.linear"), ("ada_out", "final_layer.adaLN_modulation.1")):
-        rules += _module(ours, f"head.{a}", f"{net}.{b}")
-    depth = sum(1 for k in ours if re.fullmatch(r"head\.blocks\.\d+\.ada\.weight", k))
-    for i in range(depth):
-        for a, b in (("norm", "in_ln"), ("mlp.0", "mlp.0"), ("mlp.2", "mlp.2"), ("ada", "adaLN_modulation.1")):
-            rules += _module(ours, f"head.blocks.{i}.{a}", f"{net}.res_blocks.{i}.{b}")
-    return rules
-
-
-def apply_rules(rules: list[Rule], official: dict[str, Tensor], ours: dict[str, Tensor],
-                consumed_elsewhere: Sequence[str] = (), derived: Callable[[str], bool] = lambda k: False
-                ) -> dict[str, Tensor]:
-    """Our state dict from the official one by ``rules``; raise ConversionError naming every missing key,
-    unexpected key and shape mismatch. ``consumed_elsewhere``: official keys checked by the caller;
-    ``derived(key)``: our keys that come from the config, not from the checkpoint."""
-    missing, mismatched, new = [], [], {}
-    for rule in rules:
-        absent = [s for s in rule.sources if s not in official]
-        missing += absent
-        bad = [f"{s}: {tuple(official[s].shape)}, expected {e}" for s, e in zip(rule.sources, rule.shapes)
-               if s in official and tuple(official[s].shape) != tuple(e)]
-        mismatched += bad
-        if not absent and not bad:
-            new[rule.target] = rule.fn(*(official[s] for s in rule.sources)).to(ours[rule.target].dtype)
-    used = {s for rule in rules for s in rule.sources} | set(consumed_elsewhere)
-    unexpected = sorted(set(official) - used)
-    problems = [f"{name} ({len(keys)}): {', '.join(keys)}" for name, keys in
-                (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)) if keys]
-    if problems:
-        raise ConversionError("the checkpoint does not fit the official layout; " + "; ".join(problems))
-    unfilled = sorted(k for k in ours if k not in new and not derived(k))
-    if unfilled:  # a rule table out of step with the model: a bug here, not in the checkpoint
-        raise RuntimeError(f"conversion rules leave these tensors unfilled: {unfilled}")
-    return new
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -311,7 +185,7 @@ def apply_rules(rules: list[Rule], official: dict[str, Tensor], ours: dict[str, 
 def _check_tokenbridge_buffers(model: TokenBridgeGenerator, official: dict[str, Tensor]) -> list[str]:
     """Check the official quantizer tables and channel mask against the converted model's; returns their keys."""
     q = model.quantizer
-    boundaries, values = gaussian_bins(q.levels, q.std_range, "official")
+    boundaries, values = gaussian_bins(q.levels, q.std_range, "clamped")
     steps = model.head.steps
     mask = torch.full((steps, steps), float("-inf")).triu(1)
     problems = []
@@ -340,16 +214,16 @@ def _finish(model: nn.Module, state: dict[str, Tensor], info: dict[str, Any], fm
 
 
 def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_ema", *,
-                        num_heads: int | None = None, head_num_heads: int = OFFICIAL_HEAD_NUM_HEADS,
-                        order: Sequence[int] = OFFICIAL_CHANNEL_ORDER, first_token_timestep: bool = True,
+                        num_heads: int | None = None, head_num_heads: int = HEAD_NUM_HEADS,
+                        order: Sequence[int] = CHANNEL_ORDER, first_token_timestep: bool = True,
                         value_range: tuple[float, float] = (-5.0, 5.0), std_range: float = 3.0,
                         vae: str | None = None, trust_pickle: bool = False) -> TokenBridgeGenerator:
     """An official TokenBridge checkpoint (path, folder holding checkpoint-last.pth, or the loaded dict) -> a
     TokenBridgeGenerator computing the released functions. weights: "model_ema" (default) or "model".
-    first_token_timestep: reproduce the released sampler's first-input quirk (see official_head). vae: the VAE
-    spec to record (e.g. "kl16:/path/kl16.ckpt"). Sampling defaults: the released sampler's behaviour for every size
-    (cfg on z, sorted positions, 256 linear-cfg steps), its cfg and temperature for L and H (other sizes: a note in
-    provenance["source"]["note"]). The quantizer uses the released arithmetic."""
+    first_token_timestep: reproduce the released sampler's first-input quirk (the head's sample_start_cond).
+    vae: the VAE spec to record (e.g. "kl16:/path/kl16.ckpt"). Sampling defaults: the released sampler's behaviour
+    for every size (cfg on z, sorted positions, 256 linear-cfg steps), its cfg and temperature for L and H (other
+    sizes: a note in provenance["source"]["note"]). The quantizer uses the released arithmetic ("float32")."""
     official, info = load_official_state(source, weights, trust_pickle)
     if detect_family(official) != "tokenbridge":
         raise ConversionError("this is an official MAR checkpoint: use convert_mar (--family mar)")
@@ -361,13 +235,13 @@ def convert_tokenbridge(source: str | os.PathLike | dict, weights: str = "model_
     # the released arithmetic recomputes the float32 table; whether the file's equals it bit for bit is recorded
     q = model.quantizer
     info["released_values_match"] = torch.equal(official["reconstruction_values"].float(),
-                                                released_values(q.levels, q.std_range, "official"))
-    rules = _backbone_rules(ours, "output_pos_embed") + _channel_head_rules(ours)
+                                                released_values(q.levels, q.std_range, "clamped"))
+    rules = backbone_rules(ours, "output_pos_embed") + channel_head_rules(ours)
     state = apply_rules(rules, official, ours, buffers, lambda k: k.startswith("quantizer.")
                         or k in ("head.order", "head.inverse"))
     size = (config["backbone"]["width"], config["head"]["depth"])
-    preset = {(1024, 4): "tokenbridge-l-official", (1280, 6): "tokenbridge-h-official"}.get(size)
-    sample = {**OFFICIAL_SAMPLING_COMMON, **(OFFICIAL_SAMPLING[preset] if preset else {})}
+    preset = tokenbridge_preset_of(*size)
+    sample = {**TOKENBRIDGE_SAMPLING_COMMON, **(TOKENBRIDGE_SAMPLING[preset] if preset else {})}
     note = None if preset else (f"no released evaluation settings for width {size[0]} and head depth {size[1]}: cfg "
                                 "and temperature are not recorded (TokenBridge-L: --cfg 3.1 --temperature 0.96, "
                                 "H: --cfg 3.45 --temperature 0.91)")
@@ -388,10 +262,10 @@ def convert_mar(source: str | os.PathLike | dict, weights: str = "model_ema", *,
     config = _mar_config(official, num_heads, patch_size)
     model = ContinuousMARGenerator(ContinuousMARGenerator.resolve_config(config))
     ours = model.state_dict()
-    rules = _backbone_rules(ours, "diffusion_pos_embed_learned") + _diffusion_head_rules(ours)
+    rules = backbone_rules(ours, "diffusion_pos_embed_learned") + diffusion_head_rules(ours)
     state = apply_rules(rules, official, ours)
     size = (config["backbone"]["width"], config["head"]["depth"])
-    sample = {**_MAR_SAMPLING_COMMON, **MAR_SAMPLING.get(size, {})}
+    sample = {**MAR_SAMPLING_COMMON, **MAR_SAMPLING.get(size, {})}
     note = None if size in MAR_SAMPLING else (f"no released evaluation settings for width {size[0]} and diffusion "
                                               f"depth {size[1]}: cfg is not recorded (MAR-B / L / H: --cfg 2.9 / "
                                               "3.0 / 3.2)")
