@@ -1,9 +1,7 @@
 """The CLI on users' image folders (`reconstruct --images`, `cache-latents --data folder:`) as a user runs it:
 bad inputs end with `tokenbridge <command>: error: <message>` and exit 2 before any work; odd but valid images
-run. Most cases call `cli.main` in-process (fast); one runs `python -m tokenbridge.cli` as a subprocess."""
+run. The cases call `cli.main` in-process (the one subprocess run of the CLI is in test_cli_errors.py)."""
 import struct
-import subprocess
-import sys
 import zlib
 from pathlib import Path
 
@@ -58,17 +56,15 @@ def odd_but_valid_folder(root):
     return root
 
 
-def test_subprocess_stray_top_level_images(tmp_path):
+def test_stray_top_level_images(tmp_path, capsys):
     root = tmp_path / "data"
     for cls in ("cats", "dogs"):
         (root / cls).mkdir(parents=True)
         Image.new("L", (32, 32), 100).save(root / cls / "0.png")
     Image.new("L", (32, 32), 100).save(root / "stray.png")
-    result = subprocess.run([sys.executable, "-m", "tokenbridge.cli", *reconstruct_args(root, tmp_path / "out")],
-                            check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert "tokenbridge reconstruct: error:" in result.stderr and "Traceback" not in result.stderr
-    assert "1 image file(s) directly in it (stray.png) beside class sub-folders" in result.stderr
+    err = cli_error(reconstruct_args(root, tmp_path / "out"), capsys)
+    assert "tokenbridge reconstruct: error:" in err
+    assert "1 image file(s) directly in it (stray.png) beside class sub-folders" in err
     assert not (tmp_path / "out").exists()
 
 
