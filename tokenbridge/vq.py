@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
-from vector_quantize_pytorch import VectorQuantize
 
 from .budget import check_model_budget, state_bytes
 from .files import CONFIG_NAME, WEIGHTS_NAME, atomic_path, check_writable, remove_stale_temporaries, tensor_bytes
@@ -106,6 +105,10 @@ class VQTokenizer(nn.Module):
         up = nn.ConvTranspose2d(hidden, hidden, 4, stride=2, padding=1) if downsample == 2 else None
         self.encoder = _conv_stack(channels, hidden, dim, down)
         self.decoder = _conv_stack(dim, hidden, channels, up)
+        # imported here: it pulls in torch._dynamo (3.4 of the 10.5 s `python -X importtime -c "import
+        # tokenbridge.cli"` took on the loaded 2-core dev machine), which every process importing tokenbridge paid
+        from vector_quantize_pytorch import VectorQuantize
+
         self.vq = VectorQuantize(dim=dim, codebook_size=codebook_size, decay=decay, commitment_weight=commitment_weight,
                                  kmeans_init=kmeans_init, threshold_ema_dead_code=threshold_ema_dead_code,
                                  use_cosine_sim=use_cosine_sim)
