@@ -11,7 +11,6 @@ from PIL import Image
 from tokenbridge import cli
 
 
-
 def reconstruct_args(images, out):
     return ["reconstruct", "--images", str(images), "--num-images", "4", "--resolution", "32", "--levels", "8",
             "--ranges", "3", "--out", str(out)]
