@@ -20,6 +20,21 @@ def single_thread():
 
 
 @pytest.fixture()
+def cli_error(capsys):
+    """Run the command line in-process, ``tokenbridge.cli.main(argv)``, expecting its error exit (code 2, the
+    exit of every bad input); returns what it wrote to stderr. A traceback would escape as an exception here."""
+    from tokenbridge import cli
+
+    def run(argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    return run
+
+
+@pytest.fixture()
 def tiny_diffusers_vae():
     """Factory: a tiny diffusers AutoencoderKL (16x16 RGB -> 4 x 8 x 8), saved as a folder; returns the model."""
     diffusers = pytest.importorskip("diffusers", reason="the diffusers wrapper needs diffusers (dev extra)")

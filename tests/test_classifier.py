@@ -3,6 +3,7 @@ import torch
 
 from tokenbridge import classifier as C
 from tokenbridge import metrics
+from tokenbridge.training import classifier as classifier_training
 from tokenbridge.data import as_tensors
 
 CLASSIFIER_ACCURACY_BOUND = 0.88  # on 2,000 held-out test images; the shipped weights measure >= 0.90 on all 10k
@@ -130,9 +131,9 @@ def test_train_classifier_smoke(tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(0)
     fake = {split: (torch.rand(n, 1, 32, 32, generator=g) * 2 - 1, torch.randint(0, 10, (n,), generator=g))
             for split, n in (("train", 70), ("test", 20))}
-    monkeypatch.setattr(C, "as_tensors", lambda split, root=None: fake[split])
+    monkeypatch.setattr(classifier_training, "as_tensors", lambda split, root=None: fake[split])
     path = tmp_path / "clf.safetensors"
-    out = C.train_classifier(path, epochs=2, batch_size=32, widths=(4, 8, 8), feature_dim=16, threads=None)
+    out = classifier_training.train_classifier(path, epochs=2, batch_size=32, widths=(4, 8, 8), feature_dim=16, threads=None)
     assert set(out) == {"test_accuracy", "train_seconds", "params"} and 0.0 <= out["test_accuracy"] <= 1.0
     model = C.load_classifier(path)
     assert model.widths == (4, 8, 8) and model.feature_dim == 16 and not model.training

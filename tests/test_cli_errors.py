@@ -1,5 +1,7 @@
-"""Each class of bad input through the command line, as a user runs it (a subprocess): exit code 2, one line naming
-the problem, no traceback, and nothing written. The per-module tests cover the many cases of each class."""
+"""Each class of bad input through the command line: exit code 2, one line naming the problem, no traceback, and
+nothing written. The cases call `tokenbridge.cli.main` in-process (a traceback would escape as an exception);
+one runs `python -m tokenbridge.cli` as a user does, in a subprocess. The per-module tests cover the many cases
+of each class."""
 
 from __future__ import annotations
 
@@ -50,11 +52,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_through_the_cli(tmp_path, case):
+def test_bad_input_through_the_cli(tmp_path, monkeypatch, cli_error, case):
     args, message = CASES[case]
     files = _files(tmp_path)
-    res = subprocess.run([sys.executable, "-m", "tokenbridge.cli", *[a.format(**files) for a in args]], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2, res.stderr[-2000:]
-    assert message in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    monkeypatch.chdir(REPO)  # the cases name configs/ as a user in the repository would
+    err = cli_error([a.format(**files) for a in args])
+    assert message in err, err[-2000:]
     assert not Path(files["out"]).exists()  # nothing written
+
+
+def test_bad_input_through_the_command_a_user_types(tmp_path):
+    # the one subprocess: `python -m tokenbridge.cli` exits 2 with the message and no traceback, writes nothing
+    files = _files(tmp_path)
+    res = subprocess.run([sys.executable, "-m", "tokenbridge.cli", "sample", "--model", files["cut"], "--out",
+                          files["out"]], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "is corrupt or not a safetensors" in res.stderr and "Traceback" not in res.stderr, res.stderr[-2000:]
+    assert not Path(files["out"]).exists()

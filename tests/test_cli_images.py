@@ -1,19 +1,14 @@
 """The CLI on users' image folders (`reconstruct --images`, `cache-latents --data folder:`) as a user runs it:
 bad inputs end with `tokenbridge <command>: error: <message>` and exit 2 before any work; odd but valid images
-run. Most cases call `cli.main` in-process (fast); one runs `python -m tokenbridge.cli` as a subprocess."""
+run. The cases call `cli.main` in-process (the one subprocess run of the CLI is in test_cli_errors.py)."""
 import struct
-import subprocess
-import sys
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tokenbridge import cli
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def reconstruct_args(images, out):
@@ -24,14 +19,6 @@ def reconstruct_args(images, out):
 def cache_args(images, out):
     return ["cache-latents", "--data", f"folder:{images}", "--channels", "1", "--resolution", "32",
             "--levels", "8", "--out", str(out)]
-
-
-def cli_error(argv, capsys):
-    """Run the CLI in-process, expecting its error exit; returns the stderr text."""
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(argv)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
 
 
 def huge_png(path, side=14000):
@@ -58,17 +45,15 @@ def odd_but_valid_folder(root):
     return root
 
 
-def test_subprocess_stray_top_level_images(tmp_path):
+def test_stray_top_level_images(tmp_path, cli_error):
     root = tmp_path / "data"
     for cls in ("cats", "dogs"):
         (root / cls).mkdir(parents=True)
         Image.new("L", (32, 32), 100).save(root / cls / "0.png")
     Image.new("L", (32, 32), 100).save(root / "stray.png")
-    result = subprocess.run([sys.executable, "-m", "tokenbridge.cli", *reconstruct_args(root, tmp_path / "out")],
-                            check=False, cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2, result.stderr
-    assert "tokenbridge reconstruct: error:" in result.stderr and "Traceback" not in result.stderr
-    assert "1 image file(s) directly in it (stray.png) beside class sub-folders" in result.stderr
+    err = cli_error(reconstruct_args(root, tmp_path / "out"))
+    assert "tokenbridge reconstruct: error:" in err
+    assert "1 image file(s) directly in it (stray.png) beside class sub-folders" in err
     assert not (tmp_path / "out").exists()
 
 
@@ -80,17 +65,17 @@ def test_odd_modes_run_and_unreadable_file_is_skipped(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("make_args", [reconstruct_args, cache_args])
-def test_strict_images_names_the_file(tmp_path, capsys, make_args):
+def test_strict_images_names_the_file(tmp_path, cli_error, make_args):
     root = odd_but_valid_folder(tmp_path / "data")
-    err = cli_error(make_args(root, tmp_path / "out.safetensors") + ["--strict-images"], capsys)
+    err = cli_error(make_args(root, tmp_path / "out.safetensors") + ["--strict-images"])
     assert f"tokenbridge {make_args(root, '')[0]}: error: {root / 'cls' / 'notes.png'}: unreadable image" in err
 
 
 @pytest.mark.parametrize("make_args", [reconstruct_args, cache_args])
-def test_large_image_names_file_size_and_flag(tmp_path, capsys, make_args):
+def test_large_image_names_file_size_and_flag(tmp_path, cli_error, make_args):
     (tmp_path / "data").mkdir()
     huge_png(tmp_path / "data" / "huge.png")
-    err = cli_error(make_args(tmp_path / "data", tmp_path / "out.safetensors"), capsys)
+    err = cli_error(make_args(tmp_path / "data", tmp_path / "out.safetensors"))
     assert "huge.png: 14000x14000 = 196,000,000 pixels" in err and "--allow-large-images" in err
 
 
@@ -103,11 +88,11 @@ def test_allow_large_images_opens_them(tmp_path, monkeypatch):
     assert (tmp_path / "out" / "table1.md").is_file() and Image.MAX_IMAGE_PIXELS == 1000
 
 
-def test_bad_numbers(tmp_path, capsys):
+def test_bad_numbers(tmp_path, cli_error):
     (tmp_path / "data").mkdir()
     Image.new("L", (40, 40), 60).save(tmp_path / "data" / "a.png")
-    err = cli_error(cache_args(tmp_path / "data", tmp_path / "t.safetensors") + ["--limit", "-5"], capsys)
+    err = cli_error(cache_args(tmp_path / "data", tmp_path / "t.safetensors") + ["--limit", "-5"])
     assert "--limit" in err
     err = cli_error(cache_args(tmp_path / "data", tmp_path / "t.safetensors")[:-6] + ["--channels", "2",
-                    "--out", str(tmp_path / "t.safetensors")], capsys)
+                    "--out", str(tmp_path / "t.safetensors")])
     assert "channels" in err

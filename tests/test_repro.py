@@ -19,7 +19,7 @@ from tokenbridge.quantizer import DimensionwiseQuantizer
 from tokenbridge.repro.runs import mean_log_bin_width
 from tokenbridge.repro.speed import TimingOptions, time_heads
 from tokenbridge.tokens import CachedTokens, cache_latents
-from tokenbridge.vae import build_vae
+from tokenbridge.autoencoder import build_vae
 
 
 def _images(n: int, seed: int) -> TensorDataset:

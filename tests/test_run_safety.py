@@ -1,5 +1,6 @@
 """What a training run can rely on: save on SIGTERM / Ctrl-C and exact resume, one run per folder, no checkpoint
-replaced unasked, the same data on resume, durable atomic writes. Run through the CLI as a user would."""
+replaced unasked, the same data on resume, durable atomic writes. Run through the CLI: in a subprocess where a
+signal or a second process is the point, in-process (`cli.main`) otherwise."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import yaml
 from torch.utils.data import TensorDataset
 
 from tokenbridge import checkpoint as C
+from tokenbridge import cli
 from tokenbridge.config import DataConfig
 from tokenbridge.files import FolderLock, atomic_path
 from tokenbridge.tokens import cache_latents
@@ -76,15 +78,14 @@ def _wait_for_log(log: Path, steps: int, proc: subprocess.Popen, timeout: float 
     raise AssertionError("training did not log in time")
 
 
-def test_a_second_run_into_a_folder_in_use_fails_at_once(tmp_path, token_files):
+def test_a_second_run_into_a_folder_in_use_fails_at_once(tmp_path, token_files, cli_error):
     config = _config(tmp_path, token_files[0], steps=100_000)
     first = _cli("train", "--config", str(config))
     _wait_for_log(tmp_path / "run" / "log.jsonl", 2, first)
-    second = _cli("train", "--config", str(config))
-    _, err = second.communicate(timeout=60)
+    err = cli_error(["train", "--config", str(config)])  # the second run: this process
     first.send_signal(signal.SIGTERM)
     _, first_err = first.communicate(timeout=60)
-    assert second.returncode == 2 and f"run folder {tmp_path / 'run'} is in use by process {first.pid}" in err
+    assert f"run folder {tmp_path / 'run'} is in use by process {first.pid}" in err
     assert first.returncode == 128 + signal.SIGTERM and "Traceback" not in first_err
 
 
@@ -97,11 +98,9 @@ def test_sigterm_saves_and_the_same_command_resumes_exactly(tmp_path, token_file
     assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
     stopped = C.load_checkpoint(tmp_path / "a" / "run" / C.CHECKPOINT_NAME)
     assert 5 <= stopped["step"] < 60 and f"stopped by SIGTERM after saving step {stopped['step']}" in err
-    resumed = _cli("train", "--config", str(config))
-    assert resumed.wait(timeout=120) == 0
+    cli.main(["train", "--config", str(config)])  # the same command resumes (in this process)
     # the same run without interruption, in another folder
-    whole = _cli("train", "--config", str(_config(tmp_path / "b", token_files[0])))
-    assert whole.wait(timeout=120) == 0
+    cli.main(["train", "--config", str(_config(tmp_path / "b", token_files[0]))])
     a = C.load_checkpoint(tmp_path / "a" / "run" / C.CHECKPOINT_NAME)
     b = C.load_checkpoint(tmp_path / "b" / "run" / C.CHECKPOINT_NAME)
     assert a["step"] == b["step"] == 60
@@ -133,28 +132,25 @@ def test_ctrl_c_in_process_saves_the_current_step(tmp_path, token_files):
     assert train(cfg)["step"] == 20  # and the folder is free again
 
 
-def test_checkpoints_are_not_replaced_unasked_and_resume_needs_the_same_tokens(tmp_path, token_files):
+def test_checkpoints_are_not_replaced_unasked_and_resume_needs_the_same_tokens(tmp_path, token_files, cli_error):
     config = _config(tmp_path, token_files[0], steps=3)
-    assert _cli("train", "--config", str(config)).wait(timeout=120) == 0
-    proc = _cli("train", "--config", str(config), "--no-resume")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "already holds a checkpoint" in err and "--overwrite" in err
-    proc = _cli("train", "--config", str(config), "train.steps=6", f"data.tokens={token_files[1]}")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "was trained with tokens" in err and str(token_files[1]) in err
-    assert _cli("train", "--config", str(config), "--no-resume", "--overwrite").wait(timeout=120) == 0
+    cli.main(["train", "--config", str(config)])
+    err = cli_error(["train", "--config", str(config), "--no-resume"])
+    assert "already holds a checkpoint" in err and "--overwrite" in err
+    err = cli_error(["train", "--config", str(config), "train.steps=6", f"data.tokens={token_files[1]}"])
+    assert "was trained with tokens" in err and str(token_files[1]) in err
+    before = C.load_checkpoint(tmp_path / "run" / C.CHECKPOINT_NAME)
+    assert before["step"] == 3 and before["provenance"]["tokens"] == str(token_files[0])  # kept as it was
+    cli.main(["train", "--config", str(config), "--no-resume", "--overwrite"])
 
 
-def test_cuda_without_a_gpu_and_unwritable_folders_fail_before_work(tmp_path, token_files):
+def test_cuda_without_a_gpu_and_unwritable_folders_fail_before_work(tmp_path, token_files, cli_error):
     config = _config(tmp_path, token_files[0], steps=3)
     if not torch.cuda.is_available():
-        proc = _cli("train", "--config", str(config), "train.device=cuda")
-        _, err = proc.communicate(timeout=60)
-        assert proc.returncode == 2 and "no CUDA GPU is visible" in err
+        assert "no CUDA GPU is visible" in cli_error(["train", "--config", str(config), "train.device=cuda"])
     (tmp_path / "file").write_text("x")
-    proc = _cli("train", "--config", str(config), f"out_dir={tmp_path / 'file' / 'run'}")
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 2 and "cannot create the folder" in err
+    assert "cannot create the folder" in cli_error(["train", "--config", str(config),
+                                                    f"out_dir={tmp_path / 'file' / 'run'}"])
 
 
 def test_folder_lock_and_stale_temporaries(tmp_path):

@@ -16,7 +16,7 @@ from tokenbridge import train as T
 from tokenbridge.distributed import ResumableSampler, seed_all
 from tokenbridge.optim import EMA, adamw, lr_at, param_groups
 
-from test_train import ToyGenerator, assert_states_equal, ckpt_of, run_tiny, tiny_config, tiny_dataset
+from toy_family import ToyGenerator, assert_states_equal, ckpt_of, run_tiny, tiny_config, tiny_dataset
 
 
 def reference_losses(cfg: dict) -> list[float]:

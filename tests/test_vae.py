@@ -14,16 +14,16 @@ from tokenbridge.vae import (
     load_vae,
     read_vae_metadata,
     save_vae,
-    train_vae,
     vae_fingerprint,
 )
+from tokenbridge.training.vae import train_vae
 
 TINY = AutoencoderKLConfig(
     ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(8,), z_channels=4, embed_dim=4, in_channels=3,
     resolution=16, norm_groups=4, scaling_factor=0.5,
 )
 # The shipped weights give 28.86 dB mean per-image PSNR ([0, 1] scale) on the first 256 test images (see
-# FMNIST_TRAINING in vae.py); the bound leaves room for numerics across platforms.
+# FMNIST_TRAINING in training/vae.py); the bound leaves room for numerics across platforms.
 FMNIST_MIN_PSNR_DB = 27.5
 
 

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 import tokenbridge.autoencoder as autoencoder_module
-import tokenbridge.vae as vae_module
+import tokenbridge.training.vae as vae_training
 from tokenbridge import cli
 from tokenbridge.autoencoder import AutoencoderKL, build_vae
 from tokenbridge.vae import (
@@ -24,8 +24,8 @@ from tokenbridge.vae import (
     load_vae,
     read_vae_metadata,
     save_vae,
-    train_vae,
 )
+from tokenbridge.training.vae import train_vae
 
 SHIPPED_GENERATOR = FMNIST_WEIGHTS.parent / "fmnist_generator.safetensors"
 
@@ -322,7 +322,7 @@ def test_train_vae_checks_its_output_before_training(tmp_path, monkeypatch):
     def no_data(*args, **kwargs):
         raise AssertionError("train_vae read data before checking its arguments")
 
-    monkeypatch.setattr(vae_module, "as_tensors", no_data)
+    monkeypatch.setattr(vae_training, "as_tensors", no_data)
     (tmp_path / "a_file").write_text("x")
     (tmp_path / "dir.safetensors").mkdir()
     cases = [
@@ -350,7 +350,7 @@ def test_train_vae_stops_on_a_diverged_loss_without_writing(tmp_path, monkeypatc
             vae.decoder.conv_out.bias.fill_(float("nan"))
         return vae
 
-    monkeypatch.setattr(vae_module, "build_vae", broken)
+    monkeypatch.setattr(vae_training, "build_vae", broken)
     out = tmp_path / "vae.safetensors"
     with pytest.raises(ValueError, match=rf"the loss is nan at step 0 .*{out} was not written"):
         train_vae(out, steps=2, batch_size=4, data_root=fake_fashion_mnist(tmp_path), log_every=1)

@@ -11,7 +11,8 @@ import torch
 from tokenbridge import cli
 from tokenbridge.discrete import MAX_CODES, QuantizerSource, VQSource, build_source
 from tokenbridge.quantizer import DimensionwiseQuantizer
-from tokenbridge.vq import VQTokenizer, code_usage, train_vq
+from tokenbridge.training.vq import train_vq
+from tokenbridge.vq import VQTokenizer, code_usage
 from token_files import write_token_file
 
 TINY = {"codebook_size": 64, "dim": 8, "hidden": 32}

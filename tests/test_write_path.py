@@ -28,11 +28,6 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
-def _cli(*args: str, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "tokenbridge.cli", *args], env=ENV, capture_output=True, text=True,
-                          timeout=timeout)
-
-
 class _Encoder(torch.nn.Module):
     """A stand-in VAE: 8x8 grey images -> 4 x 4 x 4 latents."""
 
@@ -91,12 +86,11 @@ def test_a_file_tokenbridge_did_not_write_is_kept_unless_asked(tmp_path):
         save_image_grid(_grid(), target)
 
 
-def test_shipped_weights_are_refused_before_any_work():
+def test_shipped_weights_are_refused_before_any_work(cli_error):
     shipped = SHIPPED_WEIGHTS / "fmnist_vae.safetensors"
     before = shipped.stat().st_mtime_ns
-    res = _cli("train-vae", "--out", str(shipped), "--steps", "1")
-    assert res.returncode == 2 and "Traceback" not in res.stderr
-    assert "is one of the shipped weights; pass --overwrite" in res.stderr
+    err = cli_error(["train-vae", "--out", str(shipped), "--steps", "1"])
+    assert "is one of the shipped weights; pass --overwrite" in err
     assert shipped.stat().st_mtime_ns == before
 
 

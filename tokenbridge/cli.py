@@ -18,7 +18,7 @@ import yaml
 from .budget import check_images_request, check_sample_request, duration, is_out_of_memory, out_of_memory
 from .checkpoint import SHIPPED, export_weights, load_generator
 from .cli_parser import build_parser, sampling_fields
-from .classifier import class_accuracy, load_classifier, train_classifier
+from .classifier import class_accuracy, load_classifier
 from .config import ConfigError, DataConfig, validate
 from .data import as_tensors
 from .distributed import TrainingInterrupted
@@ -36,9 +36,12 @@ from .sources import image_source
 from .sweep import describe_best, run_sweep, sweep_table
 from .tokens import cache_latents
 from .train import load_run_config, train
+from .training.classifier import train_classifier
+from .training.vae import train_vae
+from .training.vq import report_table, token_latents, token_vae, train_vq
 from .ui import launch as launch_ui
-from .vae import load_vae, train_vae
-from .vq import check_vq_folder, report_table, token_latents, token_vae, train_vq
+from .vae import load_vae
+from .vq import check_vq_folder
 
 
 def _device(name: str | None) -> str:

@@ -27,6 +27,8 @@ from typing import Any
 # its place later, or copies there, does not carry it
 KIND_ATTR = "user.tokenbridge.kind"
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent / "weights"
+# the two files of a pretrained folder (generators, VQ tokenizers): the diffusers / huggingface_hub convention
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 LOCK_DIR = Path(tempfile.gettempdir()) / f"tokenbridge-locks-{os.getuid()}"
 LOCK_WAIT_S = 30.0  # how long a short write waits for another writer of the same file before giving up
 _OVERWRITE: contextvars.ContextVar[bool] = contextvars.ContextVar("tokenbridge_overwrite", default=False)

@@ -31,7 +31,7 @@ from . import distributed as D
 from .checkpoint import CHECKPOINT_NAME, CKPT_FORMAT, FORMAT_VERSION, load_checkpoint, save_checkpoint
 from .config import ConfigError, RunConfig, apply_overrides, read_yaml, validate
 from .files import FolderLock, atomic_path, check_writable
-from .optim import EMA, adamw, lr_at, param_groups
+from .optim import EMA, ScheduledAdamW, param_groups, warmup_cosine
 from .reading import check_tokens
 from .generators import apply_preset, check_sample_options, get_family
 from .shards import ShardedTokens
@@ -209,7 +209,10 @@ class Trainer:
         # record the resolved model config (channel order, quantizer of the token file) for rebuilding
         self.run = run.model_copy(update={"model": self.model.config})
         t = run.train
-        self.optimizer = adamw(param_groups(self.model, t.weight_decay), self.peak_lr, t.betas, t.eps, t.fused_adamw)
+        schedule = warmup_cosine(self.peak_lr, self.warmup_steps, self.total_steps, t.min_lr)
+        self.adamw = ScheduledAdamW(param_groups(self.model, t.weight_decay), schedule, t.betas, t.eps,
+                                    fused=t.fused_adamw, foreach=True)  # multi-tensor, also on the CPU
+        self.optimizer = self.adamw.optimizer
         self.ema = EMA(self.model, t.ema, t.ema_warmup)
         D.seed_all(run.seed + rank)  # different randomness (masks, dropout) per rank
         self.start_step = 0
@@ -321,16 +324,14 @@ class Trainer:
         t = self.run.train
         if self.data.prepare is not None:
             batch = self.data.prepare(batch)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(step, self.peak_lr, self.warmup_steps, self.total_steps, t.min_lr)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=t.bf16 and self.device.type == "cuda"):
             loss = module(batch)
         if loss.ndim != 0:
             raise ValueError(f"{self.run.family}.loss must return a scalar, got shape {tuple(loss.shape)}")
-        self.optimizer.zero_grad(set_to_none=True)
+        self.adamw.zero_grad()
         loss.float().backward()
         gnorm = nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip if t.grad_clip > 0 else float("inf"))
-        self.optimizer.step()
+        self.adamw.step(step)
         self.ema.update(self.model, step)
         return torch.stack([loss.detach().float(), gnorm.detach().float()])
 

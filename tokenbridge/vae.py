@@ -1,4 +1,4 @@
-"""Loading, saving, fingerprinting and training the continuous VAEs that TokenBridge quantizes.
+"""Loading, saving and fingerprinting the continuous VAEs that TokenBridge quantizes.
 
 The architecture (the ``VAE`` interface, ``AutoencoderKL`` and its presets) lives in ``tokenbridge.autoencoder``.
 
@@ -6,7 +6,7 @@ The architecture (the ``VAE`` interface, ``AutoencoderKL`` and its presets) live
   ``tokenbridge/weights/fmnist_vae.safetensors``), "kl16:/path/kl16.ckpt" (MAR's KL-16), "diffusers:/local/folder",
   or a .safetensors file written by ``save_vae``.
 - ``vae_fingerprint(vae)``: a short hash of a VAE's weights, to check that a generator is sampled with its VAE.
-- ``train_vae``: trains the embedded Fashion-MNIST VAE.
+- ``train_vae`` (in ``tokenbridge.training.vae``) trains the embedded Fashion-MNIST VAE.
 
 Every loader checks its input before doing work: a bad spec or device, a missing, foreign, truncated or malformed
 file, or a config that does not match the stored tensors gives a ValueError / FileNotFoundError naming the file and
@@ -20,8 +20,7 @@ import hashlib
 import json
 import math
 import os
-import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -31,27 +30,16 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .autoencoder import KL16_SCALING_FACTOR, PRESETS, VAE, AutoencoderKL, AutoencoderKLConfig
-from .autoencoder import DiffusersVAE, build_vae, cannot_match, check_shapes, is_number, meta_vae
-from .data import as_tensors
-from .files import atomic_path, check_target, holds_output, tensor_bytes
-from .metrics import psnr
-from .optim import lr_at
+from .autoencoder import DiffusersVAE, cannot_match, check_shapes, is_number, meta_vae
+from .files import atomic_path, check_target, tensor_bytes
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FMNIST_WEIGHTS = WEIGHTS_DIR / "fmnist_vae.safetensors"
 SPEC_FORMS = ("'fmnist' (the shipped VAE), 'kl16:/path/kl16.ckpt' (MAR's KL-16), 'diffusers:/local/folder' (a "
               "diffusers AutoencoderKL folder) or the path of a .safetensors written by save_vae / train-vae")
-_FORMAT = "tokenbridge-vae"
+VAE_FORMAT = "tokenbridge-vae"
 _TORCH_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 
-# How the shipped weights/fmnist_vae.safetensors were made (also stored in the file's "training" metadata):
-FMNIST_TRAINING = (
-    "python -c \"import torch; torch.set_num_threads(1); from tokenbridge.vae import train_vae; "
-    "train_vae('tokenbridge/weights/fmnist_vae.safetensors', steps=1400, batch_size=64, lr=2e-3, kl_weight=2e-3, "
-    "seed=0)\"  # 1,324 s on one contended CPU core (~1.5 epochs). Test split (10,000 images): mean per-image PSNR "
-    "28.48 dB on the [0, 1] scale (26.76 dB from the pooled MSE); scaling_factor 1.0680; scaled posterior-mean "
-    "latents per channel mean [-0.13, -0.26, 0.25, -0.08], std [0.52, 1.28, 0.95, 1.02], |z| > 5: 1.6e-6, max 5.53."
-)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -146,13 +134,13 @@ def save_vae(vae: AutoencoderKL, path: str | os.PathLike, training: dict | None 
     Refuses (ValueError) weights with NaN or inf, a ``path`` that is a directory or whose folder is not writable."""
     if not isinstance(vae, AutoencoderKL):
         raise ValueError(f"save_vae supports AutoencoderKL, got {type(vae).__name__}")
-    path = check_target(path, _FORMAT, what="VAE file")
+    path = check_target(path, VAE_FORMAT, what="VAE file")
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous().clone() for k, v in vae.state_dict().items()}
     _check_finite(tensors, f"save_vae (not writing {path})")
-    meta = {"format": _FORMAT, "config": json.dumps(asdict(vae.config))}
+    meta = {"format": VAE_FORMAT, "config": json.dumps(asdict(vae.config))}
     if training:
         meta["training"] = json.dumps(training)
-    with atomic_path(path, _FORMAT, needed=tensor_bytes(tensors)) as tmp:
+    with atomic_path(path, VAE_FORMAT, needed=tensor_bytes(tensors)) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
     return path
 
@@ -172,9 +160,9 @@ def _vae_metadata(path: Path, meta: Mapping[str, str]) -> tuple[dict, dict | Non
     """The (config, training) dicts of a save_vae file's metadata, checked: right format, valid JSON, a complete
     and valid AutoencoderKL config."""
     fmt = meta.get("format")
-    if fmt != _FORMAT:
+    if fmt != VAE_FORMAT:
         what = f"a {fmt!r} file" if fmt else "a .safetensors file without tokenbridge metadata"
-        raise ValueError(f"{path} is {what}, not a tokenbridge VAE (format {_FORMAT!r}); VAE specs: {SPEC_FORMS}")
+        raise ValueError(f"{path} is {what}, not a tokenbridge VAE (format {VAE_FORMAT!r}); VAE specs: {SPEC_FORMS}")
     if "config" not in meta:
         raise ValueError(f"{path}: the VAE metadata has no 'config' entry")
     parsed: dict[str, dict | None] = {"training": None}
@@ -367,132 +355,3 @@ def vae_fingerprint(vae: nn.Module) -> str:
         digest.update(f"{key}|{tensor.dtype}|{tuple(value.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Training the embedded Fashion-MNIST VAE
-
-
-def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """torch.cat of ``fn`` applied to consecutive slices of ``images`` [N, ...] of at most ``batch_size`` rows."""
-    return torch.cat([fn(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
-
-
-@torch.no_grad()
-def latent_stats(vae: VAE, images: torch.Tensor, batch_size: int = 500) -> dict:
-    """Statistics of the scaled posterior-mean latents of ``images`` [N, C, H, W] in [-1, 1], encoded in batches.
-
-    Returns {"mean", "std"}: per-channel lists (length latent_channels), "std_all": overall std, "frac_beyond_5":
-    fraction of elements with |z| > 5 (outside the quantizer's default range), "max_abs": the largest |z|.
-    """
-    z = _in_batches(vae.encode, images, batch_size)
-    per = z.transpose(0, 1).flatten(1)
-    return {
-        "mean": [round(float(m), 4) for m in per.mean(1)],
-        "std": [round(float(s), 4) for s in per.std(1)],
-        "std_all": round(float(z.std()), 4),
-        "frac_beyond_5": float((z.abs() > 5).float().mean()),
-        "max_abs": round(float(z.abs().max()), 3),
-    }
-
-
-@torch.no_grad()
-def _eval_psnr(vae: AutoencoderKL, images: torch.Tensor, batch_size: int = 500) -> float:
-    """Mean per-image PSNR (dB) of the reconstructions; on [-1, 1] images it equals the PSNR on the [0, 1] scale."""
-    return float(_in_batches(lambda x: psnr(vae.reconstruct(x), x), images, batch_size).mean())
-
-
-def _check_training(out_path: str | os.PathLike, steps: int, batch_size: int, lr: float, kl_weight: float, seed: int,
-                    log_every: int, preset: str, device: str | torch.device) -> tuple[Path, torch.device]:
-    """(output path, device) once everything train_vae can check before reading data is fine: argument types and
-    ranges, the preset, the device, and that ``out_path`` (a .safetensors) can be written, its folder created, so
-    an hour of training is not lost at the end."""
-    if not isinstance(out_path, (str, os.PathLike)) or Path(out_path).suffix != ".safetensors":
-        raise ValueError(f"train_vae: out_path must be the .safetensors file to write (what load_vae reads), "
-                         f"got {out_path!r}")
-    counts = {"steps": steps, "batch_size": batch_size, "log_every": log_every, "seed": seed}
-    bad = [f"{k}={v!r}" for k, v in counts.items() if not (isinstance(v, int) and not isinstance(v, bool))]
-    bad += [f"{k}={v!r}" for k, v in counts.items() if k != "seed" and isinstance(v, int) and v < 1]
-    bad += [] if is_number(lr) and 0 < lr < math.inf else [f"lr={lr!r}"]
-    bad += [] if is_number(kl_weight) and 0 <= kl_weight < math.inf else [f"kl_weight={kl_weight!r}"]
-    if bad:
-        raise ValueError(f"train_vae: need integers steps, batch_size, log_every >= 1 and seed, a finite lr > 0 "
-                         f"and kl_weight >= 0; got {', '.join(bad)}")
-    if preset not in PRESETS:
-        raise ValueError(f"train_vae: unknown VAE preset {preset!r}; choose from {sorted(PRESETS)}")
-    device = check_device(device)
-    return check_target(out_path, _FORMAT, what="VAE output"), device
-
-
-@holds_output("out_path", "VAE output")
-def train_vae(
-    out_path: str | os.PathLike,
-    steps: int = 1400,
-    batch_size: int = 64,
-    lr: float = 2e-3,
-    kl_weight: float = 2e-3,
-    seed: int = 0,
-    device: str | torch.device = "cpu",
-    log_every: int = 200,
-    data_root: str | os.PathLike | None = None,
-    preset: str = "fmnist",
-) -> AutoencoderKL:
-    """Train the embedded KL-VAE on the Fashion-MNIST train split and save it (atomically) to ``out_path``.
-
-    Loss per image = sum of squared errors over pixels (images in [-1, 1]) + ``kl_weight`` * KL(q(z|x) || N(0, I))
-    summed over latent elements, with reparameterised posterior samples. AdamW, 100-step warm-up, cosine decay.
-    The defaults reproduce the shipped weights (see FMNIST_TRAINING). Afterwards scaling_factor = 1 / std of
-    posterior means over 5,000 training images (scaled latents have std 1, like 0.2325 for KL-16); test-split PSNR
-    and latent statistics are printed and stored in the file's metadata. Every argument and the output path are
-    checked before the data is read; a diverged (NaN) loss stops training with a ValueError.
-    """
-    from tqdm import tqdm
-
-    out_path, device = _check_training(out_path, steps, batch_size, lr, kl_weight, seed, log_every, preset, device)
-    torch.manual_seed(seed)
-    train_x, _ = as_tensors("train", root=data_root)
-    test_x, _ = as_tensors("test", root=data_root)
-    vae = build_vae(preset).to(device)
-    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=1e-4)
-    warmup = min(100, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, warmup, steps))
-    gen = torch.Generator().manual_seed(seed)
-    t0 = time.time()
-    vae.train()
-    bar = tqdm(range(steps), desc="train-vae", disable=None)
-    for step in bar:
-        x = train_x[torch.randint(len(train_x), (batch_size,), generator=gen)].to(device)
-        recon, mean, logvar = vae(x)
-        rec = (recon - x).pow(2).flatten(1).sum(1).mean()
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).flatten(1).sum(1).mean()
-        loss = rec + kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0 * 784)  # loss is a per-image sum; only catches spikes
-        opt.step()
-        sched.step()
-        if step % log_every == 0 or step == steps - 1:
-            if not math.isfinite(loss.item()):  # the weights are garbage now; say so instead of saving them
-                raise ValueError(f"train_vae: the loss is {loss.item()} at step {step} (diverged: lower lr?); "
-                                 f"{out_path} was not written")
-            p = float(-10 * torch.log10(((recon.detach().clamp(-1, 1) - x) / 2).pow(2).mean()))
-            bar.set_postfix(rec=f"{rec.item():.2f}", kl=f"{kl.item():.1f}", psnr=f"{p:.2f}")
-            if bar.disable:
-                print(f"step {step} rec {rec.item():.3f} kl {kl.item():.2f} batch-psnr {p:.2f} dB", flush=True)
-    vae.eval()
-    with torch.no_grad():
-        calib = train_x[:5000].to(device)
-        means = _in_batches(lambda x: vae.encode_moments(x)[0], calib, 500)
-        vae.scaling_factor = 1.0 / float(means.std())
-    test = test_x.to(device)
-    test_psnr = _eval_psnr(vae, test)
-    stats = latent_stats(vae, test)
-    info = {
-        "call": f"train_vae(steps={steps}, batch_size={batch_size}, lr={lr}, kl_weight={kl_weight}, seed={seed})",
-        "steps": steps, "batch_size": batch_size, "lr": lr, "kl_weight": kl_weight, "seed": seed,
-        "seconds": round(time.time() - t0, 1), "test_psnr_db": round(test_psnr, 3), "test_latents": stats,
-    }
-    save_vae(vae, out_path, training=info)
-    print(f"test PSNR {test_psnr:.2f} dB ([0,1] scale), scaling_factor {vae.scaling_factor:.4f}, "
-          f"latent mean {stats['mean']} std {stats['std']}, beyond +-5: {stats['frac_beyond_5']:.2e}; saved {out_path}")
-    return vae

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from ..files import atomic_path, tensor_bytes
+from ..files import CONFIG_NAME, WEIGHTS_NAME, atomic_path, tensor_bytes
 from ..reading import check_generator_file
 
 __all__ = [
@@ -32,7 +32,6 @@ __all__ = [
     "save_pretrained",
 ]
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 PRETRAINED_FORMAT = "tokenbridge-pretrained"
 _RECORD_KEYS = ("sample", "vae", "vae_fingerprint", "tokens", "step", "ema", "source")
 

@@ -16,7 +16,7 @@ import copy
 from pathlib import Path
 
 from ..markdown import markdown_table
-from ..vq import token_latents, train_vq
+from ..training.vq import token_latents, train_vq
 from .families import (FAMILIES, evaluate_family, plot_quality_vs_time, quality_vs_time, sampling_options,
                        sampling_speed)
 from .runs import Context, _write_json, count_params, short_hash, token_file
