@@ -6,8 +6,8 @@ A family subclasses `Generator`, registers with `register_family` and gives:
 - ``loss(batch) -> scalar`` on a batch ``(items [B, H, W, C], labels [B])`` of its training dataset;
 - ``sample(labels, ...) -> dict`` with ``latents [N, C, H, W]``; its keyword parameters, annotated with the
   toolbox's declared types (tokenbridge.samplers: `Temperature`, `TopP`, ...) and their defaults, are the family's
-  sampling options. The base class validates them against that signature once per call, at this public entry,
-  before any work; nothing below (heads, diffusion head, GPT) checks them again.
+  sampling options. The base class checks the labels and validates the options against that signature once per
+  call, at this public entry, before any work; nothing below (heads, diffusion head, GPT) checks them again.
 
 What the base class supplies (override where a family needs more):
 
@@ -91,12 +91,14 @@ def sample_options(cls: type[nn.Module]) -> type[Section]:
 
 
 def _validated_sample(sample: Any) -> Any:
-    """``sample`` with its options validated against its own signature first (ConfigError naming the option)."""
+    """``sample`` with its labels (`Generator.check_labels`) and its options (against its own signature: a
+    ConfigError naming the option) checked first."""
     signature = inspect.signature(sample)
 
     @functools.wraps(sample)
     def checked(self: Generator, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
         bound = signature.bind(self, *args, **kwargs)
+        self.check_labels(bound.arguments["labels"])
         options = {k: v for k, v in bound.arguments.items() if k not in NOT_OPTIONS and k != "self"}
         valid = validate(sample_options(type(self)), options, "sample")
         bound.arguments.update({k: getattr(valid, k) for k in options})
@@ -181,7 +183,7 @@ class Generator(nn.Module):
         (h, w), c, name = self.grid_size, self.channels, self.items
         kind = "an integer" if name == "indices" else "a float"
         if not isinstance(items, torch.Tensor) or items.dim() != 4 or tuple(items.shape[1:]) != (h, w, c):
-            raise ValueError(f"{name} must be {kind} tensor [B, {h}, {w}, {c}] (channel-last), got shape "
+            raise ValueError(f"{name} must be [B, {h}, {w}, {c}] ({kind} tensor, channel-last), got shape "
                              f"{tuple(getattr(items, 'shape', ()))}: a latent grid or channel count this generator "
                              "was not built for")
         floating = items.is_floating_point()

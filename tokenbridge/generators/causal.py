@@ -169,7 +169,6 @@ class CausalTokenBridgeGenerator(Generator):
         outputs so far plus ``step`` (1-based), ``num_iter`` (= L) and ``mask`` [N, H, W] bool (True = not
         generated yet; those latents are 0, the prior mean) — for live views.
         """
-        self.check_labels(labels)
         device = self.backbone.pos_emb.device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()

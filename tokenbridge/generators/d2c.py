@@ -150,7 +150,7 @@ def _with_stage2_options(sample: Callable) -> Callable:
     own = [p for p in inspect.signature(sample).parameters.values() if p.kind is not p.VAR_KEYWORD]
     stage2 = [p.replace(kind=p.KEYWORD_ONLY) for p in _STAGE2_PARAMS]
     sample.__signature__ = inspect.signature(sample).replace(parameters=own + stage2)
-    hints = typing.get_type_hints(ContinuousMARGenerator.sample)
+    hints = typing.get_type_hints(ContinuousMARGenerator.sample, include_extras=True)
     sample.__annotations__.update({p.name: hints[p.name] for p in _STAGE2_PARAMS})
     return sample
 
@@ -262,7 +262,6 @@ class D2CGenerator(Generator):
         forced codes before it but not those after it. Stage 2 keeps the kept latents as the mar family does.
         """
         stage2 = {**STAGE2_DEFAULTS, **stage2}
-        self.check_labels(labels)
         self._check_stage2_options(labels, stage2)  # before stage 1 runs
         s2 = self.stage2
         edit = check_known(known, known_mask, labels.shape[0], s2.channels, s2.grid_size, s2.patch_size)

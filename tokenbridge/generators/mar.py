@@ -133,7 +133,6 @@ class ContinuousMARGenerator(MaskedGenerator):
         context: [N, ...] the backbone's extra conditioning (D2C's stage 2 passes its fusion context); None for
         the plain MAR backbone.
         """
-        self.check_labels(labels)
         edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
         self._check_diffusion_steps(num_sampling_steps)
         box = samplers.resolve(sampler, num_sampling_steps, cfg_interval=cfg_interval, uncond_every=uncond_every,

@@ -247,7 +247,6 @@ class TokenBridgeGenerator(MaskedGenerator):
         known, known_mask: editing (generators/editing.py): latents [N, C, H, W] and [N, H, W] bool (True = keep);
         the kept tokens are the quantizer's indices of ``known``, returned unchanged, and the rest is sampled.
         """
-        self.check_labels(labels)
         box = samplers.resolve(sampler, cfg_interval=cfg_interval, uncond_every=uncond_every)
         edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
         device = next(self.parameters()).device
