@@ -20,7 +20,7 @@ It trains on the same token files as the ``tokenbridge`` family (indices and the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn

@@ -18,7 +18,7 @@ beta and beta~ matters for sample quality, and it costs one extra output per val
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from pydantic import PositiveFloat, PositiveInt
