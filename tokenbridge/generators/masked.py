@@ -125,9 +125,8 @@ class MaskedGenerator(Generator):
         box: the sampler toolbox's setting (tokenbridge.samplers); its guidance interval and feature reuse decide
         which rows the backbone runs (a step outside the interval gives ``predict`` N rows and cfg None).
         known [N, L] bool (editing; every row the same count): positions whose ``values`` are given and kept; the
-        loop starts with them unmasked and spreads its steps over the others (none left: no step runs).
-        context: [N, ...] the backbone's extra conditioning (D2C's fusion context; both guidance halves share it).
-        """
+        loop starts with them unmasked and spreads its steps over the others (none left: no step runs). context:
+        [N, ...] the backbone's extra conditioning (D2C's fusion context; both guidance halves share it)."""
         n, seq_len, device = labels.shape[0], self.seq_len, labels.device
         todo = seq_len if known is None else seq_len - int(known[0].sum())
         if todo == 0:
