@@ -20,8 +20,8 @@ from tokenbridge.config import ConfigError, DataConfig, apply_overrides, read_ya
 from tokenbridge.distributed import ResumableSampler
 from tokenbridge.generate import generate
 from tokenbridge.optim import ema_decay_at, lr_at, param_groups
-from tokenbridge.tokens import TOKENS_FORMAT, CachedTokens, cache_latents
 from tokenbridge.quantizer import DimensionwiseQuantizer
+from tokenbridge.tokens import TOKENS_FORMAT, CachedTokens, cache_latents
 from tokenbridge.vae import vae_fingerprint
 
 # The tiny model lives in a string so that torchrun workers (separate processes) build exactly the same module.
@@ -31,11 +31,14 @@ TINY_SOURCE = textwrap.dedent(
     import numpy as np
     import torch
     from torch import nn
-    from tokenbridge.config import Section, validate
-    from tokenbridge.generators import register_family
+    from tokenbridge.generators import Generator, register_family
+    from tokenbridge.generators.base import ShapesConfig
 
 
-    class ToyConfig(Section):
+    class ToyConfig(ShapesConfig):
+        grid_size: tuple[int, int] = (2, 2)
+        channels: int = 3
+        num_classes: int = 10
         levels: int = 8
         width: int = 16
         dropout: float = 0.0
@@ -43,7 +46,7 @@ TINY_SOURCE = textwrap.dedent(
 
 
     @register_family
-    class ToyGenerator(nn.Module):
+    class ToyGenerator(Generator):
         """A generator family that lives in the tests: trained, checkpointed, resumed and sampled through the same
         trainer and sampler as the TokenBridge generator. Batches are (indices [B, H, W, C] long, labels [B]); the
         loss is the cross-entropy of a channel-shifted copy of the tokens. Uses torch (dropout), numpy and python
@@ -51,26 +54,18 @@ TINY_SOURCE = textwrap.dedent(
 
         family = "toy"
         presets = {"narrow": {"width": 8}}
-
-        @classmethod
-        def resolve_config(cls, config, data=None):
-            return validate(ToyConfig, config, "model").model_dump(mode="json")
-
-        @classmethod
-        def from_config(cls, config, data=None):
-            return cls(cls.resolve_config(config))
+        Config = ToyConfig
 
         def __init__(self, config):
-            super().__init__()
-            self.config = config
-            levels, width = config["levels"], config["width"]
+            super().__init__(config)
+            levels, width = self.config["levels"], self.config["width"]
             self.emb = nn.Embedding(levels, width)
             self.cls = nn.Embedding(10, width)
             self.norm = nn.LayerNorm(width)
             self.hidden = nn.Linear(width, width)
             self.out = nn.Linear(width, levels)
-            self.drop = nn.Dropout(config["dropout"])
-            self.random_shift = config["random_shift"]
+            self.drop = nn.Dropout(self.config["dropout"])
+            self.random_shift = self.config["random_shift"]
 
         def loss(self, batch):
             idx, labels = batch
@@ -435,7 +430,7 @@ def test_cache_latents_round_trip(tmp_path):
 
     # the trainer reads the token file through the data section and records where it came from
     cfg = tiny_config(tmp_path / "run", steps=2, global_batch=4)
-    cfg["model"] = {"levels": 64}
+    cfg["model"] = {"levels": 64, "grid_size": [4, 4], "channels": 4, "num_classes": 3}  # the file's shapes
     cfg["data"] = {"source": "tokens", "tokens": str(out)}
     assert T.train(cfg)["step"] == 2
     provenance = ckpt_of(tmp_path / "run")["provenance"]
@@ -500,7 +495,8 @@ def test_shipped_fmnist_config_parses():
     assert run.train.grad_clip == 3.0 and run.train.betas == (0.9, 0.95) and run.seed == 0
     assert run.data.source == "tokens" and run.data.tokens.startswith("runs/")
     assert run.model["backbone"]["width"] == 192 and run.model["head"]["order"] == "frequency"
-    assert run.sample == {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"}
+    assert run.sample == {"num_iter": 16, "cfg": 3.0}  # the config gives only what differs from the defaults
+    assert run.model["quantizer"] == DimensionwiseQuantizer().config() and run.model["mask_ratio_min"] == 0.7
 
 
 @pytest.mark.parametrize("override, message", [

@@ -26,7 +26,7 @@ from tokenbridge.samplers import Temperature
 class ToyGenerator(Generator):
     """A class-conditional Gaussian on the latents: a learned mean per class, sampled with temperature * noise."""
 
-    family, items = "toy", "latents"
+    family, items = "toy-gaussian", "latents"
     presets = {"tiny": {"grid_size": [8, 8], "channels": 4, "num_classes": 10}}
 
     def __init__(self, config: dict) -> None:
@@ -60,6 +60,7 @@ BAD_OPTIONS = {"temperature": -1.0, "cfg": math.nan, "top_k": -1, "top_p": 0.0, 
 
 @contextmanager
 def registered(cls: type[Generator]):
+    assert cls.family not in FAMILIES, f"another test module registered a family {cls.family!r}"
     FAMILIES[cls.family] = cls
     try:
         yield cls
