@@ -20,6 +20,7 @@ from tokenbridge import train as T
 from tokenbridge.config import ConfigError
 from tokenbridge.generators import FAMILIES, Generator, get_family, register_family, sample_options
 from tokenbridge.generators.base import make_generator
+from tokenbridge.generators.presets import FMNIST_SHAPES
 from tokenbridge.samplers import Temperature
 
 
@@ -27,7 +28,7 @@ class ToyGenerator(Generator):
     """A class-conditional Gaussian on the latents: a learned mean per class, sampled with temperature * noise."""
 
     family, items = "toy-gaussian", "latents"
-    presets = {"tiny": {"grid_size": [8, 8], "channels": 4, "num_classes": 10}}
+    presets = {"tiny": FMNIST_SHAPES}
 
     def __init__(self, config: dict) -> None:
         super().__init__(config)
