@@ -161,38 +161,19 @@ def test_sampling_is_deterministic_under_a_seed_and_the_filters_act():
 def test_bad_inputs_are_named_before_any_work():
     model = tiny_model()
     labels = torch.tensor([0, 1])
-    bad = [({"cfg": -1.0}, "cfg must be finite"), ({"cfg": float("nan")}, "cfg must be finite"),
-           ({"cfg_schedule": "cosine"}, "cfg_schedule must be one of"), ({"temperature": 0.0}, "temperature"),
-           ({"top_k": -1}, "top_k"), ({"top_k": 2.5}, "top_k"), ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
-           ({"generator": "seed"}, "generator must be None, an int seed")]
-    for options, message in bad:
-        with pytest.raises(ValueError, match=message):
-            model.sample(labels, **options)
-    with pytest.raises(ValueError, match=r"labels must lie in \[0, num_classes=10\]"):
-        model.sample(torch.tensor([0, 11]))
-    with pytest.raises(ValueError, match="labels is empty"):
-        model.sample(torch.tensor([], dtype=torch.long))
-    with pytest.raises(ValueError, match="integer tensor"):
-        model.sample(torch.tensor([0.0, 1.0]))
+    with pytest.raises(ValueError, match="sample.top_k"):  # declared ranges: tests/generators/
+        model.sample(labels, top_k=2.5)
+    with pytest.raises(ValueError, match="generator must be None, an int seed"):
+        model.sample(labels, generator="seed")
     indices, labels = tiny_indices(2)[:]
-    with pytest.raises(ValueError, match=r"indices must be \[B, 8, 8, 4\]"):
-        model.loss((indices[..., :3], labels))
-    with pytest.raises(ValueError, match="indices must be an integer tensor"):
-        model.loss((indices.float(), labels))
-    with pytest.raises(ValueError, match=r"labels must be integers \[2\]"):
-        model.loss((indices, labels[:1]))
     with pytest.raises(ValueError, match=r"indices must lie in \[0, 64\)"):
         model.loss((indices + LEVELS, labels))
 
 
 def test_bad_configs_are_named(tmp_path):
-    with pytest.raises(ConfigError, match="model.backbone.widht"):
-        T.check_run_config({**tiny_run(tmp_path), "model": {"preset": "tiny", "backbone": {"widht": 8}}})
     with pytest.raises(ConfigError, match="width=30 must be divisible by num_heads=4"):
         T.check_run_config({**tiny_run(tmp_path), "model": {"preset": "tiny", "backbone": {"width": 30,
                                                                                           "num_heads": 4}}})
-    with pytest.raises(ConfigError, match="unknown tokenbridge-ar preset"):
-        CausalTokenBridgeGenerator.from_config({"preset": "huge"})
     with pytest.raises(ConfigError, match="order must be a permutation of range"):
         T.check_run_config({**tiny_run(tmp_path), "model": {"preset": "tiny", "head": {"order": [0, 0, 1, 2]}}})
     with pytest.raises(ConfigError, match="'frequency' needs the training tokens"):
@@ -218,22 +199,6 @@ def test_presets_and_the_shipped_config():
 
 # ------------------------------------------------------------------------------------------------------------------
 # life cycle: trainer, exact resume, export, load, generate
-
-
-def test_resume_is_bit_identical(tmp_path):
-    full = T.train(tiny_run(tmp_path / "full"), dataset=tiny_indices())
-    part_cfg = tiny_run(tmp_path / "part")
-    assert T.train(part_cfg, dataset=tiny_indices(), stop_at=3)["step"] == 3
-    resumed = T.train(part_cfg, dataset=tiny_indices())
-    assert resumed["step"] == full["step"] == 6 and resumed["loss"] == full["loss"]
-    a, b = (C.load_checkpoint(p / C.CHECKPOINT_NAME) for p in (tmp_path / "full", tmp_path / "part"))
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
-    torch.manual_seed(3)  # the trainer seeds with run.seed before building
-    init = CausalTokenBridgeGenerator.from_config(tiny_run(tmp_path)["model"]).state_dict()
-    moved = {n.split(".")[0] for n, v in a["model"].items() if v.is_floating_point() and not torch.equal(v, init[n])}
-    assert moved == {"backbone", "head"}
 
 
 def index_file(path: Path, n: int = 16) -> Path:

@@ -8,6 +8,7 @@ import pytest
 
 from tokenbridge import train as T
 from tokenbridge.config import ConfigError, apply_overrides, read_yaml
+from tokenbridge.quantizer import DimensionwiseQuantizer
 
 
 def test_overrides_and_yaml(tmp_path):
@@ -37,7 +38,8 @@ def test_shipped_fmnist_config_parses():
     assert run.train.grad_clip == 3.0 and run.train.betas == (0.9, 0.95) and run.seed == 0
     assert run.data.source == "tokens" and run.data.tokens.startswith("runs/")
     assert run.model["backbone"]["width"] == 192 and run.model["head"]["order"] == "frequency"
-    assert run.sample == {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"}
+    assert run.sample == {"num_iter": 16, "cfg": 3.0}  # the config gives only what differs from the defaults
+    assert run.model["quantizer"] == DimensionwiseQuantizer().config() and run.model["mask_ratio_min"] == 0.7
 
 
 @pytest.mark.parametrize("override, message", [

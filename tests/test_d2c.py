@@ -101,7 +101,7 @@ def test_an_untrained_cross_attention_fusion_is_the_plain_backbone():
     codes = torch.randint(0, model.codebook_size, (3, 4, 4))
     with torch.no_grad():
         assert torch.equal(model.stage2.features(tokens, labels, mask, codes), plain(tokens, labels, mask))
-    with pytest.raises(RuntimeError, match="bind"):  # the fused backbone never runs without codes
+    with pytest.raises(ValueError, match="needs the discrete context"):  # never runs without codes
         fused(tokens, labels, mask)
 
 
@@ -139,10 +139,6 @@ def test_bad_codes_and_options_are_named_before_any_work():
         model.sample_stage2(labels, torch.zeros(2, 4, 4))
     with pytest.raises(ValueError, match="unknown stage-2 sampling options.*stage1_cfg"):
         model.sample_stage2(labels, torch.zeros(2, 4, 4, dtype=torch.long), stage1_cfg=2.0)
-    with pytest.raises(ValueError, match="num_sampling_steps"):
-        model.sample(labels, num_sampling_steps=0)
-    with pytest.raises(ValueError, match="top_p"):
-        model.sample(labels, stage1_top_p=0.0)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -175,7 +171,7 @@ def test_a_source_that_does_not_match_the_recorded_codebook_or_grid(tmp_path):
 # life cycle
 
 
-@pytest.mark.parametrize("stages", [[1, 2], [2]])
+@pytest.mark.parametrize("stages", [[2]])  # both stages (the default): tests/generators/test_family_contract.py
 def test_resume_is_bit_identical(tmp_path, stages):
     full = T.train(tiny_run(tmp_path / "full", stages), dataset=tiny_latents())
     part_cfg = tiny_run(tmp_path / "part", stages)

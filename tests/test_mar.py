@@ -90,8 +90,6 @@ def test_clip_denoised_bounds_the_predicted_clean_tokens():
     assert float(free.abs().max()) > 2.0
     # the last DDPM step returns the (clipped) predicted x0 itself
     assert float(clipped.abs().max()) <= 2.0 + 1e-5
-    with pytest.raises(ValueError, match="clip_denoised"):
-        tiny_model().sample(torch.tensor([0]), clip_denoised=0.0)
 
 
 def test_diffusion_loss_falls_on_a_tiny_overfit_batch():
@@ -160,29 +158,14 @@ def test_callback_sees_the_grid_fill_up():
     assert len(seen) == 4 and seen == sorted(seen, reverse=True) and seen[-1] == 0
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("num_sampling_steps", 0, "num_sampling_steps"), ("num_sampling_steps", 5000, "num_sampling_steps"),
-    ("temperature", -1.0, "temperature"), ("cfg", float("nan"), "cfg"), ("num_iter", 0, "num_iter"),
-])
-def test_bad_sampling_options_are_named(option, value, message):
-    with pytest.raises(ValueError, match=message):
-        tiny_model().sample(torch.tensor([0]), **{option: value})
+def test_more_diffusion_steps_than_trained_are_named():
+    """The one sampling bound a signature cannot declare (the declared ranges: tests/generators/)."""
+    with pytest.raises(ValueError, match=r"num_sampling_steps must be an integer in \[1, 1000\], got 5000"):
+        tiny_model().sample(torch.tensor([0]), num_sampling_steps=5000)
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # life cycle: trainer, exact resume, DDP, export, generate
-
-
-def test_resume_is_bit_identical(tmp_path):
-    full = T.train(tiny_run(tmp_path / "full"), dataset=tiny_latents())
-    part_cfg = tiny_run(tmp_path / "part")
-    assert T.train(part_cfg, dataset=tiny_latents(), stop_at=5)["step"] == 5
-    resumed = T.train(part_cfg, dataset=tiny_latents())
-    assert resumed["step"] == full["step"] == 8 and resumed["loss"] == full["loss"]
-    a, b = (C.load_checkpoint(p / C.CHECKPOINT_NAME) for p in (tmp_path / "full", tmp_path / "part"))
-    for key in ("model", "ema"):
-        assert a[key].keys() == b[key].keys()
-        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key]), key
 
 
 # A MAR whose random draws (mask, timesteps, noise, label drop) are seeded by each row's content instead of the
@@ -293,10 +276,6 @@ def test_wrong_channel_count_is_named(tmp_path):
     path = write_token_file(tmp_path / "c3.safetensors", torch.randn(20, 3, 8, 8))
     with pytest.raises(ConfigError, match=r"model.channels' = 4 but the token file .*c3.safetensors has 3"):
         T.train(latents_run(tmp_path, path))
-    with pytest.raises(ValueError, match=r"latents must be \[B, 8, 8, 4\].*channel count"):
-        tiny_model().loss((torch.randn(2, 8, 8, 3), torch.tensor([0, 1])))
-    with pytest.raises(ValueError, match="float tensor"):
-        tiny_model().loss((torch.randint(0, 64, (2, 8, 8, 4)), torch.tensor([0, 1])))
 
 
 def test_a_tokenbridge_checkpoint_where_a_continuous_one_is_expected(tmp_path):

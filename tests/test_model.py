@@ -305,12 +305,6 @@ def test_expand_channel_order():
 
 
 def test_config_errors():
-    with pytest.raises(ConfigError, match="needed to build"):
-        TokenBridgeGenerator.from_config({"grid_size": [4, 4], "channels": 2})
-    with pytest.raises(ConfigError, match="unknown config key 'model.chanels'"):
-        TokenBridgeGenerator.from_config({**TINY, "chanels": 2})
-    with pytest.raises(ConfigError, match="unknown config key 'model.backbone.widht'"):
-        TokenBridgeGenerator.from_config({**TINY, "backbone": {"widht": 32}})
     with pytest.raises(ConfigError, match="'model.head.kind' = 'diffusion'"):
         TokenBridgeGenerator.from_config({**TINY, "head": {"kind": "diffusion"}})
     with pytest.raises(ConfigError, match="model.grid_size"):
@@ -329,27 +323,9 @@ def test_input_validation():
         model(idx.clone().fill_(8), labels)
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         model(idx - 1, labels)
-    with pytest.raises(ValueError, match="indices must be"):
-        model(idx[:, :3], labels)
-    with pytest.raises(ValueError, match="indices must be"):
-        model(idx.permute(0, 3, 1, 2), labels)
-    with pytest.raises(ValueError, match="integer"):
-        model(idx.float(), labels)
     with pytest.raises(ValueError, match="labels"):
         model(idx, torch.tensor([0, 1, 2, 4]))
     with pytest.raises(ValueError, match="labels"):
-        model(idx, labels[:3])
-    with pytest.raises(ValueError, match="labels"):
         model(idx, labels.float())
-    with pytest.raises(ValueError, match="labels"):
-        model.sample(torch.tensor([-1]))
-    with pytest.raises(ValueError, match="empty"):
-        model.sample(torch.zeros(0, dtype=torch.long))
-    with pytest.raises(ValueError, match="order"):
-        model.sample(torch.tensor([0]), order="raster")
-    with pytest.raises(ValueError, match="cfg_schedule"):
-        model.sample(torch.tensor([0]), cfg_schedule="cosine")
-    with pytest.raises(ValueError, match="num_iter"):
-        model.sample(torch.tensor([0]), num_iter=0)
     with pytest.raises(ValueError, match="generator"):
         model.sample(torch.tensor([0]), generator="seed")

@@ -87,7 +87,8 @@ def test_guidance_interval_and_reuse_decide_the_backbone_rows(cls, monkeypatch):
     model = tiny(cls)
     backbone, rows = stage(model).backbone, []
     real = backbone.forward
-    monkeypatch.setattr(backbone, "forward", lambda tokens, *a: rows.append(tokens.shape[0]) or real(tokens, *a))
+    monkeypatch.setattr(backbone, "forward",
+                        lambda tokens, *a, **k: rows.append(tokens.shape[0]) or real(tokens, *a, **k))
     n, seq_len = len(LABELS), stage(model).seq_len
     before = [seq_len] + mask_schedule_list(5, seq_len)[:-1]
     interval = (0.0, 0.6)

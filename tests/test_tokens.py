@@ -44,7 +44,7 @@ def test_cache_latents_round_trip(tmp_path):
 
     # the trainer reads the token file through the data section and records where it came from
     cfg = tiny_config(tmp_path / "run", steps=2, global_batch=4)
-    cfg["model"] = {"levels": 64}
+    cfg["model"] = {"levels": 64, "grid_size": [4, 4], "channels": 4, "num_classes": 3}  # the file's shapes
     cfg["data"] = {"source": "tokens", "tokens": str(out)}
     assert T.train(cfg)["step"] == 2
     provenance = ckpt_of(tmp_path / "run")["provenance"]

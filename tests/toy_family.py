@@ -20,11 +20,14 @@ TINY_SOURCE = textwrap.dedent(
     import numpy as np
     import torch
     from torch import nn
-    from tokenbridge.config import Section, validate
-    from tokenbridge.generators import register_family
+    from tokenbridge.generators import Generator, register_family
+    from tokenbridge.generators.base import ShapesConfig
 
 
-    class ToyConfig(Section):
+    class ToyConfig(ShapesConfig):
+        grid_size: tuple[int, int] = (2, 2)
+        channels: int = 3
+        num_classes: int = 10
         levels: int = 8
         width: int = 16
         dropout: float = 0.0
@@ -32,7 +35,7 @@ TINY_SOURCE = textwrap.dedent(
 
 
     @register_family
-    class ToyGenerator(nn.Module):
+    class ToyGenerator(Generator):
         """A generator family that lives in the tests: trained, checkpointed, resumed and sampled through the same
         trainer and sampler as the TokenBridge generator. Batches are (indices [B, H, W, C] long, labels [B]); the
         loss is the cross-entropy of a channel-shifted copy of the tokens. Uses torch (dropout), numpy and python
@@ -40,26 +43,18 @@ TINY_SOURCE = textwrap.dedent(
 
         family = "toy"
         presets = {"narrow": {"width": 8}}
-
-        @classmethod
-        def resolve_config(cls, config, data=None):
-            return validate(ToyConfig, config, "model").model_dump(mode="json")
-
-        @classmethod
-        def from_config(cls, config, data=None):
-            return cls(cls.resolve_config(config))
+        Config = ToyConfig
 
         def __init__(self, config):
-            super().__init__()
-            self.config = config
-            levels, width = config["levels"], config["width"]
+            super().__init__(config)
+            levels, width = self.config["levels"], self.config["width"]
             self.emb = nn.Embedding(levels, width)
             self.cls = nn.Embedding(10, width)
             self.norm = nn.LayerNorm(width)
             self.hidden = nn.Linear(width, width)
             self.out = nn.Linear(width, levels)
-            self.drop = nn.Dropout(config["dropout"])
-            self.random_shift = config["random_shift"]
+            self.drop = nn.Dropout(self.config["dropout"])
+            self.random_shift = self.config["random_shift"]
 
         def loss(self, batch):
             idx, labels = batch

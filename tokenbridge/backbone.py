@@ -222,12 +222,16 @@ class MAR(nn.Module):
             labels = torch.where(drop, torch.full_like(labels, self.num_classes), labels)
         return self.class_emb(labels.long())
 
-    def _buffer(self, labels: torch.Tensor) -> torch.Tensor:
+    def _buffer(self, labels: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """The never-masked prefix [B, buffer_size, width]: the class embedding in every slot (a subclass may put
-        other conditioning tokens there: D2C's Q-Former queries, tokenbridge.fusion)."""
+        other conditioning tokens there from ``context``: D2C's Q-Former queries, tokenbridge.fusion)."""
+        if context is not None:
+            raise ValueError("this MAR backbone takes no context (a fusion backbone, tokenbridge.fusion, does)")
         return self._class_embedding(labels).unsqueeze(1).expand(labels.shape[0], self.buffer_size, self.width)
 
-    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+    def _run(self, blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None,
+             context: torch.Tensor | None = None) -> torch.Tensor:
+        """x through ``blocks`` (context: for a subclass's hooks between blocks; unused here)."""
         for blk in blocks:
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(blk, x, attn_mask, use_reentrant=False)
@@ -236,8 +240,12 @@ class MAR(nn.Module):
         return x
 
     def forward(self, tokens: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
-                return_encoder: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                return_encoder: bool = False,
+                context: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """tokens [B, L, token_dim], labels [B], mask [B, L] (True = masked, hidden from the encoder) -> z [B, L, width].
+
+        context: [B, ...] extra conditioning for a subclass (tokenbridge.fusion.FusedMAR: the codes' context),
+        passed to `_buffer` and `_run`; this class refuses one.
 
         return_encoder: return (z, encoded) with the encoder's output encoded [B, buffer_size + V, width]: the buffer,
         then the V visible positions in ascending order (the released code's layout); rows hiding more positions
@@ -245,7 +253,7 @@ class MAR(nn.Module):
         self._check_inputs(tokens, labels, mask)
         b, d = tokens.shape[0], self.width
         x = self.token_proj(tokens.to(self.token_proj.weight.dtype))
-        x = torch.cat([self._buffer(labels), x], dim=1) + self.encoder_pos
+        x = torch.cat([self._buffer(labels, context), x], dim=1) + self.encoder_pos
         x = self.encoder_in_norm(x)
 
         # Encoder sees the buffer and the unmasked tokens only. Visible positions are moved to the front
@@ -258,7 +266,7 @@ class MAR(nn.Module):
         x = torch.gather(x, 1, gather_idx)
         valid = torch.arange(n_max, device=x.device).unsqueeze(0) < counts.unsqueeze(1)
         attn_mask = None if bool(valid.all()) else valid[:, None, None, :]
-        x = encoded = self.encoder_norm(self._run(self.encoder, x, attn_mask))
+        x = encoded = self.encoder_norm(self._run(self.encoder, x, attn_mask, context))
 
         # Decoder: every position; masked (and padded) slots get the learned mask token.
         x = self.decoder_embed(x)
@@ -266,7 +274,7 @@ class MAR(nn.Module):
         x = torch.where(valid.unsqueeze(-1), x, mask_tok)
         full = mask_tok.expand(b, self.buffer_size + self.seq_len, d).scatter(1, gather_idx, x)
         full = full + self.decoder_pos
-        full = self.decoder_norm(self._run(self.decoder, full, None))
+        full = self.decoder_norm(self._run(self.decoder, full, None, context))
         z = full[:, self.buffer_size :] + self.output_pos
         return (z, encoded) if return_encoder else z
 

@@ -55,6 +55,8 @@ def _add_sampling_options(p: argparse.ArgumentParser) -> None:
         if typing.get_origin(kind) is typing.Literal:
             kind, choices = str, typing.get_args(kind)
         kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)  # X | None -> X
+        if typing.get_origin(kind) is typing.Annotated:  # a declared range (tokenbridge.samplers) -> its type
+            kind = typing.get_args(kind)[0]
         help_text = f"sampling option (default: the generator's recorded value, else {field.default!r})"
         if kind is bool:  # --released-cfg / --no-released-cfg (type=bool would read "False" as True)
             p.add_argument(f"--{name.replace('_', '-')}", dest=name, action=argparse.BooleanOptionalAction,

@@ -81,7 +81,7 @@ def _parameters(fn: Callable | type) -> list[tuple[inspect.Parameter, Any]]:
     """(parameter, type hint) of a function, or of a class's __init__; a class whose __init__ passes **kwargs on
     to its base class also gets the base's keyword-only parameters."""
     init = fn.__init__ if isinstance(fn, type) else fn
-    hints = typing.get_type_hints(init)
+    hints = typing.get_type_hints(init, include_extras=True)  # keeps declared ranges (Annotated)
     params = [(p, hints.get(p.name, Any)) for p in inspect.signature(init).parameters.values()]
     if isinstance(fn, type) and any(p.kind is p.VAR_KEYWORD for p, _ in params):
         base = next(b for b in fn.__mro__[1:] if "__init__" in b.__dict__)

@@ -28,6 +28,9 @@ __all__ = ["VB_OBJECTIVES", "DiffusionSchedule", "DiffusionHead", "drop_retired_
 
 # The variational-bound term of the loss (see DiffusionHead): MAR's released loss, or this package's first one
 VB_OBJECTIVES = ("bits_discretized", "nats_continuous")
+# diffusion steps per token at sampling, respaced from the trained ones (MAR: 100 of 1,000); the mar and d2c
+# families' num_sampling_steps default
+NUM_SAMPLING_STEPS = 100
 # half the width of the discretized likelihood's bins: 8-bit data on [-1, 1] (improved DDPM, which MAR inherits)
 _BIN_HALF_WIDTH = 1.0 / 255.0
 # Options that head configs recorded before tokenbridge.official folded them into the weights, with the one value
@@ -289,7 +292,7 @@ class DiffusionHead(nn.Module):
         return self.losses(z, target, t, noise, generator)["loss"].mean()
 
     @torch.no_grad()
-    def sample(self, z: Tensor, num_steps: int = 100, temperature: float = 1.0, cfg: float | Tensor | None = None,
+    def sample(self, z: Tensor, num_steps: int = NUM_SAMPLING_STEPS, temperature: float = 1.0, cfg: float | Tensor | None = None,
                generator: torch.Generator | None = None, clip_denoised: float | None = None,
                method: Literal["ddpm", "ddim"] = "ddpm") -> Tensor:
         """Token [N, token_dim] by DDPM respaced to num_steps; temperature scales the per-step noise.
@@ -303,8 +306,6 @@ class DiffusionHead(nn.Module):
         check_z(z, self.z_dim)
         if method not in ("ddpm", "ddim"):
             raise ValueError(f"method must be 'ddpm' or 'ddim', got {method!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
         n, scale = cfg_rows(z, cfg)
         s = self.schedule.respaced(num_steps)
         z_cond = self.z_cond(z)

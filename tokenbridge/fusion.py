@@ -17,8 +17,6 @@ hooks:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, Literal
 
 import torch
@@ -179,10 +177,9 @@ def build_fusion(kind: Literal["cross_attention", "qformer"] = "qformer", num_he
 
 
 class FusedMAR(MAR):
-    """The MAR backbone with a fusion module: forward(tokens, labels, mask) as MAR's, run inside `bind(context)`.
+    """The MAR backbone with a fusion module: forward(tokens, labels, mask, context=...) with the context (from
+    ``fusion.condition``) passed explicitly at every call; the buffer and the blocks read it.
 
-    The context is bound rather than passed because the MAR training mask and sampling loop
-    (generators/masked.py) call ``backbone(tokens, labels, mask)``; binding keeps that shared code unchanged.
     A batch of k * N rows (the sampler's [cond; uncond] rows for guidance) uses the N-row context k times: both
     halves see the same codes, so guidance acts on the class alone.
 
@@ -193,36 +190,26 @@ class FusedMAR(MAR):
         super().__init__(buffer_size=buffer_size + fusion.num_tokens, **mar_options)
         self.class_slots = buffer_size
         self.fusion = fusion  # added after MAR's own init, which would otherwise re-initialise its layers
-        self._context: Tensor | None = None
 
-    @contextmanager
-    def bind(self, context: Tensor) -> Iterator[None]:
-        """Backbone calls inside use ``context`` (from ``fusion.condition``, N rows); the previous one after."""
-        previous, self._context = self._context, context
-        try:
-            yield
-        finally:
-            self._context = previous
-
-    def forward(self, tokens: Tensor, labels: Tensor, mask: Tensor,
-                return_encoder: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        context = self._context
+    def forward(self, tokens: Tensor, labels: Tensor, mask: Tensor, return_encoder: bool = False,
+                context: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         if context is None:
-            raise RuntimeError("FusedMAR needs the discrete context: call it inside `with backbone.bind(context)`")
+            raise ValueError("FusedMAR needs the discrete context: pass context=fusion.condition(codes)")
         reps, rest = divmod(tokens.shape[0], context.shape[0])
         if rest or reps < 1:
             raise ValueError(f"a batch of {tokens.shape[0]} rows does not fit a context of {context.shape[0]} rows")
-        with self.bind(context.repeat(reps, *([1] * (context.dim() - 1))) if reps > 1 else context):
-            return super().forward(tokens, labels, mask, return_encoder)
+        context = context.repeat(reps, *([1] * (context.dim() - 1))) if reps > 1 else context
+        return super().forward(tokens, labels, mask, return_encoder, context=context)
 
-    def _buffer(self, labels: Tensor) -> Tensor:
-        extra = self.fusion.prefix(self._context)
+    def _buffer(self, labels: Tensor, context: Tensor | None = None) -> Tensor:
+        extra = self.fusion.prefix(context)
         cls = self._class_embedding(labels).unsqueeze(1).expand(labels.shape[0], self.class_slots, self.width)
         return cls if extra is None else torch.cat([cls, extra.to(cls.dtype)], dim=1)
 
-    def _run(self, blocks: nn.ModuleList, x: Tensor, attn_mask: Tensor | None) -> Tensor:
+    def _run(self, blocks: nn.ModuleList, x: Tensor, attn_mask: Tensor | None,
+             context: Tensor | None = None) -> Tensor:
         stage = "encoder" if blocks is self.encoder else "decoder"
         for i in range(len(blocks)):
             x = super()._run(blocks[i : i + 1], x, attn_mask)  # MAR's step (gradient checkpointing included)
-            x = self.fusion.after_block(x, self._context, stage, i)
+            x = self.fusion.after_block(x, context, stage, i)
         return x

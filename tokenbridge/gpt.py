@@ -28,9 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from .heads import _filter_logits
-from .layers import KVCache, guide
-from .sampling import CFG_SCHEDULES
+from .layers import KVCache
+from .samplers import filter_logits, guide
 from .sampling import cfg_schedule as cfg_scale
 
 __all__ = ["RasterGPT"]
@@ -149,19 +148,6 @@ class RasterGPT(nn.Module):
                 f"{int(codes.max())}]"
             )
 
-    @staticmethod
-    def _check_sampling(cfg: float, cfg_schedule: str, temperature: float, top_k: int, top_p: float) -> None:
-        if not 0.0 <= cfg < float("inf"):  # also rejects NaN
-            raise ValueError(f"cfg must be finite and >= 0 (1 = no guidance, 0 = unconditional), got {cfg}")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if not 0.0 < temperature < float("inf"):
-            raise ValueError(f"temperature must be finite and > 0 (greedy decoding: top_k=1), got {temperature}")
-        if isinstance(top_k, bool) or int(top_k) != top_k or top_k < 0:
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {top_k}")
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1] (1 = off), got {top_p}")
-
     # ------------------------------------------------------------------------------------------------------------
     # the network
 
@@ -248,22 +234,22 @@ class RasterGPT(nn.Module):
                known_mask: Tensor | None = None) -> Tensor:
         """Sample codes [N, L] int64 (raster order) for labels [N] in [0, num_classes] (num_classes = unconditional).
 
-        Each of the L steps computes the next code's logits, guides them, divides them by `temperature` (> 0),
-        keeps the top_k (0 = all) and then the top-p nucleus (1 = all; `heads._filter_logits`, never empty) and
-        draws with torch.multinomial under `generator` (on the model's device; same seed, same codes).
+        Each of the L steps computes the next code's logits, guides them, divides them by `temperature`, keeps the
+        top_k (0 = all) and then the top-p nucleus (1 = all; `samplers.filter_logits`, never empty) and draws with
+        torch.multinomial under `generator` (on the model's device; same seed, same codes); temperature 0 takes
+        the argmax (the toolbox's contract). The options' ranges are checked by the generator's sample() (D2C).
 
         Guidance: with cfg != 1 the conditional rows and their unconditional twins (null class) run as one batch
         of 2N rows and logits = u + s * (c - u), where s = cfg ("constant", LlamaGen's choice) or
         s_t = 1 + (cfg - 1) * (t + 1) / L at step t = 0..L-1 ("linear", reaching cfg at the last code). cfg = 1 takes
-        the plain N-row path (the same result, half the work). Any cfg >= 0 is accepted: cfg < 1 moves towards the
-        unconditional model, cfg = 0 samples it.
+        the plain N-row path (the same result, half the work). cfg < 1 moves towards the unconditional model, cfg = 0
+        samples it.
         use_cache: one new position per step against per-layer KV caches; False recomputes the whole sequence at
         every step (the reference path: same codes for the same seed, up to rounding). progress: a tqdm bar.
         known [N, L] int64, known_mask [N, L] bool (editing): where the mask is True the code is forced to the known
         one (later steps condition on it); a code is still drawn there, so the random stream is the same as without.
         """
         self._check_labels(labels)
-        self._check_sampling(cfg, cfg_schedule, temperature, top_k, top_p)
         device = self.pos_emb.device
         labels = labels.to(device)
         n, length = labels.shape[0], self.seq_len
@@ -282,7 +268,10 @@ class RasterGPT(nn.Module):
             if guided:
                 scale = cfg_scale(cfg, cfg_schedule, (length - t - 1) / length)
                 logits = guide(logits, logits.new_full((n, 1), scale))
-            logits = _filter_logits(logits / temperature, int(top_k), float(top_p))
-            drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            if temperature > 0:
+                logits = filter_logits(logits / temperature, int(top_k), float(top_p))
+                drawn = torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]
+            else:  # greedy (the toolbox's temperature contract); the filters always keep the argmax
+                drawn = logits.argmax(-1)
             codes[:, t] = drawn if known is None else torch.where(known_mask[:, t], known[:, t], drawn)
         return codes

@@ -23,7 +23,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .diffusion import DiffusionHead
-from .layers import AdaLNBlock, KVCache, LinearCrossEntropy, cfg_rows, check_z, guide, modulate
+from .layers import AdaLNBlock, KVCache, LinearCrossEntropy, check_z, modulate
+from . import samplers
+from .samplers import cfg_rows, guide
 
 __all__ = ["DimensionwiseARHead", "GroupedHead", "ParallelHead", "build_head"]
 
@@ -42,53 +44,6 @@ def _check_indices(indices: Tensor, num_rows: int, num_channels: int, levels: in
         raise ValueError(
             f"indices must lie in [0, levels={levels}), got range [{int(indices.min())}, {int(indices.max())}]"
         )
-
-
-def _check_sampling(temperature: float, top_k: int, top_p: float) -> None:
-    if not 0 <= temperature < float("inf"):  # also rejects NaN
-        raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 = off), got {top_k}")
-    if not 0.0 < top_p <= 1.0:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-
-
-def _filter_logits(logits: Tensor, top_k: int, top_p: float) -> Tensor:
-    """Set logits outside the top-k / top-p (nucleus) set to -inf along the last dim; never empties a row."""
-    if 0 < top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this entry already reaches top_p
-        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
-
-
-def _pick(
-    logits: Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
-) -> tuple[Tensor, Tensor]:
-    """Sample from (guided) logits [..., V]. Returns (tokens [...] long, log-prob [...] of the sampled tokens).
-
-    The log-prob is taken under the distribution actually sampled from (temperature-scaled and filtered). For
-    temperature 0 the choice is the argmax and its log-prob is taken at temperature 1, so it stays a usable
-    confidence rather than a constant 0.
-    """
-    logits = logits.float()
-    if temperature > 0:
-        logits = logits / temperature
-    logits = _filter_logits(logits, top_k, top_p)
-    logp = logits.log_softmax(-1)
-    if temperature > 0:
-        # argmax(p / E), E ~ Exp(1), is an exact categorical sample (Gumbel-max); one RNG draw of fixed shape
-        # per call keeps seeded runs reproducible whatever the probabilities are.
-        noise = torch.empty_like(logp).exponential_(generator=generator)
-        tokens = (logp.exp() / noise).argmax(-1)
-    else:
-        tokens = logp.argmax(-1)
-    return tokens, logp.gather(-1, tokens[..., None])[..., 0]
 
 
 def _check_reduction(reduction: str) -> None:
@@ -120,20 +75,20 @@ class _DiscreteHead(nn.Module):
         """Sample one token per row of z.
 
         z: [N, z_dim], or [2N, z_dim] (conditional rows then unconditional rows) when cfg is given; cfg: float or
-        [N] tensor, logits = l_u + cfg * (l_c - l_u) at every step, both halves in one batched pass. temperature 0
-        = greedy; top_k 0 / top_p 1 = no filtering.
+        [N] tensor, logits = l_u + cfg * (l_c - l_u) at every step, both halves in one batched pass. temperature,
+        top_k, top_p: the toolbox's contract (tokenbridge.samplers: 0 = greedy; 0 / 1 = no filtering), checked by
+        the generator's sample(), not here.
         Returns (indices [N, C] long in natural channel order, log_prob [N] float32: summed log-prob of the
         sampled classes under the distribution sampled from, a per-token confidence).
         use_cache=True runs one new step per layer against a KV cache; False re-runs the whole prefix every step
         (the reference path; same tokens for the same generator seed). Heads without steps ignore it.
         """
         check_z(z, self.z_dim)
-        _check_sampling(temperature, top_k, top_p)
         n, scale = cfg_rows(z, cfg)
 
         def pick(logits: Tensor) -> tuple[Tensor, Tensor]:
             """Logits [rows of z, ..., V] -> guided and sampled: (classes [N, ...], their log-probs [N, ...])."""
-            return _pick(guide(logits, scale), temperature, top_k, top_p, generator)
+            return samplers.pick(guide(logits, scale), temperature, top_k, top_p, generator)
 
         return self._sample(z, n, scale, pick, use_cache)
 

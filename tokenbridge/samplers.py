@@ -1,4 +1,17 @@
-"""The sampler toolbox shared by the MAR-style families: cheaper settings of the same MAR loop, no retraining.
+"""The sampling toolbox: the sampling options every family declares, logit filtering, the temperature contract,
+guidance, and cheaper settings of the MAR loop (no retraining).
+
+Declared options (`Temperature`, `GuidanceScale`, `TopK`, `TopP`, ...): the families' ``sample()`` signatures
+annotate their keywords with these types, and the generator base class (generators/base.py) validates a call's
+options against the signature once, at the public entry; the layers below (heads, diffusion head, GPT) trust it.
+
+One temperature contract for every family and head: logits are divided by ``temperature`` > 0 before filtering
+and sampling; ``temperature = 0`` is greedy (the argmax; for a diffusion head, the noise-free mean path).
+`filter_logits` (top-k, then top-p) and `pick` (Gumbel-max draw and its log-probability) implement it for the
+discrete heads and the GPT. Guidance: `guide` mixes stacked [cond; uncond] rows u + cfg (c - u); `cfg_rows` splits
+them (both from tokenbridge.layers, the tensor primitives the heads use).
+
+The MAR-loop settings:
 
 Every option is a keyword of the families' ``sample()`` (so it is a CLI flag, a config key and a recorded export
 default); its default, the value that reproduces the sampler as it was before the toolbox, lives once in
@@ -26,12 +39,17 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, replace
 
-import torch
+from typing import Annotated, Literal, get_args
 
-SAMPLERS = ("toolbox", "paper")
+import torch
+from pydantic import AfterValidator, Field, NonNegativeInt, PositiveInt
+
+from .layers import cfg_rows, guide
+
+__all__ = ["CfgInterval", "GuidanceScale", "SamplingSteps", "Temperature", "TopK", "TopP", "cfg_rows",
+           "filter_logits", "guide", "pick"]
+
 DEFAULT_SAMPLER = "toolbox"  # the families' sample(sampler=...) default
-STEP_ANNEALS = ("linear", "cosine")
-DIFFUSION_SAMPLERS = ("ddpm", "ddim")
 
 
 @dataclass(frozen=True)
@@ -46,37 +64,85 @@ class Toolbox:
 
 
 PAPER = Toolbox()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the declared sampling options (pydantic types of the families' sample() keywords; non-finite floats are refused)
+
+
+def _ordered_interval(interval: tuple[float, float]) -> tuple[float, float]:
+    if not 0.0 <= interval[0] <= interval[1] <= 1.0:
+        raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1 (mask ratios), got {interval}")
+    return interval
+
+
+Temperature = Annotated[float, Field(ge=0)]  # 0 = greedy / the mean path; logits / temperature otherwise
+GuidanceScale = Annotated[float, Field(ge=0)]  # classifier-free guidance: 1 = none, 0 = the unconditional model
+TopK = NonNegativeInt  # keep the k most likely classes; 0 = off
+TopP = Annotated[float, Field(gt=0, le=1)]  # nucleus: the smallest set holding top_p of the mass; 1 = off
+SamplingSteps = PositiveInt  # MAR steps, diffusion steps
+CfgSchedule = Literal["linear", "constant"]
+CfgInterval = Annotated[tuple[float, float], AfterValidator(_ordered_interval)]
+Sampler = Literal["toolbox", "paper"]
+StepAnneal = Literal["linear", "cosine"]
+STEP_ANNEALS = get_args(StepAnneal)
+DiffusionSampler = Literal["ddpm", "ddim"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logit filtering and the temperature contract
+
+
+def filter_logits(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    """Set logits outside the top-k / top-p (nucleus) set to -inf along the last dim; never empties a row."""
+    if 0 < top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop_sorted = (cum - sorted_logits.softmax(-1)) >= top_p  # mass before this entry already reaches top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def pick(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+         generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample from (guided) logits [..., V]. Returns (tokens [...] long, log-prob [...] of the sampled tokens).
+
+    The log-prob is taken under the distribution actually sampled from (temperature-scaled and filtered). For
+    temperature 0 the choice is the argmax and its log-prob is taken at temperature 1, so it stays a usable
+    confidence rather than a constant 0.
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / temperature
+    logits = filter_logits(logits, top_k, top_p)
+    logp = logits.log_softmax(-1)
+    if temperature > 0:
+        # argmax(p / E), E ~ Exp(1), is an exact categorical sample (Gumbel-max); one RNG draw of fixed shape
+        # per call keeps seeded runs reproducible whatever the probabilities are.
+        noise = torch.empty_like(logp).exponential_(generator=generator)
+        tokens = (logp.exp() / noise).argmax(-1)
+    else:
+        tokens = logp.argmax(-1)
+    return tokens, logp.gather(-1, tokens[..., None])[..., 0]
 # the sample() keywords of the toolbox: the preset name, then Toolbox's fields
 TOOLBOX_OPTIONS = ("sampler", *Toolbox.__dataclass_fields__)
 
 
 def resolve(sampler: str, num_sampling_steps: int | None = None, **options: object) -> Toolbox:
-    """Check the toolbox options (a ValueError names the bad one, before any work) and return the setting to
-    run: ``options`` as given for ``sampler="toolbox"``, `PAPER` for ``"paper"`` (the options are still checked).
-    num_sampling_steps: the diffusion steps the anneal starts from (MAR, D2C; None for TokenBridge)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
+    """The setting to run: ``options`` as given for ``sampler="toolbox"``, `PAPER` for ``"paper"``. Each option's
+    own range is declared in the sample() signatures (checked at the public entry); this checks what relates two
+    of them: the anneal ends at or below ``num_sampling_steps`` (MAR, D2C; None for TokenBridge)."""
     box = replace(PAPER, **options)
     if box.cfg_interval is not None:
-        interval = tuple(float(v) for v in box.cfg_interval)
-        if len(interval) != 2 or not 0.0 <= interval[0] <= interval[1] <= 1.0:
-            raise ValueError(f"cfg_interval must be (lo, hi) with 0 <= lo <= hi <= 1 (mask ratios), "
-                             f"got {box.cfg_interval}")
-        box = replace(box, cfg_interval=interval)
-    if isinstance(box.uncond_every, bool) or int(box.uncond_every) != box.uncond_every or box.uncond_every < 1:
-        raise ValueError(f"uncond_every must be an integer >= 1 (1 = no feature reuse), got {box.uncond_every}")
-    if box.sampling_steps_anneal not in STEP_ANNEALS:
-        raise ValueError(f"sampling_steps_anneal must be one of {STEP_ANNEALS}, got {box.sampling_steps_anneal!r}")
-    if box.diffusion_sampler not in DIFFUSION_SAMPLERS:
-        raise ValueError(f"diffusion_sampler must be one of {DIFFUSION_SAMPLERS}, got {box.diffusion_sampler!r}")
+        box = replace(box, cfg_interval=tuple(float(v) for v in box.cfg_interval))
     end = box.num_sampling_steps_end
-    if end is not None:
-        if int(end) != end or end < 1:
-            raise ValueError(f"num_sampling_steps_end must be an integer >= 1 (diffusion steps at the last MAR "
-                             f"step), got {end}")
-        if num_sampling_steps is not None and end > num_sampling_steps:
-            raise ValueError(f"num_sampling_steps_end={end} is above num_sampling_steps={num_sampling_steps}: the "
-                             "anneal must end at or below where it starts")
+    if end is not None and num_sampling_steps is not None and end > num_sampling_steps:
+        raise ValueError(f"num_sampling_steps_end={end} is above num_sampling_steps={num_sampling_steps}: the "
+                         "anneal must end at or below where it starts")
     return PAPER if sampler == "paper" else box
 
 

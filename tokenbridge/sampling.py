@@ -15,11 +15,12 @@ import math
 import torch
 
 CFG_SCHEDULES = ("linear", "constant")
+MASK_RATIO_MIN = 0.7  # MAR's training mask ratio ~ truncnorm on [0.7, 1] (the families' mask_ratio_min default)
 
 
 def truncnorm_mask_ratio(
     num: int = 1,
-    low: float = 0.7,
+    low: float = MASK_RATIO_MIN,
     high: float = 1.0,
     loc: float = 1.0,
     scale: float = 0.25,
@@ -44,7 +45,7 @@ def truncnorm_mask_ratio(
     return ratio.clamp(low, high)
 
 
-def truncnorm_mean(low: float = 0.7, high: float = 1.0, loc: float = 1.0, scale: float = 0.25) -> float:
+def truncnorm_mean(low: float = MASK_RATIO_MIN, high: float = 1.0, loc: float = 1.0, scale: float = 0.25) -> float:
     """Mean of normal(loc, scale) truncated to [low, high] (expected training mask ratio)."""
     a, b = (low - loc) / scale, (high - loc) / scale
 

@@ -50,8 +50,7 @@ def check_run_config(config: dict | RunConfig) -> RunConfig:
     run = config if isinstance(config, RunConfig) else validate(RunConfig, config)
     family = get_family(run.family)
     model = family.resolve_config(apply_preset(family, run.model))
-    if hasattr(family, "check_config"):
-        family.check_config(model)
+    family.check_config(model)
     sample = check_sample_options(family, run.sample)
     return run.model_copy(update={"model": model, "sample": sample})
 
@@ -82,7 +81,7 @@ def training_data(run: RunConfig, device: torch.device) -> TrainingData:
     """The dataset a run's data section names: a token file (``source: tokens``) or images encoded per batch; its
     indices, or its continuous latents for a family whose ``items`` is ``"latents"``."""
     data = run.data
-    continuous = getattr(get_family(run.family), "items", "indices") == "latents"
+    continuous = get_family(run.family).items == "latents"  # the family's declared items (generators/base.py)
     if data.source == "tokens":
         if not data.tokens:
             raise ConfigError("config key 'data.tokens' is required for data.source=tokens (a cache-latents file)")

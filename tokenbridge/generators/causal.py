@@ -20,32 +20,31 @@ It trains on the same token files as the ``tokenbridge`` family (indices and the
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import PositiveInt
 from torch import nn
 from tqdm import tqdm
 
-from ..config import ConfigError, Section, signature_model, validate
+from ..config import signature_model, validate
 from ..gpt import RasterGPT
 from ..heads import DimensionwiseARHead
 from ..quantizer import DimensionwiseQuantizer
+from ..samplers import CfgSchedule, GuidanceScale, Temperature, TopK, TopP
 from ..sampling import cfg_schedule as cfg_scale
-from .masked import make_generator
-from .registry import apply_preset, register_family
-from .tokenbridge import HEAD_CONFIGS, QuantizerConfig, _fill_from_data, check_buildable
+from .base import Generator, ShapesConfig, apply_preset, make_generator
+from .presets import FMNIST_SHAPES
+from .registry import register_family
+from .tokenbridge import HEAD_CONFIGS, QuantizerConfig, _fill_from_data, check_buildable, quantizer_meta_parts
 
 BackboneConfig = signature_model(RasterGPT, "CausalBackboneConfig", exclude=("vocab_size", "seq_len", "num_classes"))
 HeadConfig = HEAD_CONFIGS["ar"]  # DimensionwiseARHead's options; order may be "frequency" (from the tokens)
 
 
-class CausalTokenBridgeConfig(Section):
-    """grid_size, channels and num_classes default to the training tokens' (None: taken from the token file)."""
+class CausalTokenBridgeConfig(ShapesConfig):
+    """grid_size, channels and num_classes default to the training tokens' (None: taken from the token file); the
+    grid's H*W positions run in raster order, the C channels of each are predicted one by one by the head."""
 
-    grid_size: tuple[PositiveInt, PositiveInt] | None = None  # latent grid (H, W): H*W raster positions
-    channels: PositiveInt | None = None  # latent channels C, predicted one by one by the head
-    num_classes: PositiveInt | None = None
     quantizer: QuantizerConfig = QuantizerConfig()
     backbone: BackboneConfig = BackboneConfig()
     head: HeadConfig = HeadConfig()
@@ -85,7 +84,7 @@ class TokenGPT(RasterGPT):
 
 
 @register_family
-class CausalTokenBridgeGenerator(nn.Module):
+class CausalTokenBridgeGenerator(Generator):
     """Quantizer + causal raster backbone (`TokenGPT`) + dimension-wise AR head.
 
     loss((indices [B, H, W, C] long in [0, levels), labels [B] long in [0, num_classes])) -> scalar CE loss.
@@ -95,15 +94,14 @@ class CausalTokenBridgeGenerator(nn.Module):
 
     family = "tokenbridge-ar"
     presets: dict[str, dict] = {}  # filled at the end of this module
+    Config = CausalTokenBridgeConfig
+    check_buildable = staticmethod(check_buildable)
+    meta_parts = staticmethod(quantizer_meta_parts)
 
     def __init__(self, config: dict, quantizer: DimensionwiseQuantizer | None = None) -> None:
-        super().__init__()
-        cfg = self.resolve_config(config)
-        check_buildable(cfg)
-        self.config = cfg
+        super().__init__(config)
+        cfg = self.config
         self.quantizer = quantizer if quantizer is not None else DimensionwiseQuantizer(**cfg["quantizer"])
-        self.grid_size = tuple(int(g) for g in cfg["grid_size"])
-        self.channels, self.num_classes = int(cfg["channels"]), int(cfg["num_classes"])
         self.seq_len, self.levels = self.grid_size[0] * self.grid_size[1], self.quantizer.levels
         self.backbone = TokenGPT(self.channels, self.seq_len, self.num_classes, **cfg["backbone"])
         self.head = DimensionwiseARHead(z_dim=self.backbone.width, num_channels=self.channels, levels=self.levels,
@@ -121,43 +119,12 @@ class CausalTokenBridgeGenerator(nn.Module):
         return cfg
 
     @classmethod
-    def check_config(cls, config: dict) -> None:
-        """Build a resolved config's parts on the meta device, so that a value the constructors reject (levels=1,
-        width not divisible by num_heads) fails before any data is read."""
-        if config["grid_size"] is None or config["channels"] is None or config["num_classes"] is None:
-            return
-        head = config["head"]
-        if head.get("order") == "frequency":  # resolved from the data later; any other order is checked now
-            head = {**head, "order": None}
-        trial = {**config, "head": head}
-        try:
-            quantizer = DimensionwiseQuantizer(**config["quantizer"])
-            with torch.device("meta"):
-                cls(trial, quantizer)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model config: {e}") from None
-
-    @classmethod
     def from_config(cls, config: dict, data: Any = None) -> CausalTokenBridgeGenerator:
         """Build from a model config; with ``data`` (a token dataset) its quantizer (fitted state included) and
         shapes are used, so that training de-quantizes with exactly the quantizer that made the tokens."""
         return cls(cls.resolve_config(config, data), quantizer=data.make_quantizer() if data is not None else None)
 
     # ------------------------------------------------------------------ training
-    def _check_batch(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
-        """Shapes and dtypes only (value ranges are checked where tokens enter: token file, quantizer)."""
-        h, w = self.grid_size
-        if not isinstance(indices, torch.Tensor) or indices.dim() != 4 or tuple(indices.shape[1:]) != (
-                h, w, self.channels):
-            raise ValueError(f"indices must be [B, {h}, {w}, {self.channels}], got shape "
-                             f"{tuple(getattr(indices, 'shape', ()))}")
-        if indices.is_floating_point() or indices.dtype == torch.bool or indices.is_complex():
-            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1 or labels.shape[0] != indices.shape[0] \
-                or labels.is_floating_point():
-            raise ValueError(f"labels must be integers [{indices.shape[0]}], got "
-                             f"{getattr(labels, 'dtype', type(labels).__name__)} {tuple(getattr(labels, 'shape', ()))}")
-
     def _tokens(self, indices: torch.Tensor) -> torch.Tensor:
         """indices [N, H, W, C] or [N, L, C] -> de-quantized backbone inputs [N, L, C] (raster order)."""
         return self.quantizer.dequantize(indices).reshape(indices.shape[0], self.seq_len, self.channels)
@@ -168,9 +135,8 @@ class CausalTokenBridgeGenerator(nn.Module):
 
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Mean cross-entropy of every channel of every token (nats per channel) of a batch (indices, labels)."""
-        indices, labels = batch
-        self._check_batch(indices, labels)
-        indices, labels = indices.long(), labels.to(indices.device).long()
+        indices, labels = self.check_batch(batch)
+        indices = indices.long()
         if self.training and self.backbone.class_dropout > 0:  # global RNG: the trainer's resume restores it
             drop = torch.rand(labels.shape[0], device=labels.device) < self.backbone.class_dropout
             labels = labels.masked_fill(drop, self.num_classes)
@@ -178,22 +144,15 @@ class CausalTokenBridgeGenerator(nn.Module):
         return self.head.loss(z.reshape(-1, z.shape[-1]), indices.reshape(-1, self.channels))
 
     # ------------------------------------------------------------------ generation
-    def _check_sampling(self, labels: torch.Tensor, cfg: float, cfg_schedule: str, temperature: float,
-                        top_k: int, top_p: float) -> None:
-        self.backbone._check_labels(labels)
-        if labels.numel() == 0:
-            raise ValueError("labels is empty: pass at least one class index to sample")
-        self.backbone._check_sampling(cfg, cfg_schedule, temperature, top_k, top_p)
-
     @torch.no_grad()
     def sample(
         self,
         labels: torch.Tensor,
-        cfg: float = 1.0,
-        cfg_schedule: Literal["linear", "constant"] = "linear",
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        cfg: GuidanceScale = 1.0,
+        cfg_schedule: CfgSchedule = "linear",
+        temperature: Temperature = 1.0,
+        top_k: TopK = 0,
+        top_p: TopP = 1.0,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
@@ -203,14 +162,13 @@ class CausalTokenBridgeGenerator(nn.Module):
 
         cfg: guidance scale on the head's logits, u + s * (c - u) at every channel step; s = cfg ("constant") or
         1 + (cfg - 1) * (t + 1) / L at position t ("linear", reaching cfg at the last token); cfg = 1 runs the
-        conditional rows alone. temperature (> 0; greedy: top_k=1), top_k (0 = all), top_p (1 = all): the head's
-        sampling filter. generator: None (global RNG), an int seed or a torch.Generator on the model's device.
+        conditional rows alone. temperature (0 = greedy), top_k (0 = all), top_p (1 = all): the head's sampling
+        filter (the toolbox's contract, tokenbridge.samplers). generator: None (global RNG), an int seed or a torch.Generator on the model's device.
         Returns dict(indices [N, H, W, C] long, latents [N, C, H, W] float de-quantized, confidence [N, H, W]
         float = the head's log-prob of each sampled token). callback: called after every position with the
         outputs so far plus ``step`` (1-based), ``num_iter`` (= L) and ``mask`` [N, H, W] bool (True = not
         generated yet; those latents are 0, the prior mean) — for live views.
         """
-        self._check_sampling(labels, cfg, cfg_schedule, temperature, top_k, top_p)
         device = self.backbone.pos_emb.device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
@@ -257,7 +215,7 @@ class CausalTokenBridgeGenerator(nn.Module):
 
 # Fashion-MNIST, f4 VAE (8x8x4 tokens, 64 levels): the `tokenbridge` family's fmnist head (64 x 2) on a causal
 # backbone sized to the same total parameter count (2.93M there).
-_FMNIST = {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
+_FMNIST = {**FMNIST_SHAPES,
            "backbone": {"width": 192, "depth": 6, "num_heads": 4},
            "head": {"width": 64, "depth": 2, "num_heads": 4}}
 CausalTokenBridgeGenerator.presets.update({

@@ -26,24 +26,24 @@ diffusion head 128 x 3, 0.35M; Q-Former of 8 queries x 1 layer, 0.34M; code embe
 from __future__ import annotations
 
 import inspect
+import typing
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, PositiveInt, create_model, field_validator
-from torch import nn
 
-from ..config import ConfigError, Section, signature_model, validate
-from ..diffusion import DiffusionHead
+from ..config import ConfigError, Section, signature_model
 from ..discrete import DiscreteSource, build_source
 from ..fusion import CodeEmbedding, FusedMAR, build_fusion
 from ..gpt import RasterGPT
 from .. import samplers
-from ..samplers import TOOLBOX_OPTIONS
+from ..samplers import TOOLBOX_OPTIONS, GuidanceScale, Temperature, TopK, TopP
+from .base import Generator, ShapesConfig, make_generator
 from .editing import check_known
 from .mar import ContinuousMARConfig, ContinuousMARGenerator, legacy_head
-from .masked import MaskedGenerator, fill_shapes, make_generator, require_shapes
-from .registry import apply_preset, register_family
+from .presets import FMNIST_SHAPES, TINY_MAR
+from .registry import register_family
 
 Stage1Config = signature_model(RasterGPT, "D2CStage1Config", exclude=("vocab_size", "seq_len", "num_classes"))
 FusionConfig = signature_model(build_fusion, "D2CFusionConfig",
@@ -60,13 +60,10 @@ Stage2Config = create_model(
 DEFAULT_SOURCE = {"kind": "quantizer", "levels": 4, "pool": 2}
 
 
-class D2CConfig(Section):
+class D2CConfig(ShapesConfig):
     """grid_size, channels and num_classes default to the training latents'; codebook_size and code_grid are
     recorded from the source when the generator is first built (a checkpoint's must match its source)."""
 
-    grid_size: tuple[PositiveInt, PositiveInt] | None = None  # latent grid (h, w)
-    channels: PositiveInt | None = None  # latent channels C
-    num_classes: PositiveInt | None = None
     source: dict[str, Any] = DEFAULT_SOURCE  # tokenbridge.discrete.build_source config (replaced whole, not merged)
     codebook_size: PositiveInt | None = None  # K, from the source
     code_grid: tuple[PositiveInt, PositiveInt] | None = None  # (gh, gw), from the source
@@ -112,21 +109,11 @@ class FusedMARStage(ContinuousMARGenerator):
     """
 
     def __init__(self, config: dict, fusion: dict, codebook_size: int, code_grid: tuple[int, int]) -> None:
-        MaskedGenerator.__init__(self)  # ContinuousMARGenerator's __init__ would build a plain MAR backbone
-        self.config = cfg = ContinuousMARGenerator.resolve_config(config)
-        b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])
-        self.channels, self.patch_size = int(cfg["channels"]), p
-        width, token_dim = int(b["width"]), self.channels * p * p
-        fuse = build_fusion(**fusion, width=width, encoder_depth=int(b["encoder_depth"]),
+        b = self.resolve_config(config)["backbone"]
+        fuse = build_fusion(**fusion, width=int(b["width"]), encoder_depth=int(b["encoder_depth"]),
                             decoder_depth=int(b["decoder_depth"]), backbone_heads=int(b["num_heads"]))
-        self.backbone = FusedMAR(fuse, grid_size=tuple(cfg["grid_size"]), token_dim=token_dim,
-                                 num_classes=int(cfg["num_classes"]), **b)
-        self.head = DiffusionHead(z_dim=width, token_dim=token_dim, **cfg["head"])
-        self.code_embed = CodeEmbedding(codebook_size, code_grid, width)
-        self.grid_size, self.seq_len = self.backbone.grid_size, self.backbone.seq_len
-        self.num_classes = self.backbone.num_classes
-        self.mask_ratio_min = float(cfg["mask_ratio_min"])
-        self.diffusion_batch_mul = int(cfg["diffusion_batch_mul"])
+        super().__init__(config, backbone=FusedMAR, fusion=fuse)
+        self.code_embed = CodeEmbedding(codebook_size, code_grid, int(b["width"]))
 
     def context(self, codes: torch.Tensor) -> torch.Tensor:
         """codes [N, gh, gw] -> the fusion's context (cross-attention: [N, gh*gw, W]; Q-Former: [N, Q, W])."""
@@ -136,24 +123,40 @@ class FusedMARStage(ContinuousMARGenerator):
                  codes: torch.Tensor) -> torch.Tensor:
         """Backbone features z [N, L, W] of tokens [N, L, C*p*p] given codes [N, gh, gw] (mask [N, L], True =
         hidden): what the diffusion head is conditioned on."""
-        with self.backbone.bind(self.context(codes)):
-            return self.backbone(tokens, labels, mask)
+        return self.backbone(tokens, labels, mask, context=self.context(codes))
 
     def conditioned_loss(self, batch: tuple[torch.Tensor, torch.Tensor], codes: torch.Tensor,
                          mask_ratio: float | None = None) -> torch.Tensor:
         """The mar family's diffusion loss on (latents [B, h, w, C], labels [B]) given codes [B, gh, gw]."""
-        with self.backbone.bind(self.context(codes)):
-            return super().loss(batch, mask_ratio)
+        return self.loss(batch, mask_ratio, context=self.context(codes))
 
     @torch.no_grad()
     def conditioned_sample(self, labels: torch.Tensor, codes: torch.Tensor, **options: Any) -> dict[str, torch.Tensor]:
         """The mar family's ``sample(labels, **options)`` given codes [N, gh, gw]: dict(latents [N, C, h, w])."""
-        with self.backbone.bind(self.context(codes)):
-            return super().sample(labels, **options)
+        return self.sample(labels, context=self.context(codes), **options)
+
+
+# stage 2's sampling options: the mar family's sample() keywords (types and defaults held there, once), minus what
+# D2C's sample takes itself or fills in
+_STAGE2_PARAMS = [p for name, p in inspect.signature(ContinuousMARGenerator.sample).parameters.items()
+                  if name not in ("self", "labels", "generator", "progress", "callback", "known", "known_mask",
+                                  "context")]
+STAGE2_DEFAULTS = {p.name: p.default for p in _STAGE2_PARAMS}
+
+
+def _with_stage2_options(sample: Callable) -> Callable:
+    """Give D2C's ``sample(..., **stage2)`` the stage-2 keywords in its signature and annotations (from the mar
+    family's), so that they are sampling options like its own (validated, CLI flags, config keys)."""
+    own = [p for p in inspect.signature(sample).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    stage2 = [p.replace(kind=p.KEYWORD_ONLY) for p in _STAGE2_PARAMS]
+    sample.__signature__ = inspect.signature(sample).replace(parameters=own + stage2)
+    hints = typing.get_type_hints(ContinuousMARGenerator.sample, include_extras=True)
+    sample.__annotations__.update({p.name: hints[p.name] for p in _STAGE2_PARAMS})
+    return sample
 
 
 @register_family
-class D2CGenerator(nn.Module):
+class D2CGenerator(Generator):
     """Two-stage discrete-to-continuous generator (see the module docstring).
 
     loss((latents [B, h, w, C] float, labels [B] long in [0, num_classes])) -> scalar (sum of the trained stages).
@@ -164,20 +167,19 @@ class D2CGenerator(nn.Module):
     family = "d2c"
     items = "latents"  # trains on a token cache's continuous latents (tokenbridge.tokens.LatentTokens)
     presets: dict[str, dict] = {}  # filled at the end of this module
+    Config = D2CConfig
 
     def __init__(self, config: dict, load_source_weights: bool = False, source: DiscreteSource | None = None) -> None:
         """config: a model config (resolved or not; shapes needed). load_source_weights: a VQ source reads its
         trained weights from its path (training start); False builds it untrained (a checkpoint's state dict
         then supplies them). source: one already built from ``config["source"]`` (check_config)."""
-        super().__init__()
-        cfg = self.resolve_config(config)
-        require_shapes(cfg)
+        super().__init__(config)
+        cfg = self.config
         self.source = source if source is not None else _build_source(cfg, load_source_weights)
         _record_source(cfg, self.source)
         self.config = cfg
         self.codebook_size, self.code_grid = int(cfg["codebook_size"]), tuple(cfg["code_grid"])
         self.train_stages = tuple(cfg["train_stages"])
-        self.num_classes = int(cfg["num_classes"])
         self.stage1 = RasterGPT(vocab_size=self.codebook_size, seq_len=self.code_grid[0] * self.code_grid[1],
                                 num_classes=self.num_classes, **cfg["stage1"])
         s2 = cfg["stage2"]
@@ -192,9 +194,8 @@ class D2CGenerator(nn.Module):
         classes from it and build the source (a VQ's weights read from its path) to record its codebook size,
         code grid and full config; a source that does not fit the latents or the recorded values is a
         ConfigError."""
-        cfg = validate(D2CConfig, apply_preset(cls, config), "model").model_dump(mode="json")
+        cfg = super().resolve_config(config, data)
         if data is not None:
-            fill_shapes(cfg, data)
             _record_source(cfg, _build_source(cfg, load_weights=True))
         return cfg
 
@@ -205,18 +206,10 @@ class D2CGenerator(nn.Module):
         return {**config, "stage2": {**stage2, "head": legacy_head(stage2.get("head"))}}
 
     @classmethod
-    def check_config(cls, config: dict) -> None:
-        """Build a resolved config (the two stages on the meta device: no memory, no time), so that a value the
-        constructors reject fails before any data is read. The source is built untrained on the CPU (its
-        quantizer checks its tables; a VQ source reads only its folder's config.json)."""
-        if any(config[k] is None for k in _SHAPE_KEYS):
-            return
-        source = _build_source(config, load_weights=False)
-        try:
-            with torch.device("meta"):
-                cls(config, source=source)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model config: {e}") from None
+    def meta_parts(cls, config: dict) -> tuple[dict, dict]:
+        """The source is built untrained on the CPU for the trial build (its quantizer checks its tables; a VQ
+        source reads only its folder's config.json)."""
+        return config, {"source": _build_source(config, load_weights=False)}
 
     @classmethod
     def from_config(cls, config: dict, data: Any = None) -> D2CGenerator:
@@ -230,9 +223,7 @@ class D2CGenerator(nn.Module):
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """Sum of the ``train_stages`` losses on a batch (latents [B, h, w, C], labels [B]); codes come from the
         frozen source."""
-        latents, labels = batch
-        self.stage2._check_batch(latents, labels)
-        labels = labels.to(latents.device).long()
+        latents, labels = self.check_batch(batch)
         codes = self.source.encode(latents)
         losses = []
         if 1 in self.train_stages:
@@ -250,28 +241,18 @@ class D2CGenerator(nn.Module):
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, stage1_cfg: float = 1.0, stage1_temperature: float = 1.0,
-               stage1_top_k: int = 0, stage1_top_p: float = 1.0, num_iter: int = 64, cfg: float | None = 1.0,
-               cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
-               num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
-               sorted_positions: bool = False,
-               sampler: Literal["toolbox", "paper"] = samplers.DEFAULT_SAMPLER,
-               cfg_interval: tuple[float, float] | None = samplers.PAPER.cfg_interval,
-               uncond_every: int = samplers.PAPER.uncond_every,
-               num_sampling_steps_end: int | None = samplers.PAPER.num_sampling_steps_end,
-               sampling_steps_anneal: Literal["linear", "cosine"] = samplers.PAPER.sampling_steps_anneal,
-               diffusion_sampler: Literal["ddpm", "ddim"] = samplers.PAPER.diffusion_sampler,
-               generator: torch.Generator | int | None = None, progress: bool = False,
-               callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
-               orders: torch.Tensor | None = None, known: torch.Tensor | None = None,
-               known_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    @_with_stage2_options
+    def sample(self, labels: torch.Tensor, stage1_cfg: GuidanceScale = 1.0, stage1_temperature: Temperature = 1.0,
+               stage1_top_k: TopK = 0, stage1_top_p: TopP = 1.0, generator: torch.Generator | int | None = None,
+               progress: bool = False, callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
+               known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+               **stage2: Any) -> dict[str, torch.Tensor]:
         """Generate for class ``labels`` [N]: stage-1 codes, then stage-2 latents given them.
 
-        stage1_*: the GPT's guidance scale (constant), temperature (> 0), top-k (0 = off) and nucleus (1 = off).
-        num_iter, cfg, cfg_schedule, temperature, num_sampling_steps, clip_denoised, released_cfg, sorted_positions,
-        orders and the sampler toolbox's options (sampler, cfg_interval, uncond_every, num_sampling_steps_end,
-        sampling_steps_anneal, diffusion_sampler; tokenbridge.samplers): stage 2's, as the mar family's sample
-        (orders [N, L]: stage 2's generation orders, to replay a run).
+        stage1_*: the GPT's guidance scale (constant), temperature (0 = greedy), top-k (0 = off) and nucleus
+        (1 = off). stage2: the mar family's sampling options (num_iter, cfg, cfg_schedule, temperature,
+        num_sampling_steps, clip_denoised, released_cfg, sorted_positions, orders and the sampler toolbox's;
+        their types and defaults are `ContinuousMARGenerator.sample`'s, which this signature lists).
         generator: None (global RNG), an int seed or a torch.Generator on the model's device; both stages
         draw from it. Returns dict(latents [N, C, h, w] float, codes [N, gh, gw] int64); callback as the mar
         family's (after every stage-2 step), with the codes added.
@@ -280,12 +261,7 @@ class D2CGenerator(nn.Module):
         code of the kept latents (`known_codes`) and the other codes are drawn in raster order, each seeing the
         forced codes before it but not those after it. Stage 2 keeps the kept latents as the mar family does.
         """
-        stage2 = {"num_iter": num_iter, "cfg": cfg, "cfg_schedule": cfg_schedule, "temperature": temperature,
-                  "num_sampling_steps": num_sampling_steps, "clip_denoised": clip_denoised,
-                  "released_cfg": released_cfg, "sorted_positions": sorted_positions, "orders": orders,
-                  "sampler": sampler, "cfg_interval": cfg_interval, "uncond_every": uncond_every,
-                  "num_sampling_steps_end": num_sampling_steps_end, "sampling_steps_anneal": sampling_steps_anneal,
-                  "diffusion_sampler": diffusion_sampler}
+        stage2 = {**STAGE2_DEFAULTS, **stage2}
         self._check_stage2_options(labels, stage2)  # before stage 1 runs
         s2 = self.stage2
         edit = check_known(known, known_mask, labels.shape[0], s2.channels, s2.grid_size, s2.patch_size)
@@ -328,8 +304,7 @@ class D2CGenerator(nn.Module):
         unknown = sorted(set(options) - set(STAGE2_DEFAULTS))
         if unknown:
             raise ValueError(f"unknown stage-2 sampling options {unknown}; known: {sorted(STAGE2_DEFAULTS)}")
-        options = {**STAGE2_DEFAULTS, **options}
-        self._check_stage2_options(labels, options)
+        self.check_labels(labels)
         self._check_codes(codes, labels.shape[0])
         device = next(self.parameters()).device
         codes = codes.to(device).long()
@@ -340,17 +315,11 @@ class D2CGenerator(nn.Module):
         return {**out, "codes": codes}
 
     def _check_stage2_options(self, labels: torch.Tensor, options: dict[str, Any]) -> None:
-        """The checks the mar family's sample makes, made before any work."""
-        self.stage2._check_mar_options(labels, options["num_iter"], options["cfg"], options["cfg_schedule"],
-                                       options["temperature"])
-        steps, train_steps = options["num_sampling_steps"], len(self.stage2.head.schedule)
-        if int(steps) != steps or not 1 <= steps <= train_steps:
-            raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {steps}")
-        clip = options["clip_denoised"]
-        if clip is not None and not 0 < float(clip) < float("inf"):
-            raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip}")
+        """What the mar family's sample checks beyond its signature's types, checked before stage 1 runs."""
+        self.stage2._check_diffusion_steps(options["num_sampling_steps"])
         self.stage2._check_orders(options["orders"], labels.shape[0])
-        samplers.resolve(options["sampler"], steps, **{k: options[k] for k in TOOLBOX_OPTIONS[1:]})
+        samplers.resolve(options["sampler"], options["num_sampling_steps"],
+                         **{k: options[k] for k in TOOLBOX_OPTIONS[1:]})
 
     def _check_codes(self, codes: torch.Tensor, n: int) -> None:
         gh, gw = self.code_grid
@@ -364,21 +333,15 @@ class D2CGenerator(nn.Module):
                              f"[{int(codes.min())}, {int(codes.max())}]: codes of another source or codebook?")
 
 
-# stage 2's sampling options and their defaults: those of `D2CGenerator.sample`'s signature (one place)
-STAGE2_DEFAULTS = {name: p.default for name, p in inspect.signature(D2CGenerator.sample).parameters.items()
-                   if name in ("num_iter", "cfg", "cfg_schedule", "temperature", "num_sampling_steps",
-                               "clip_denoised", "released_cfg", "sorted_positions", "orders", *TOOLBOX_OPTIONS)}
-
 # ----------------------------------------------------------------------------------------------------------------
 # Presets (one place names the sizes; `model: {preset: NAME}` in a config). The source is left to the config's
 # default (DEFAULT_SOURCE): presets merge key by key, and a VQ source must be able to replace it whole.
 D2CGenerator.presets.update({
-    "tiny": {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
+    "tiny": {**FMNIST_SHAPES,
              "stage1": {"width": 32, "depth": 1, "num_heads": 2},
-             "stage2": {"backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2,
-                                     "buffer_size": 2},
+             "stage2": {"backbone": TINY_MAR,
                         "head": {"width": 32, "depth": 1}, "fusion": {"num_queries": 4, "depth": 1}}},
-    "fmnist": {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
+    "fmnist": {**FMNIST_SHAPES,
                "stage1": {"width": 128, "depth": 3, "num_heads": 4},
                "stage2": {"backbone": {"width": 144, "encoder_depth": 3, "decoder_depth": 3, "num_heads": 4,
                                        "buffer_size": 8},

@@ -18,30 +18,30 @@ beta and beta~ matters for sample quality, and it costs one extra output per val
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, PositiveInt
+from pydantic import PositiveFloat, PositiveInt
 
 from ..backbone import MAR, patchify, unpatchify
-from ..config import ConfigError, Section, signature_model, validate
-from ..diffusion import DiffusionHead, drop_retired_options
+from ..config import signature_model
+from ..diffusion import NUM_SAMPLING_STEPS, DiffusionHead, drop_retired_options
 from .. import samplers
+from ..samplers import (CfgInterval, CfgSchedule, DiffusionSampler, GuidanceScale, Sampler, SamplingSteps, StepAnneal,
+                        Temperature)
+from .base import make_generator
 from .editing import check_known
-from .masked import MaskedGenerator, fill_shapes, make_generator, require_shapes
-from .registry import apply_preset, register_family
+from .masked import NUM_ITER, MaskedConfig, MaskedGenerator
+from .presets import FMNIST_MAR, FMNIST_SHAPES, IMAGENET_SHAPES, MAR_SIZES, PAPER_DROPOUT, TINY_MAR
+from .registry import register_family
 
 BackboneConfig = signature_model(MAR, "MARBackboneConfig", exclude=("grid_size", "token_dim", "num_classes"))
 DiffusionHeadConfig = signature_model(DiffusionHead, "DiffusionHeadConfig", exclude=("z_dim", "token_dim"))
 
 
-class ContinuousMARConfig(Section):
+class ContinuousMARConfig(MaskedConfig):
     """grid_size, channels and num_classes default to the training latents' (None: taken from the token file)."""
 
-    grid_size: tuple[PositiveInt, PositiveInt] | None = None  # latent grid (H, W)
-    channels: PositiveInt | None = None  # latent channels C
-    num_classes: PositiveInt | None = None
-    mask_ratio_min: float = Field(default=0.7, ge=0, lt=1)  # MAR: mask ratio ~ truncnorm on [0.7, 1]
     diffusion_batch_mul: PositiveInt = 4  # MAR: noise draws per masked token per step
     backbone: BackboneConfig = BackboneConfig()
     head: DiffusionHeadConfig = DiffusionHeadConfig()
@@ -58,95 +58,56 @@ class ContinuousMARGenerator(MaskedGenerator):
     family = "mar"
     items = "latents"  # trains on a token cache's continuous latents (tokenbridge.tokens.LatentTokens)
     presets: dict[str, dict] = {}  # filled at the end of this module
+    Config = ContinuousMARConfig
 
-    def __init__(self, config: dict) -> None:
-        super().__init__()
-        cfg = self.resolve_config(config)
-        require_shapes(cfg)
-        self.config = cfg
+    def __init__(self, config: dict, backbone: type[MAR] = MAR, **backbone_options: Any) -> None:
+        """config: a model config; backbone: the MAR class to build (D2C's stage 2: `fusion.FusedMAR`), with
+        ``backbone_options`` beside the config's backbone section."""
+        super().__init__(config)
+        cfg = self.config
         b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])
-        self.channels, self.patch_size = int(cfg["channels"]), p
-        self.backbone = MAR(grid_size=tuple(cfg["grid_size"]), token_dim=self.channels * p * p,
-                            num_classes=int(cfg["num_classes"]), **b)
+        self.patch_size = p
+        self.backbone = backbone(grid_size=self.grid_size, token_dim=self.channels * p * p,
+                                 num_classes=self.num_classes, **backbone_options, **b)
         self.head = DiffusionHead(z_dim=int(b["width"]), token_dim=self.channels * p * p, **cfg["head"])
-        self.grid_size, self.seq_len = self.backbone.grid_size, self.backbone.seq_len
-        self.num_classes = self.backbone.num_classes
+        self.seq_len = self.backbone.seq_len
         self.mask_ratio_min = float(cfg["mask_ratio_min"])
         self.diffusion_batch_mul = int(cfg["diffusion_batch_mul"])
 
     # ------------------------------------------------------------------ config
-    @classmethod
-    def resolve_config(cls, config: dict, data: Any = None) -> dict:
-        """Validate a model config (presets accepted); with ``data`` (a token dataset) fill grid, channels and
-        classes from it."""
-        cfg = validate(ContinuousMARConfig, apply_preset(cls, config), "model").model_dump(mode="json")
-        if data is not None:
-            fill_shapes(cfg, data)
-        return cfg
-
     @classmethod
     def recorded_config(cls, config: dict) -> dict:
         """A recorded model config (checkpoint, export, pretrained folder) with what older records leave out: a
         head without ``vb_objective`` was trained before it existed, with "nats_continuous"."""
         return {**config, "head": legacy_head(config.get("head"))}
 
-    @classmethod
-    def check_config(cls, config: dict) -> None:
-        """Build a resolved config on the meta device (no memory, no time), so that a value the constructors
-        reject fails before any data is read."""
-        if config["grid_size"] is None or config["channels"] is None or config["num_classes"] is None:
-            return
-        try:
-            with torch.device("meta"):
-                cls(config)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model config: {e}") from None
-
-    @classmethod
-    def from_config(cls, config: dict, data: Any = None) -> ContinuousMARGenerator:
-        """Build from a model config; with ``data`` (a token dataset) its shapes are used."""
-        return cls(cls.resolve_config(config, data))
-
     # ------------------------------------------------------------------ training
-    def _check_batch(self, latents: torch.Tensor, labels: torch.Tensor) -> None:
-        """Shapes and dtypes only: finiteness is checked where latents enter (tokenbridge.tokens.LatentTokens),
-        so that a training step costs no device -> host synchronisation."""
-        h, w = self.grid_size
-        if not isinstance(latents, torch.Tensor) or latents.dim() != 4 or not latents.is_floating_point():
-            raise ValueError(f"latents must be a float tensor [B, {h}, {w}, {self.channels}], got "
-                             f"{getattr(latents, 'dtype', type(latents))} {tuple(getattr(latents, 'shape', ()))}")
-        if tuple(latents.shape[1:]) != (h, w, self.channels):
-            raise ValueError(f"latents must be [B, {h}, {w}, {self.channels}] (channel-last), got shape "
-                             f"{tuple(latents.shape)}: a latent grid or channel count this generator was not built for")
-        if labels.dim() != 1 or labels.shape[0] != latents.shape[0] or labels.is_floating_point():
-            raise ValueError(f"labels must be integers [{latents.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
-
-    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], mask_ratio: float | None = None) -> torch.Tensor:
+    def loss(self, batch: tuple[torch.Tensor, torch.Tensor], mask_ratio: float | None = None,
+             context: torch.Tensor | None = None) -> torch.Tensor:
         """Diffusion loss on the masked tokens of a batch (latents [B, H, W, C], labels [B]). mask_ratio=None
-        draws it from the truncated normal (MAR training)."""
-        latents, labels = batch
-        self._check_batch(latents, labels)
+        draws it from the truncated normal (MAR training). context: the backbone's extra conditioning [B, ...]
+        (D2C's stage 2 passes its fusion context; None for the plain MAR backbone)."""
+        latents, labels = self.check_batch(batch)
         tokens = patchify(latents.float(), self.patch_size)  # [B, L, C*p*p]
-        z, mask = self._masked_features(tokens, labels.to(latents.device).long(), mask_ratio)
+        z, mask = self._masked_features(tokens, labels, mask_ratio, context)
         k = self.diffusion_batch_mul
         return self.head.loss(z[mask].repeat(k, 1), tokens[mask].repeat(k, 1))
 
     # ------------------------------------------------------------------ generation
     @torch.no_grad()
-    def sample(self, labels: torch.Tensor, num_iter: int = 64, cfg: float | None = 1.0,
-               cfg_schedule: Literal["linear", "constant"] = "linear", temperature: float = 1.0,
-               num_sampling_steps: int = 100, clip_denoised: float | None = None, released_cfg: bool = False,
-               sorted_positions: bool = False,
-               sampler: Literal["toolbox", "paper"] = samplers.DEFAULT_SAMPLER,
-               cfg_interval: tuple[float, float] | None = samplers.PAPER.cfg_interval,
-               uncond_every: int = samplers.PAPER.uncond_every,
-               num_sampling_steps_end: int | None = samplers.PAPER.num_sampling_steps_end,
-               sampling_steps_anneal: Literal["linear", "cosine"] = samplers.PAPER.sampling_steps_anneal,
-               diffusion_sampler: Literal["ddpm", "ddim"] = samplers.PAPER.diffusion_sampler,
+    def sample(self, labels: torch.Tensor, num_iter: SamplingSteps = NUM_ITER, cfg: GuidanceScale | None = 1.0,
+               cfg_schedule: CfgSchedule = "linear", temperature: Temperature = 1.0,
+               num_sampling_steps: SamplingSteps = NUM_SAMPLING_STEPS, clip_denoised: PositiveFloat | None = None,
+               released_cfg: bool = False, sorted_positions: bool = False, sampler: Sampler = samplers.DEFAULT_SAMPLER,
+               cfg_interval: CfgInterval | None = samplers.PAPER.cfg_interval,
+               uncond_every: PositiveInt = samplers.PAPER.uncond_every,
+               num_sampling_steps_end: SamplingSteps | None = samplers.PAPER.num_sampling_steps_end,
+               sampling_steps_anneal: StepAnneal = samplers.PAPER.sampling_steps_anneal,
+               diffusion_sampler: DiffusionSampler = samplers.PAPER.diffusion_sampler,
                generator: torch.Generator | int | None = None, progress: bool = False,
                callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
                orders: torch.Tensor | None = None, known: torch.Tensor | None = None,
-               known_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+               known_mask: torch.Tensor | None = None, context: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Generate latent grids for class `labels` [N] (value num_classes = unconditional).
 
         num_iter: MAR steps (capped at the sequence length L). num_sampling_steps: DDPM steps per token, respaced
@@ -169,12 +130,11 @@ class ContinuousMARGenerator(MaskedGenerator):
         sampler="paper" ignores them (the sampler before the toolbox).
         known, known_mask: editing (generators/editing.py): latents [N, C, H, W] and [N, H, W] bool (True = keep);
         the kept latents are returned unchanged, the rest is sampled.
+        context: [N, ...] the backbone's extra conditioning (D2C's stage 2 passes its fusion context); None for
+        the plain MAR backbone.
         """
-        self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
         edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
-        train_steps = len(self.head.schedule)
-        if int(num_sampling_steps) != num_sampling_steps or not 1 <= num_sampling_steps <= train_steps:
-            raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {num_sampling_steps}")
+        self._check_diffusion_steps(num_sampling_steps)
         box = samplers.resolve(sampler, num_sampling_steps, cfg_interval=cfg_interval, uncond_every=uncond_every,
                                num_sampling_steps_end=num_sampling_steps_end,
                                sampling_steps_anneal=sampling_steps_anneal, diffusion_sampler=diffusion_sampler)
@@ -183,8 +143,6 @@ class ContinuousMARGenerator(MaskedGenerator):
         todo = self.seq_len if edit is None else max(self.seq_len - int(edit[1][0].sum()), 1)
         steps = iter(samplers.diffusion_steps_schedule(min(int(num_iter), todo), int(num_sampling_steps),
                                                        box.num_sampling_steps_end, box.sampling_steps_anneal))
-        if clip_denoised is not None and not 0 < float(clip_denoised) < float("inf"):
-            raise ValueError(f"clip_denoised must be None or a positive finite bound, got {clip_denoised}")
         device = next(self.parameters()).device
         gen = make_generator(generator, device)
         labels = labels.to(device).long()
@@ -203,8 +161,16 @@ class ContinuousMARGenerator(MaskedGenerator):
             values = torch.where(token_known[..., None], given, values)
         values, score = self._generate(labels, values, lambda v: v, predict, num_iter, cfg, cfg_schedule, True, gen,
                                        progress, callback, released_cfg=bool(released_cfg), orders=orders,
-                                       sorted_positions=bool(sorted_positions), box=box, known=token_known)
+                                       sorted_positions=bool(sorted_positions), box=box, known=token_known,
+                                       context=context)
         return self._outputs(values, score)
+
+    def _check_diffusion_steps(self, num_sampling_steps: int) -> None:
+        """The diffusion steps respace the head's training steps: at most that many (the one bound the signature
+        cannot declare)."""
+        train_steps = len(self.head.schedule)
+        if num_sampling_steps > train_steps:
+            raise ValueError(f"num_sampling_steps must be an integer in [1, {train_steps}], got {num_sampling_steps}")
 
     def _outputs(self, values: torch.Tensor, score: torch.Tensor) -> dict[str, torch.Tensor]:
         grid = unpatchify(values, self.grid_size, self.patch_size)
@@ -222,22 +188,14 @@ def legacy_head(head: dict | None) -> dict:
 # ----------------------------------------------------------------------------------------------------------------
 # Presets (one place names the sizes; `model: {preset: NAME}` in a config)
 
-# Embedded default: the TokenBridge generator's fmnist backbone (tokenbridge.py) with a diffusion head.
-_FMNIST_BACKBONE = {"width": 192, "encoder_depth": 3, "decoder_depth": 3, "num_heads": 4, "buffer_size": 8}
-# ImageNet 256x256 on MAR's KL-16 VAE (16x16x16 tokens). Sizes, buffer and dropout of MAR's mar_base / mar_large /
-# mar_huge with the diffusion heads of its training commands (diffloss_d x diffloss_w: 6x1024, 8x1280, 12x1536).
-_IMAGENET = {"grid_size": [16, 16], "channels": 16, "num_classes": 1000}
-_PAPER = {"buffer_size": 64, "dropout": 0.1, "attn_dropout": 0.1}
+# Embedded default: the TokenBridge generator's fmnist backbone with a diffusion head. ImageNet 256x256 on MAR's
+# KL-16 VAE: MAR's mar_base / mar_large / mar_huge with their buffer, dropout and the diffusion heads of their
+# training commands (diffloss_d x diffloss_w: 6x1024, 8x1280, 12x1536).
+_PAPER = {"buffer_size": 64, **PAPER_DROPOUT}
 ContinuousMARGenerator.presets.update({
-    "tiny": {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
-             "backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2, "buffer_size": 2},
-             "head": {"width": 32, "depth": 1}},
-    "fmnist": {"grid_size": [8, 8], "channels": 4, "num_classes": 10, "backbone": _FMNIST_BACKBONE,
-               "head": {"width": 128, "depth": 3}},
-    "mar-b": {**_IMAGENET, "backbone": {"width": 768, "encoder_depth": 12, "decoder_depth": 12, "num_heads": 12,
-                                        **_PAPER}, "head": {"width": 1024, "depth": 6}},
-    "mar-l": {**_IMAGENET, "backbone": {"width": 1024, "encoder_depth": 16, "decoder_depth": 16, "num_heads": 16,
-                                        **_PAPER}, "head": {"width": 1280, "depth": 8}},
-    "mar-h": {**_IMAGENET, "backbone": {"width": 1280, "encoder_depth": 20, "decoder_depth": 20, "num_heads": 16,
-                                        **_PAPER}, "head": {"width": 1536, "depth": 12}},
+    "tiny": {**FMNIST_SHAPES, "backbone": TINY_MAR, "head": {"width": 32, "depth": 1}},
+    "fmnist": {**FMNIST_SHAPES, "backbone": FMNIST_MAR, "head": {"width": 128, "depth": 3}},
+    "mar-b": {**IMAGENET_SHAPES, "backbone": {**MAR_SIZES["b"], **_PAPER}, "head": {"width": 1024, "depth": 6}},
+    "mar-l": {**IMAGENET_SHAPES, "backbone": {**MAR_SIZES["l"], **_PAPER}, "head": {"width": 1280, "depth": 8}},
+    "mar-h": {**IMAGENET_SHAPES, "backbone": {**MAR_SIZES["h"], **_PAPER}, "head": {"width": 1536, "depth": 12}},
 })

@@ -1,92 +1,50 @@
-"""What the masked-autoregressive (MAR) families share: label and option checks, the training mask, and the
-generation loop.
+"""What the masked-autoregressive (MAR) families share: the config's mask ratio, the training mask, generation
+orders and the generation loop (the contract every family shares is `base.Generator`'s).
 
 Both the TokenBridge generator (discrete tokens, a categorical head) and the continuous MAR generator (latent
 tokens, a diffusion head) run the same MAR backbone the same way; they differ in what a token is and in the head
-that draws it. A family subclasses `MaskedGenerator`, sets ``backbone``, ``grid_size``, ``seq_len``,
-``num_classes``, ``patch_size`` and ``mask_ratio_min``, and gives `_generate` two functions: how its stored
+that draws it. A family subclasses `MaskedGenerator`, sets ``backbone``, ``seq_len``, ``patch_size`` and
+``mask_ratio_min`` (the shapes come from `Generator.__init__`), and gives `_generate` two functions: how its stored
 values become backbone inputs, and how its head draws the values of some positions from z.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import Field
 from tqdm import tqdm
 
 from ..backbone import random_masking, sample_orders
-from ..config import ConfigError
-from ..sampling import CFG_SCHEDULES, cfg_schedule as cfg_at, mask_schedule_list, num_masked_for_ratio
+from ..sampling import MASK_RATIO_MIN, cfg_schedule as cfg_at, mask_schedule_list, num_masked_for_ratio
 from ..sampling import truncnorm_mask_ratio
 from ..samplers import PAPER, GuidancePlan, Toolbox
+from .base import Generator, ShapesConfig
 
 # predict(z_sel [n*m (2n*m with cfg), W], step cfg or None, generator) -> (values [n*m, D], score [n*m] or None)
+NUM_ITER = 64  # MAR steps per sample: the MAR-style families' sample(num_iter=...) default (MAR's is 64)
 Predict = Callable[[torch.Tensor, float | None, torch.Generator | None], tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def make_generator(generator: torch.Generator | int | None, device: torch.device) -> torch.Generator | None:
-    """None (the global RNG), a torch.Generator (used as is) or an int seed (a new generator on ``device``)."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return generator
-    if isinstance(generator, bool) or not isinstance(generator, int):
-        raise ValueError(f"generator must be None, an int seed or a torch.Generator, got {type(generator).__name__}")
-    return torch.Generator(device=device).manual_seed(generator)
+class MaskedConfig(ShapesConfig):
+    """The model config fields every MAR-style family starts with."""
+
+    mask_ratio_min: float = Field(default=MASK_RATIO_MIN, ge=0, lt=1)  # training mask ratio ~ truncnorm on [it, 1]
 
 
-def require_shapes(cfg: dict[str, Any]) -> None:
-    """A model config must know its grid, channels and classes (given, or filled from data by `fill_shapes`)."""
-    if any(cfg[key] is None for key in ("grid_size", "channels", "num_classes")):
-        raise ConfigError("model.grid_size, model.channels and model.num_classes are needed to build a "
-                          "generator without training data")
-
-
-def fill_shapes(cfg: dict[str, Any], data: Any) -> None:
-    """Set a model config's grid_size, channels and num_classes from a token dataset (``grid_shape`` (h, w, C),
-    ``num_classes``, ``path``); a value the config already gives (a preset's included) must agree with the data."""
-    h, w, c = data.grid_shape
-    for key, value in {"grid_size": [h, w], "channels": c, "num_classes": data.num_classes}.items():
-        if cfg[key] is not None and cfg[key] != value:
-            raise ConfigError(f"config key 'model.{key}' = {cfg[key]} but the token file {data.path} has {value}")
-        cfg[key] = value
-
-
-class MaskedGenerator(nn.Module):
+class MaskedGenerator(Generator):
     """Base of the MAR-style families (not registered itself). Label `num_classes` means unconditional."""
 
+    Config = MaskedConfig
     backbone: nn.Module
-    grid_size: tuple[int, int]
     seq_len: int
-    num_classes: int
     patch_size: int
     mask_ratio_min: float
 
     # ------------------------------------------------------------------ checks (public entry points only)
-    def _check_labels(self, labels: torch.Tensor) -> None:
-        if not isinstance(labels, torch.Tensor) or labels.dim() != 1:
-            raise ValueError(f"labels must be a 1-D integer tensor, got {getattr(labels, 'shape', type(labels))}")
-        if labels.is_floating_point() or labels.dtype == torch.bool:
-            raise ValueError(f"labels must be an integer tensor, got {labels.dtype}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = unconditional), "
-                             f"got range [{int(labels.min())}, {int(labels.max())}]")
-
-    def _check_mar_options(self, labels: torch.Tensor, num_iter: int, cfg: float | None, cfg_schedule: str,
-                           temperature: float) -> None:
-        self._check_labels(labels)
-        if labels.numel() == 0:
-            raise ValueError("labels is empty: pass at least one class index to sample")
-        if cfg_schedule not in CFG_SCHEDULES:
-            raise ValueError(f"cfg_schedule must be one of {CFG_SCHEDULES}, got {cfg_schedule!r}")
-        if int(num_iter) != num_iter or num_iter < 1:
-            raise ValueError(f"num_iter must be a positive integer, got {num_iter}")
-        if cfg is not None and not 0 <= float(cfg) < float("inf"):  # also rejects NaN
-            raise ValueError(f"cfg must be finite and >= 0 (1.0 = no guidance), got {cfg}")
-        if not 0 <= float(temperature) < float("inf"):
-            raise ValueError(f"temperature must be finite and >= 0, got {temperature}")
-
     def _check_orders(self, orders: torch.Tensor | None, n: int, random_order: bool = True) -> torch.Tensor | None:
         """``orders`` [N, L] (each row a permutation of range(L)) as a long tensor on the model's device, or None."""
         if orders is None:
@@ -109,15 +67,20 @@ class MaskedGenerator(nn.Module):
         """Same as ``loss((tokens, labels), mask_ratio)`` (the family's token grid: indices or latents)."""
         return self.loss((tokens, labels), mask_ratio)
 
-    def _masked_features(self, tokens: torch.Tensor, labels: torch.Tensor,
-                         mask_ratio: float | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def _masked_features(self, tokens: torch.Tensor, labels: torch.Tensor, mask_ratio: float | None,
+                         context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """MAR training input: tokens [B, L, D] float, labels [B] -> (z [B, L, W], mask [B, L] bool, True = the
-        positions the loss is taken on). mask_ratio None draws one ratio for the batch from the truncated normal."""
+        positions the loss is taken on). mask_ratio None draws one ratio for the batch from the truncated normal.
+        context: the backbone's extra conditioning (D2C's fusion context), passed on as ``context=``."""
         if mask_ratio is None:
             mask_ratio = float(truncnorm_mask_ratio(1, low=self.mask_ratio_min)[0])
         num_masked = num_masked_for_ratio(mask_ratio, self.seq_len)
         mask = random_masking(sample_orders(tokens.shape[0], self.seq_len, device=tokens.device), num_masked)
-        return self.backbone(tokens, labels, mask), mask
+        return self._backbone(context)(tokens, labels, mask), mask
+
+    def _backbone(self, context: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+        """backbone(tokens, labels, mask) with ``context`` passed explicitly when there is one."""
+        return self.backbone if context is None else functools.partial(self.backbone, context=context)
 
     # ------------------------------------------------------------------ generation
     @staticmethod
@@ -144,7 +107,8 @@ class MaskedGenerator(nn.Module):
                   callback: Callable[[dict[str, torch.Tensor]], None] | None,
                   released_cfg: bool = False, orders: torch.Tensor | None = None,
                   sorted_positions: bool = False, box: Toolbox = PAPER,
-                  known: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  known: torch.Tensor | None = None,
+                  context: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The MAR loop: ``num_iter`` steps on the cosine mask schedule; each step runs the backbone on the values
         so far and lets ``predict`` draw the values of the next positions (the random order's next chunk, or with
         ``random_order`` False every masked position, keeping the highest-scoring ones). With cfg != 1 the
@@ -161,8 +125,8 @@ class MaskedGenerator(nn.Module):
         box: the sampler toolbox's setting (tokenbridge.samplers); its guidance interval and feature reuse decide
         which rows the backbone runs (a step outside the interval gives ``predict`` N rows and cfg None).
         known [N, L] bool (editing; every row the same count): positions whose ``values`` are given and kept; the
-        loop starts with them unmasked and spreads its steps over the others (none left: no step runs).
-        """
+        loop starts with them unmasked and spreads its steps over the others (none left: no step runs). context:
+        [N, ...] the backbone's extra conditioning (D2C's fusion context; both guidance halves share it)."""
         n, seq_len, device = labels.shape[0], self.seq_len, labels.device
         todo = seq_len if known is None else seq_len - int(known[0].sum())
         if todo == 0:
@@ -176,7 +140,8 @@ class MaskedGenerator(nn.Module):
         score = torch.zeros(n, seq_len, device=device)
         mask = torch.ones(n, seq_len, dtype=torch.bool, device=device) if known is None else ~known
         orders = self._loop_orders(orders, known, n, random_order, gen, device)
-        plan = GuidancePlan(self.backbone, box) if use_cfg and box != PAPER else None
+        backbone = self._backbone(context)
+        plan = GuidancePlan(backbone, box) if use_cfg and box != PAPER else None
         was_training = self.training
         self.eval()
         try:
@@ -187,8 +152,8 @@ class MaskedGenerator(nn.Module):
                 if plan is not None:
                     z = plan.features(tokens, labels, mask, prev / seq_len, step)
                 else:
-                    z = self.backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
-                                      torch.cat([mask, mask]) if use_cfg else mask)
+                    z = backbone(torch.cat([tokens, tokens]) if use_cfg else tokens, labels,
+                                 torch.cat([mask, mask]) if use_cfg else mask)
                 pos = self._positions(mask, orders, remaining, prev)
                 if sorted_positions:
                     pos = pos.sort(dim=1).values

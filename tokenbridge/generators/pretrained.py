@@ -3,7 +3,7 @@
 A folder holds ``config.json`` (the family, the resolved model config, the sampling defaults and the provenance:
 VAE spec and fingerprint, token file, step, EMA or raw weights, and where converted weights came from) and
 ``model.safetensors`` (the state dict), the diffusers / huggingface_hub convention. Loading is offline, from a
-local path only. `register_family` gives every family both methods; `tokenbridge.checkpoint.load_generator` (and
+local path only. `base.Generator` gives every family both methods; `tokenbridge.checkpoint.load_generator` (and
 so every command with ``--model``) reads such a folder too.
 """
 
@@ -103,16 +103,3 @@ def build_generator(cls: type[nn.Module], record: dict[str, Any], state: dict[st
         raise ValueError(f"{where}: weights do not fit the recorded {record['family']} config: {e}") from e
     model.provenance = record
     return model.to(device).eval()
-
-
-class PretrainedMethods:
-    """The two methods `register_family` puts on every family (unless it defines its own)."""
-
-    def save_pretrained(self, directory: str | os.PathLike, **record: Any) -> Path:
-        """Write this generator as a pretrained folder (config.json + model.safetensors); see the module."""
-        return save_pretrained(self, directory, **record)
-
-    @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-        """Load a pretrained folder of this family (offline, a local path)."""
-        return from_pretrained(cls, directory, device)

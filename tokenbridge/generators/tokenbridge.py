@@ -23,21 +23,22 @@ from typing import Any, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import Field, PositiveInt
+from pydantic import PositiveInt
 
 from ..backbone import MAR, patchify, unpatchify
-from ..config import ConfigError, Section, signature_model, validate
+from ..config import ConfigError, signature_model, validate
 from ..heads import DimensionwiseARHead, GroupedHead, ParallelHead
-from ..layers import cfg_rows, guide
 from ..ordering import frequency_channel_order
 from ..quantizer import DimensionwiseQuantizer
 from .. import samplers
+from ..samplers import (CfgInterval, CfgSchedule, GuidanceScale, Sampler, SamplingSteps, Temperature, TopK, TopP,
+                        cfg_rows, guide)
+from .base import apply_preset, fill_shapes, make_generator, require_shapes
 from .editing import check_known
-from .masked import MaskedGenerator, fill_shapes, make_generator, require_shapes
-from .registry import apply_preset, register_family
+from .masked import NUM_ITER, MaskedConfig, MaskedGenerator
+from .presets import FMNIST_MAR, FMNIST_SHAPES, IMAGENET_SHAPES, MAR_SIZES, PAPER_DROPOUT, TINY_MAR
+from .registry import register_family
 
-ORDERS = ("random", "confidence")
-CFG_MIXES = ("logits", "z")
 HEADS: dict[str, type[nn.Module]] = {"ar": DimensionwiseARHead, "parallel": ParallelHead, "grouped": GroupedHead}
 # "frequency": the data-derived order (paper Sec. 3.2), computed from the training tokens when training starts
 ChannelOrder = list[int] | Literal["frequency"] | None
@@ -49,13 +50,10 @@ HEAD_CONFIGS = {kind: signature_model(cls, f"{cls.__name__}Config", exclude=("z_
                 for kind, cls in HEADS.items()}
 
 
-class TokenBridgeConfig(Section):
-    """grid_size, channels and num_classes default to the training tokens' (None: taken from the token file)."""
+class TokenBridgeConfig(MaskedConfig):
+    """grid_size, channels and num_classes default to the training tokens' (None: taken from the token file); the
+    C channels of a token are predicted one by one by the AR head."""
 
-    grid_size: tuple[PositiveInt, PositiveInt] | None = None  # latent grid (H, W)
-    channels: PositiveInt | None = None  # latent channels C, predicted one by one by the AR head
-    num_classes: PositiveInt | None = None
-    mask_ratio_min: float = Field(default=0.7, ge=0, lt=1)  # MAR: mask ratio ~ truncnorm on [0.7, 1]
     quantizer: QuantizerConfig = QuantizerConfig()
     backbone: BackboneConfig = BackboneConfig()
     head: dict[str, Any] = {"kind": "ar"}  # kind (ar | parallel | grouped) + that head class's keyword arguments
@@ -103,6 +101,13 @@ def check_buildable(cfg: dict) -> None:
         raise ConfigError("config key 'model.head.order' = 'frequency' needs the training tokens to derive it")
 
 
+def quantizer_meta_parts(config: dict) -> tuple[dict, dict]:
+    """`Generator.meta_parts` of the TokenBridge families: the quantizer built for real (its tables are computed,
+    not allocated) and a data-derived channel order left out (any other order is checked)."""
+    head = {**config["head"], **({"order": None} if config["head"].get("order") == "frequency" else {})}
+    return {**config, "head": head}, {"quantizer": DimensionwiseQuantizer(**config["quantizer"])}
+
+
 def _fill_from_data(cfg: dict, given_quantizer: dict, data: Any) -> None:
     """grid, channels, classes and quantizer from a token dataset (tokenbridge.tokens.CachedTokens); a value the
     config gives (preset included) must agree with the data."""
@@ -135,13 +140,11 @@ class TokenBridgeGenerator(MaskedGenerator):
     presets: dict[str, dict] = {}  # filled at the end of this module
 
     def __init__(self, config: dict, quantizer: DimensionwiseQuantizer | None = None) -> None:
-        super().__init__()
-        cfg = self.resolve_config(config)
-        check_buildable(cfg)
-        self.config = cfg
+        super().__init__(config)
+        cfg = self.config
         self.quantizer = quantizer if quantizer is not None else DimensionwiseQuantizer(**cfg["quantizer"])
         b, p = cfg["backbone"], int(cfg["backbone"]["patch_size"])
-        self.channels, self.patch_size = int(cfg["channels"]), p
+        self.patch_size = p
         self.backbone = MAR(grid_size=tuple(cfg["grid_size"]), token_dim=self.channels * p * p,
                             num_classes=int(cfg["num_classes"]), **b)
         head = dict(cfg["head"])
@@ -150,8 +153,7 @@ class TokenBridgeGenerator(MaskedGenerator):
             head["order"] = expand_channel_order(head["order"], self.channels, p)
         self.head = HEADS[kind](z_dim=int(b["width"]), num_channels=self.channels * p * p,
                                 levels=self.quantizer.levels, **head)
-        self.grid_size, self.seq_len = self.backbone.grid_size, self.backbone.seq_len
-        self.num_classes, self.levels = self.backbone.num_classes, self.quantizer.levels
+        self.seq_len, self.levels = self.backbone.seq_len, self.quantizer.levels
         self.mask_ratio_min = float(cfg["mask_ratio_min"])
 
     # ------------------------------------------------------------------ config
@@ -170,38 +172,14 @@ class TokenBridgeGenerator(MaskedGenerator):
             _fill_from_data(cfg, raw.get("quantizer") or {}, data)
         return cfg
 
-    @classmethod
-    def check_config(cls, config: dict) -> None:
-        """Build a resolved config's parts on the meta device (no memory, no time), so that a value the
-        constructors reject (levels=1, width=-1) fails before any data is read."""
-        if config["grid_size"] is None or config["channels"] is None or config["num_classes"] is None:
-            return
-        head = {**config["head"], **({"order": None} if "order" in config["head"] else {})}
-        trial = {**config, "head": head}
-        try:
-            quantizer = DimensionwiseQuantizer(**config["quantizer"])  # its tables are computed, not allocated
-            with torch.device("meta"):
-                cls(trial, quantizer)
-        except (ValueError, TypeError) as e:
-            raise ConfigError(f"model config: {e}") from None
+    check_buildable = staticmethod(check_buildable)
+    meta_parts = staticmethod(quantizer_meta_parts)
 
     @classmethod
     def from_config(cls, config: dict, data: Any = None) -> TokenBridgeGenerator:
         """Build from a model config; with ``data`` (a token dataset) its quantizer (fitted state included) and
         shapes are used, so that training dequantizes with exactly the quantizer that made the tokens."""
         return cls(cls.resolve_config(config, data), quantizer=data.make_quantizer() if data is not None else None)
-
-    # ------------------------------------------------------------------ validation (public entry points only)
-    def _check_batch(self, indices: torch.Tensor, labels: torch.Tensor) -> None:
-        """Shapes and dtypes only: value ranges are checked once where tokens enter (token file, quantizer), so a
-        training step costs no device -> host synchronisation."""
-        h, w = self.grid_size
-        if indices.dim() != 4 or tuple(indices.shape[1:]) != (h, w, self.channels):
-            raise ValueError(f"indices must be [B, {h}, {w}, {self.channels}], got shape {tuple(indices.shape)}")
-        if indices.is_floating_point() or indices.dtype == torch.bool or indices.is_complex():
-            raise ValueError(f"indices must be an integer tensor, got {indices.dtype}")
-        if labels.dim() != 1 or labels.shape[0] != indices.shape[0] or labels.is_floating_point():
-            raise ValueError(f"labels must be integers [{indices.shape[0]}], got {labels.dtype} {tuple(labels.shape)}")
 
     # ------------------------------------------------------------------ token helpers
     def indices_to_tokens(self, indices: torch.Tensor) -> torch.Tensor:
@@ -213,39 +191,30 @@ class TokenBridgeGenerator(MaskedGenerator):
     def loss(self, batch: tuple[torch.Tensor, torch.Tensor], mask_ratio: float | None = None) -> torch.Tensor:
         """Masked-token cross-entropy of a batch (indices, labels). mask_ratio=None draws it from the truncated
         normal (MAR training)."""
-        indices, labels = batch
-        self._check_batch(indices, labels)
-        indices, labels = indices.long(), labels.to(indices.device).long()
+        indices, labels = self.check_batch(batch)
+        indices = indices.long()
         targets = patchify(indices, self.patch_size)  # [B, L, C*p*p]
         tokens = patchify(self.quantizer.dequantize(indices), self.patch_size)
         z, mask = self._masked_features(tokens, labels, mask_ratio)
         return self.head.loss(z[mask], targets[mask])
 
     # ------------------------------------------------------------------ generation
-    def _check_sampling(self, labels: torch.Tensor, num_iter: int, cfg: float | None, cfg_schedule: str,
-                        temperature: float, order: str, cfg_mix: str = "logits") -> None:
-        self._check_mar_options(labels, num_iter, cfg, cfg_schedule, temperature)
-        if order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-        if cfg_mix not in CFG_MIXES:
-            raise ValueError(f"cfg_mix must be one of {CFG_MIXES}, got {cfg_mix!r}")
-
     @torch.no_grad()
     def sample(
         self,
         labels: torch.Tensor,
-        num_iter: int = 64,
-        cfg: float | None = 1.0,
-        cfg_schedule: Literal["linear", "constant"] = "linear",
-        temperature: float = 1.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
+        num_iter: SamplingSteps = NUM_ITER,
+        cfg: GuidanceScale | None = 1.0,
+        cfg_schedule: CfgSchedule = "linear",
+        temperature: Temperature = 1.0,
+        top_k: TopK = 0,
+        top_p: TopP = 1.0,
         order: Literal["random", "confidence"] = "random",
         cfg_mix: Literal["logits", "z"] = "logits",
         sorted_positions: bool = False,
-        sampler: Literal["toolbox", "paper"] = samplers.DEFAULT_SAMPLER,
-        cfg_interval: tuple[float, float] | None = samplers.PAPER.cfg_interval,
-        uncond_every: int = samplers.PAPER.uncond_every,
+        sampler: Sampler = samplers.DEFAULT_SAMPLER,
+        cfg_interval: CfgInterval | None = samplers.PAPER.cfg_interval,
+        uncond_every: PositiveInt = samplers.PAPER.uncond_every,
         generator: torch.Generator | int | None = None,
         progress: bool = False,
         callback: Callable[[dict[str, torch.Tensor]], None] | None = None,
@@ -275,7 +244,6 @@ class TokenBridgeGenerator(MaskedGenerator):
         known, known_mask: editing (generators/editing.py): latents [N, C, H, W] and [N, H, W] bool (True = keep);
         the kept tokens are the quantizer's indices of ``known``, returned unchanged, and the rest is sampled.
         """
-        self._check_sampling(labels, num_iter, cfg, cfg_schedule, temperature, order, cfg_mix)
         box = samplers.resolve(sampler, cfg_interval=cfg_interval, uncond_every=uncond_every)
         edit = check_known(known, known_mask, labels.shape[0], self.channels, self.grid_size, self.patch_size)
         device = next(self.parameters()).device
@@ -316,21 +284,14 @@ class TokenBridgeGenerator(MaskedGenerator):
 # Measured on the idle 2-core dev machine, AdamW: 0.85 s/step at batch 128, 0.43 s/step at batch 64 (fmnist.yaml).
 # Training is compute bound; the head runs on every masked position (~87% of 64 per image), so its width costs
 # as much as the backbone's (head width 128 instead of 64: 1.6 s/step).
-_FMNIST = {"grid_size": [8, 8], "channels": 4, "num_classes": 10,
-           "backbone": {"width": 192, "encoder_depth": 3, "decoder_depth": 3, "num_heads": 4, "buffer_size": 8},
-           "head": {"kind": "ar", "width": 64, "depth": 2, "num_heads": 4}}
+_FMNIST = {**FMNIST_SHAPES, "backbone": FMNIST_MAR, "head": {"kind": "ar", "width": 64, "depth": 2, "num_heads": 4}}
 # ImageNet 256x256 with MAR's KL-16 VAE (16x16x16 tokens); MAR-L / MAR-H backbones, paper head sizes and dropout
-_IMAGENET = {"grid_size": [16, 16], "channels": 16, "num_classes": 1000}
-_PAPER_DROPOUT = {"dropout": 0.1, "attn_dropout": 0.1}
+_IMAGENET, _PAPER_DROPOUT = IMAGENET_SHAPES, PAPER_DROPOUT
 TokenBridgeGenerator.presets.update({
-    "tiny": {**_FMNIST, "backbone": {"width": 32, "encoder_depth": 1, "decoder_depth": 1, "num_heads": 2,
-                                     "buffer_size": 2},
-             "head": {"kind": "ar", "width": 16, "depth": 1, "num_heads": 2}},
+    "tiny": {**_FMNIST, "backbone": TINY_MAR, "head": {"kind": "ar", "width": 16, "depth": 1, "num_heads": 2}},
     "fmnist": _FMNIST,
-    "tokenbridge-l": {**_IMAGENET, "backbone": {"width": 1024, "encoder_depth": 16, "decoder_depth": 16,
-                                                "num_heads": 16, **_PAPER_DROPOUT},
+    "tokenbridge-l": {**_IMAGENET, "backbone": {**MAR_SIZES["l"], **_PAPER_DROPOUT},
                       "head": {"kind": "ar", "width": 1024, "depth": 4, "num_heads": 8, "dropout": 0.1}},
-    "tokenbridge-h": {**_IMAGENET, "backbone": {"width": 1280, "encoder_depth": 20, "decoder_depth": 20,
-                                                "num_heads": 16, **_PAPER_DROPOUT},
+    "tokenbridge-h": {**_IMAGENET, "backbone": {**MAR_SIZES["h"], **_PAPER_DROPOUT},
                       "head": {"kind": "ar", "width": 1024, "depth": 6, "num_heads": 8, "dropout": 0.1}},
 })
