@@ -38,6 +38,7 @@ from .metrics import (
     load_reference_stats,
     precision_recall,
 )
+from .progress import disable
 
 DEFAULT_CLASSIFIER_PATH = Path(__file__).resolve().parent / "weights" / "fmnist_classifier.safetensors"
 CLASSIFIER_SIZE = 32  # input side of the classifier: Fashion-MNIST's 28x28 zero-padded to 32x32 (data.to_model_images)
@@ -149,7 +150,7 @@ def _train_epoch(
     device = next(model.parameters()).device
     model.train()
     perm = torch.randperm(len(labels), generator=gen)
-    bar = tqdm(range(math.ceil(len(labels) / batch_size)), desc=desc, disable=None)
+    bar = tqdm(range(math.ceil(len(labels) / batch_size)), desc=desc, disable=disable())
     for step in bar:
         idx = perm[step * batch_size : (step + 1) * batch_size]
         x = _augment(images[idx], gen).to(device)

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .files import save_figure, write_text
-from .images import save_image_grid
+from .images import save_labelled_grid
 from .markdown import fmt, markdown_table
 from .metrics import feature_statistics, frechet_distance, psnr, ssim
 from .quantizer import DimensionwiseQuantizer
@@ -104,12 +104,12 @@ def format_table(rows: list[Row], fd_name: str = "FD") -> str:
 
 
 def save_reconstruction_grid(samples: dict, rows: list[Row], path: str | Path) -> Path:
-    """One row of images per setting: original, continuous VAE, then every quantized setting whose name is B=..
-    at the default range (paper Fig. 6)."""
+    """One row of images per setting, named in a left margin: original, continuous VAE, then every quantized setting
+    whose name is B=.. at the default range (paper Fig. 6)."""
     names = ["original", "VAE (continuous)"] + [r.name for r in rows[1:] if "calibrated" not in r.name
                                                 and r.name.endswith(("+-5", "+-5.0"))]
     images = torch.cat([samples[n] for n in names])
-    return save_image_grid(images, path, nrow=len(samples["original"]), scale=3)
+    return save_labelled_grid(images, path, names, nrow=len(samples["original"]), scale=3)
 
 
 def save_histograms(latents: torch.Tensor, path: str | Path, levels: int = 64,

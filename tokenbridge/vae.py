@@ -36,6 +36,7 @@ from .data import as_tensors
 from .files import atomic_path, check_target, holds_output, tensor_bytes
 from .metrics import psnr
 from .optim import lr_at
+from .progress import disable
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 FMNIST_WEIGHTS = WEIGHTS_DIR / "fmnist_vae.safetensors"
@@ -459,7 +460,7 @@ def train_vae(
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     vae.train()
-    bar = tqdm(range(steps), desc="train-vae", disable=None)
+    bar = tqdm(range(steps), desc="train-vae", disable=disable())
     for step in bar:
         x = train_x[torch.randint(len(train_x), (batch_size,), generator=gen)].to(device)
         recon, mean, logvar = vae(x)

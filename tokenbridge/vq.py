@@ -37,6 +37,7 @@ from .files import atomic_path, check_writable, holds_output, remove_stale_tempo
 from .markdown import markdown_table
 from .metrics import psnr
 from .optim import lr_at
+from .progress import disable
 from .reading import check_state
 from .shards import ShardedTokens
 from .tokens import CachedTokens
@@ -365,7 +366,7 @@ def _fit_vq(model: VQTokenizer, latents_train: torch.Tensor, steps: int, batch_s
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, 1.0, min(100, steps // 10), steps))
     gen = torch.Generator().manual_seed(seed)
     t0, losses = time.time(), []
-    for step in tqdm(range(steps), desc="train-vq", disable=None if progress else True):
+    for step in tqdm(range(steps), desc="train-vq", disable=disable(None) if progress else True):
         x = latents_train[torch.randint(len(latents_train), (batch_size,), generator=gen)].to(device).float()
         loss = model.loss(x)
         if not math.isfinite(loss.item()):

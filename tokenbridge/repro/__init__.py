@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from ..cli_options import REPRO_OUT
 from ..files import write_text
 from .budgets import SCALES, resolve_budget
 from .runs import Context, Resources, Variant, VariantResult, heldout_nll, run_variant
@@ -61,7 +62,7 @@ def _write_markdown(ctx: Context, table: str, wall_s: float) -> Path:
     return path
 
 
-def run_repro(name: str, out_dir: str | os.PathLike = "docs/results", scale: str = "small",
+def run_repro(name: str, out_dir: str | os.PathLike = REPRO_OUT, scale: str = "small",
               overrides: Sequence[str] = (), device: str = "cpu", work_dir: str | os.PathLike = "runs/repro",
               resources: Resources | None = None) -> str:
     """Run one reproduction (a name in REPRO_NAMES, or "all"), write `<out_dir>/<name>.md` and `.png`, print and
