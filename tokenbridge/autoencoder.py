@@ -62,7 +62,8 @@ class VAE(nn.Module):
             raise ValueError(f"images must be a tensor [B, C, H, W], got {getattr(images, 'shape', type(images))}")
         b, c, h, w = images.shape
         if c != self.image_channels:
-            raise ValueError(channel_mismatch("this VAE's encode", images.shape, self.image_channels))
+            raise ValueError(f"images have {c} channels: " + channel_mismatch("this VAE's encode", images.shape,
+                                                                                self.image_channels))
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} is not divisible by the VAE stride {self.stride}")
         if not images.is_floating_point():
@@ -78,7 +79,8 @@ class VAE(nn.Module):
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise ValueError(f"latents must be a tensor [B, C, h, w], got {getattr(latents, 'shape', type(latents))}")
         if latents.shape[1] != self.latent_channels:
-            raise ValueError(channel_mismatch("this VAE's decode", latents.shape, self.latent_channels))
+            raise ValueError(f"latents have {latents.shape[1]} channels: " + channel_mismatch(
+                "this VAE's decode", latents.shape, self.latent_channels))
 
 
 

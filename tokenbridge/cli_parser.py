@@ -79,7 +79,8 @@ def _lib(command: str, key: str) -> str:
 def _add_common(p: argparse.ArgumentParser, device: bool = True) -> None:
     if device:
         p.add_argument("--device", help=DEVICE_HELP)
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars on stderr")
+    p.add_argument("-q", "--quiet", action=argparse.BooleanOptionalAction, default=False,
+                   help="no progress bars on stderr (off)")
 
 
 def _add_image_options(p: argparse.ArgumentParser) -> None:

@@ -36,8 +36,8 @@ def channel_mismatch(what: str, shape: Sequence[int], expected: int, channel_fir
         wanted = ([shape[0], expected, shape[1], shape[2]] if flipped else
                   [shape[0], expected, *shape[2:]] if len(shape) == 4 else ["N", expected, "H", "W"])
         hint = "; it looks channel-last [N, H, W, C]: pass tokenbridge.channel_first(x)" if flipped else ""
-        return f"{what} wants channel-first {wanted} (C = {expected}), got {shape}{hint}"
+        return f"{what} wants channel-first {wanted} ({expected} channels), got {shape}{hint}"
     flipped = len(shape) == 4 and shape[1] == expected  # the same tensor, channel-first
     wanted = [shape[0], shape[2], shape[3], expected] if flipped else [*shape[:-1], expected] or ["...", expected]
     hint = "; it looks channel-first [N, C, H, W]: pass tokenbridge.channel_last(x)" if flipped else ""
-    return f"{what} wants channel-last {wanted} (C = {expected} on the last axis), got {shape}{hint}"
+    return f"{what} wants channel-last {wanted} ({expected} channels on the last axis), got {shape}{hint}"

@@ -399,8 +399,9 @@ class DimensionwiseQuantizer(nn.Module):
     def _check_channels(self, shape: tuple[int, ...]) -> None:
         if not self.fitted:
             raise ValueError(f"calibration={self.calibration!r} needs fit(latents) before use")
-        if self.num_channels is not None and shape[-1] != self.num_channels:  # fitted per channel: C is known
-            raise ValueError(channel_mismatch("this fitted quantizer", shape, self.num_channels, False))
+        if self.num_channels is not None and shape[-1] != self.num_channels:  # fitted per channel: C known
+            raise ValueError(channel_mismatch(f"this quantizer (fitted on {self.num_channels} channels)", shape,
+                                              self.num_channels, False))
 
     def _check_latents(self, x: torch.Tensor) -> None:
         if not torch.is_floating_point(x):
