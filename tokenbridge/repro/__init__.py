@@ -33,6 +33,7 @@ import torch
 
 from ..cli_options import REPRO_OUT
 from ..files import write_text
+from ..progress import bar
 from .budgets import SCALES, resolve_budget
 from .runs import Context, Resources, Variant, VariantResult, heldout_nll, run_variant
 from . import shipped
@@ -80,7 +81,7 @@ def run_repro(name: str, out_dir: str | os.PathLike = REPRO_OUT, scale: str = "s
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     tables = []
-    for n in names:
+    for n in bar(names, desc="repro", unit="table"):  # each table's own runs draw their bars inside this one
         ctx = Context(n, scale, tuple(overrides), copy.deepcopy(budget), out_dir, work_dir, str(device), resources)
         start = time.time()
         table = TABLES[n](ctx)
