@@ -14,11 +14,13 @@ VERSION = "0.1.0"  # = pyproject.toml's version and tokenbridge.__version__ (tes
 
 class SamplingOption(NamedTuple):
     """One sampling option: its argparse type (bool: --x/--no-x; "pair": two floats), its choices, its default in
-    each family that has it (the family's ``sample()`` signature default) and its help text."""
+    each family that has it (the family's ``sample()`` signature default), its help text and, for a default of
+    None, what None means."""
     kind: Any
     choices: tuple[str, ...] | None
     defaults: dict[str, Any]
     help: str
+    unset: str = ""
 
 
 _MASKED = ("tokenbridge", "mar", "d2c")  # the MAR-style families (masked generation over a random order)
@@ -43,7 +45,7 @@ SAMPLING_OPTIONS: dict[str, SamplingOption] = {
     "sampler": SamplingOption(str, ("toolbox", "paper"), _same(_MASKED, "toolbox"),
                               "'paper' ignores the sampler toolbox options (cfg-interval, uncond-every, ...)"),
     "cfg_interval": SamplingOption("pair", None, _same(_MASKED, None),
-                                   "guide only the steps whose mask ratio lies in [LO, HI] (default: every step)"),
+                                   "guide only the steps whose mask ratio lies in [LO, HI]", "every step"),
     "uncond_every": SamplingOption(int, None, _same(_MASKED, 1),
                                    "recompute the unconditional features every N guided steps (reuse in between)"),
     "top_k": SamplingOption(int, None, _same(("tokenbridge", "tokenbridge-ar"), 0),
@@ -56,13 +58,13 @@ SAMPLING_OPTIONS: dict[str, SamplingOption] = {
                               "guide the head's logits, or the backbone's features before the head (released code)"),
     "num_sampling_steps": SamplingOption(int, None, _same(_DIFFUSION, 100), "diffusion (DDPM) steps per token"),
     "clip_denoised": SamplingOption(float, None, _same(_DIFFUSION, None),
-                                    "clamp the predicted clean token to +-this bound at every diffusion step "
-                                    "(default: unclipped)"),
+                                    "clamp the predicted clean token to +-this bound at every diffusion step",
+                                    "unclipped"),
     "released_cfg": SamplingOption(bool, None, _same(_DIFFUSION, False),
                                    "the released MAR sampler's last-step guidance scale 1 + (cfg - 1)(L - 1)/L"),
     "num_sampling_steps_end": SamplingOption(int, None, _same(_DIFFUSION, None),
-                                             "anneal the diffusion steps to this count at the last MAR step (DiSA; "
-                                             "default: no annealing)"),
+                                             "anneal the diffusion steps to this count at the last MAR step (DiSA)",
+                                             "no annealing"),
     "sampling_steps_anneal": SamplingOption(str, ("linear", "cosine"), _same(_DIFFUSION, "linear"),
                                             "how the diffusion steps move to --num-sampling-steps-end"),
     "diffusion_sampler": SamplingOption(str, ("ddpm", "ddim"), _same(_DIFFUSION, "ddpm"),
@@ -102,15 +104,17 @@ REPRO_OUT = "runs/repro-results"
 
 
 def option_help(name: str) -> str:
-    """The help line of sampling option ``name``: what it does, then each family's default and the shipped
+    """The help line of sampling option ``name``: what it does, then its family default(s) and the shipped
     generators' recorded values (what `sample` really uses when the option is left out)."""
     option = SAMPLING_OPTIONS[name]
-    defaults = sorted(set(map(repr, option.defaults.values())))
-    family = (f"default {defaults[0]}" if len(defaults) == 1 else
-              "defaults " + ", ".join(f"{f} {v!r}" for f, v in option.defaults.items()))
+    values = {option.unset if v is None else repr(v) for v in option.defaults.values()}
+    family = (f"default {values.pop()}" if len(values) == 1 else
+              "defaults " + ", ".join(f"{f} {option.unset if v is None else repr(v)}"
+                                      for f, v in option.defaults.items()))
     shipped = [f"{g} {record[name]!r}" for g, record in SHIPPED_SAMPLING.items() if name in record]
-    recorded = f"; recorded by {', '.join(shipped)} (a generator's recorded value wins)" if shipped else ""
+    recorded = f"; recorded: {', '.join(shipped)}" if shipped else ""
     return f"{option.help} ({family}{recorded})".replace("%", "%%")
+
 
 # The defaults the library applies when an option is left out (the functions each command calls hold them; the
 # parser passes only what was given). Shown in --help; tests/test_cli_ux.py checks them against the signatures.

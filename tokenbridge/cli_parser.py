@@ -101,7 +101,9 @@ def sampling_fields() -> tuple[str, ...]:
 def _add_sampling_options(p: argparse.ArgumentParser) -> None:
     """One option per sampling option (``--num-iter``), in one argument group per set of families that share it;
     unset ones are not passed (the generator's recorded value, then its family's default, applies)."""
-    groups = {families: p.add_argument_group(title) for title, families in SAMPLING_GROUPS}
+    groups = {families: p.add_argument_group(title, "an option left out takes the generator's recorded value "
+                                                    "(`recorded:`), else its family's default" if i == 0 else None)
+              for i, (title, families) in enumerate(SAMPLING_GROUPS)}
     for name, option in SAMPLING_OPTIONS.items():
         group = groups[tuple(option.defaults)]
         flag = f"--{name.replace('_', '-')}"
