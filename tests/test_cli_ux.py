@@ -205,6 +205,17 @@ def workspace(tmp_path_factory):
     return root
 
 
+@pytest.fixture()
+def few_real_images(monkeypatch):
+    """evaluate and sweep score against the first 300 test images instead of 10,000 (k-NN radii dominate)."""
+    import tokenbridge.evaluate
+    import tokenbridge.sweep
+    from tokenbridge.data import as_tensors
+    few = lambda split, **kw: as_tensors(split, limit=300)  # noqa: E731
+    monkeypatch.setattr(tokenbridge.evaluate, "as_tensors", few)
+    monkeypatch.setattr(tokenbridge.sweep, "as_tensors", few)
+
+
 def _convert(root: Path, out: Path) -> list[str]:
     """`convert` of a released-layout MAR checkpoint (tests/official_format.py builds it)."""
     sys.path.insert(0, str(Path(__file__).parent))
@@ -236,7 +247,7 @@ COMMANDS = {
 @pytest.mark.parametrize("quiet", [False, True], ids=["bars", "quiet"])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_long_command_shows_progress_on_stderr_unless_quiet(command, quiet, workspace, tmp_path, capsys,
-                                                            monkeypatch, fake_fashion_mnist):
+                                                            monkeypatch, fake_fashion_mnist, few_real_images):
     if command == "train-vae":  # the real splits would make this a minutes-long test (5,000 + 10,000 encodes)
         (tmp_path / "fmnist").mkdir()
         monkeypatch.setenv("TOKENBRIDGE_FASHION_MNIST", str(fake_fashion_mnist(tmp_path / "fmnist")))
@@ -258,7 +269,7 @@ def test_export_and_repro_show_progress_unless_quiet(quiet, workspace, tmp_path,
     assert (tmp_path / "results" / "table1.md").is_file() and bool(BAR.search(captured.err)) is not quiet
 
 
-def test_evaluate_warns_on_few_samples_and_reports_its_noise(workspace, capsys):
+def test_evaluate_warns_on_few_samples_and_reports_its_noise(workspace, capsys, few_real_images):
     cli.main(["evaluate", str(workspace / "samples" / "samples.npz"), "--quiet"])
     captured = capsys.readouterr()
     assert "warning: 16 samples; below 300" in captured.err
