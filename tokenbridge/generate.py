@@ -68,7 +68,8 @@ def generate(model: str | os.PathLike | nn.Module, labels: Sequence[int], vae: s
         raise ValueError("no labels given: pass at least one class index")
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = []
-    images_bar = bar(total=len(labels), desc="images", unit="img", requested=wanted(progress) and len(labels) > batch_size)
+    several = wanted(progress) and len(labels) > batch_size  # one batch: its step bar says it all
+    images_bar = bar(total=len(labels), desc="images", unit="img", requested=several)
     for start in range(0, len(labels), batch_size):
         out = model.sample(labels[start:start + batch_size].to(device), generator=generator,
                            progress=wanted(progress), **options)
@@ -111,7 +112,8 @@ def save_samples(result: dict, out_dir: str | Path, nrow: int = 8, show_confiden
         else:
             low, high = float(result["confidence"].min()), float(result["confidence"].max())
             written.append(save_labelled_grid(maps, out_dir / "confidence.png", rows, nrow=nrow, scale=3,
-                                              colour_bar=(f"log p {low:.2f}", f"log p {high:.2f}")))
+                                              colour_bar=(f"least sure: log p {low:.2f}",
+                                                          f"most sure: log p {high:.2f}")))
     if npz:
         path = out_dir / "samples.npz"
         arrays = {"images": to_uint8(images), "labels": result["labels"].numpy()}
