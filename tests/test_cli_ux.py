@@ -232,6 +232,8 @@ COMMANDS = {
                           "--out", str(o)],
     "cache-latents": lambda w, o: ["cache-latents", "--data", "fmnist", "--split", "test", "--limit", "8",
                                    "--out", str(o / "t.safetensors")],
+    "cache-latents --shard-size": lambda w, o: ["cache-latents", "--data", "fmnist", "--split", "test", "--limit",
+                                                "8", "--shard-size", "4", "--out", str(o / "shards")],
     "train": lambda w, o: ["train", "--config", str(w / "run.yaml"), f"out_dir={o}"],
     "train-vq": lambda w, o: ["train-vq", "--tokens", str(w / "tokens.safetensors"), "--out", str(o), "--steps",
                               "2", "--batch-size", "8", "--codebook-size", "4", "--dim", "4"],

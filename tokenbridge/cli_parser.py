@@ -65,9 +65,10 @@ def _renamed(p: argparse.ArgumentParser, old: str, new: str, **kwargs: Any) -> N
     p.add_argument(old, dest=new.lstrip("-").replace("-", "_"), action=_Renamed, new_name=new, **kwargs)
 
 
-def _flag(p: Any, name: str, help_text: str, default: bool | None = False) -> None:
-    """--name / --no-name (a plain `type=bool` would read "False" as True)."""
-    shown = {False: "off", True: "on", None: "off"}[default]
+def _flag(p: Any, name: str, help_text: str, default: bool | None = False, shown: str | None = None) -> None:
+    """--name / --no-name (a plain `type=bool` would read "False" as True). default None: left to the library,
+    whose value ``shown`` names (default: off)."""
+    shown = shown or {False: "off", True: "on", None: "off"}[default]
     p.add_argument(name, action=argparse.BooleanOptionalAction, default=default, help=f"{help_text} ({shown})")
 
 
@@ -245,8 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                             "models' for that width: 768 -> 12, 1024/1280 -> 16)")
     p.add_argument("--head-num-heads", type=_positive_int, help="TokenBridge channel-head attention heads (default: "
                                                                 "the released models')")
-    _flag(p, "--first-token-timestep", "TokenBridge: keep the released sampler's first-input quirk (see "
-                                       "official_head.py)", default=None)
+    _flag(p, "--first-token-timestep", "TokenBridge: keep the released sampler's first-input quirk, see "
+                                       "official_head.py", default=None, shown="on")
     p.add_argument("--vae", help="the VAE spec to record, e.g. kl16:/path/kl16.ckpt (else give --vae to sample)")
     _flag(p, "--trust-pickle", "read a checkpoint holding arbitrary Python objects")
     _add_common(p, device=False)
