@@ -223,8 +223,10 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     images, labels = read_samples(args.samples)
     device = _device(args.device)
     if len(images) < MIN_SAMPLES:
-        print(f"tokenbridge evaluate: warning: {len(images)} samples; below {MIN_SAMPLES} the metrics move with the "
-              "draw of samples about as much as between models (see \"noise\" below)", file=sys.stderr)
+        print(f"tokenbridge evaluate: warning: {len(images)} samples; below {MIN_SAMPLES} the metrics vary widely "
+              "with the draw of samples and FD reads high" + ("" if args.inception_weights else
+                                                              " (\"noise\" below estimates by how much)"),
+              file=sys.stderr)
     if args.inception_weights:
         if not args.reference:
             raise ValueError("--inception-weights needs --reference (an .npz with mu and sigma)")
