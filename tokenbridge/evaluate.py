@@ -27,7 +27,7 @@ from .images import from_uint8
 from .metrics import check_knn_sizes, check_labels, read_npz
 from .progress import bar
 
-# below this many samples, the metrics' sampling noise is as large as the differences they are read for
+# `tokenbridge evaluate` warns below this many samples ("a few hundred"): the metrics then move with the draw
 MIN_SAMPLES = 300
 SAMPLES_NPZ = ("a samples .npz as `tokenbridge sample --npz` writes it: 'images' uint8 [N, H, W, C] in [0, 255] "
                "and optional 'labels' integer [N]")
