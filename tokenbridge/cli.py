@@ -18,7 +18,7 @@ import yaml
 
 from .budget import check_images_request, check_sample_request, duration, is_out_of_memory, out_of_memory
 from .checkpoint import SHIPPED, export_weights, load_generator
-from .cli_parser import build_parser, parse_args, sampling_fields
+from .cli_parser import build_parser, parse_args, sampling_fields  # noqa: F401 (tests: cli.build_parser)
 from .classifier import class_accuracy, load_classifier, train_classifier
 from .config import ConfigError, DataConfig, validate
 from .convert import convert as convert_official
