@@ -69,7 +69,8 @@ def test_version_is_the_package_version():
 def test_sampling_table_equals_every_family_signature():
     from tokenbridge.generators import FAMILIES, sample_options
     table = cli_options.SAMPLING_OPTIONS
-    for family, cls in FAMILIES.items():
+    for family in {*cli_options.SHIPPED_FAMILY.values(), "tokenbridge-ar"}:  # other tests register toy families
+        cls = FAMILIES[family]
         fields = sample_options(cls).model_fields
         assert {n for n, o in table.items() if family in o.defaults} == set(fields), family
         for name, field in fields.items():

@@ -28,7 +28,7 @@ from .files import atomic_path, check_writable
 from .generate import resolve_vae, sampling_defaults
 from .generators import check_sample_options
 from .images import image_grid, to_uint8
-from .progress import wanted
+from .progress import progress_option
 from .sources import decode_image, image_source
 from .vae import VAE
 
@@ -166,8 +166,8 @@ def edit(model: str | os.PathLike | nn.Module, images: torch.Tensor, keep: torch
     for batch in _batches(keep_rows, batch_size):
         src = rows[batch]
         out = model.sample(labels[src].to(device), generator=generator, known=known[src].to(device),
-                           known_mask=token_mask_to_latent(keep_rows[batch], p).to(device), progress=wanted(progress),
-                           **options)
+                           known_mask=token_mask_to_latent(keep_rows[batch], p).to(device),
+                           **progress_option(model.sample, progress), **options)
         latents[batch] = out["latents"].float().cpu()
     return {"images": decode(decoder, latents, device, batch_size), "labels": labels[rows], "keep": keep_rows,
             "source_index": rows, "latents": latents, "originals": images.float().cpu(),

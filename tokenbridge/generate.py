@@ -17,7 +17,7 @@ from .checkpoint import load_generator
 from .files import atomic_path
 from .generators import check_sample_options
 from .images import grid_row_labels, save_image_grid, save_labelled_grid, to_uint8
-from .progress import bar, wanted
+from .progress import bar, progress_option, wanted
 from .vae import VAE, load_vae, vae_fingerprint
 
 
@@ -72,7 +72,7 @@ def generate(model: str | os.PathLike | nn.Module, labels: Sequence[int], vae: s
     images_bar = bar(total=len(labels), desc="images", unit="img", requested=several)
     for start in range(0, len(labels), batch_size):
         out = model.sample(labels[start:start + batch_size].to(device), generator=generator,
-                           progress=wanted(progress), **options)
+                           **progress_option(model.sample, progress), **options)
         out["images"] = vae.decode(out.pop("latents")).clamp(-1, 1)
         chunks.append({k: v.cpu() for k, v in out.items()})
         images_bar.update(len(out["images"]))

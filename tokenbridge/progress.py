@@ -7,6 +7,7 @@ caller asked for one, and a bar left to tqdm shows on a terminal only. The comma
 from __future__ import annotations
 
 import contextlib
+import inspect
 import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
@@ -41,6 +42,12 @@ def wanted(requested: bool = False) -> bool:
     """For the ``progress: bool`` argument of a function that draws its own bar: ``requested``, unless the switch
     is off."""
     return bool(requested) and _SWITCH[0] is not False
+
+
+def progress_option(fn: Any, requested: bool = False) -> dict[str, bool]:
+    """``{"progress": ...}`` for calling ``fn`` (e.g. a family's ``sample``), or {} when ``fn`` takes no progress
+    argument (a family need not draw bars)."""
+    return {"progress": wanted(requested)} if "progress" in inspect.signature(fn).parameters else {}
 
 
 def bar(iterable: Iterable | None = None, *, requested: bool | None = None, **kwargs: Any) -> tqdm:
