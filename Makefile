@@ -50,7 +50,7 @@ ui-check: install
 	$(PY) tools/ui_check.py --out docs/img/ui.png
 
 repro: install data
-	$(TB) repro all --overwrite
+	$(TB) repro all --out docs/results --overwrite
 
 clean:
 	rm -rf $(OUT) .pytest_cache

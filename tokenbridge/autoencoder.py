@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layout import channel_mismatch
+
 KL16_SCALING_FACTOR = 0.2325
 SD_SCALING_FACTOR = 0.18215  # Stable Diffusion's VAE, for diffusers folders whose config has none
 
@@ -46,7 +48,8 @@ class VAE(nn.Module):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Scaled latents [B, latent_channels, h, w] -> images [B, image_channels, h*stride, w*stride], roughly
-        in [-1, 1] (not clamped)."""
+        in [-1, 1]: not clamped (``.clamp(-1, 1)`` as `tokenbridge.generate` and `reconstruct` do), and without
+        autograd in the implementations (a decoder to look at samples; training calls ``forward``)."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -59,7 +62,8 @@ class VAE(nn.Module):
             raise ValueError(f"images must be a tensor [B, C, H, W], got {getattr(images, 'shape', type(images))}")
         b, c, h, w = images.shape
         if c != self.image_channels:
-            raise ValueError(f"images have {c} channels, this VAE expects {self.image_channels}")
+            raise ValueError(f"images have {c} channels: " + channel_mismatch("this VAE's encode", images.shape,
+                                                                                self.image_channels))
         if h % self.stride or w % self.stride:
             raise ValueError(f"image size {h}x{w} is not divisible by the VAE stride {self.stride}")
         if not images.is_floating_point():
@@ -75,7 +79,8 @@ class VAE(nn.Module):
         if not isinstance(latents, torch.Tensor) or latents.ndim != 4:
             raise ValueError(f"latents must be a tensor [B, C, h, w], got {getattr(latents, 'shape', type(latents))}")
         if latents.shape[1] != self.latent_channels:
-            raise ValueError(f"latents have {latents.shape[1]} channels, this VAE expects {self.latent_channels}")
+            raise ValueError(f"latents have {latents.shape[1]} channels: " + channel_mismatch(
+                "this VAE's decode", latents.shape, self.latent_channels))
 
 
 
@@ -98,8 +103,10 @@ class DiffusersVAE(VAE):
         dist = self.model.encode(images).latent_dist
         return (dist.sample() if sample else dist.mean) * self.scaling_factor
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, latent_channels, h, w] -> images [B, in_channels, h*stride, w*stride], ~[-1, 1]."""
+        """Scaled latents [B, latent_channels, h, w] -> images [B, in_channels, h*stride, w*stride], ~[-1, 1]
+        (not clamped; no autograd)."""
         self._check_latents(latents)
         return self.model.decode(latents / self.scaling_factor).sample
 
@@ -405,8 +412,10 @@ class AutoencoderKL(VAE):
             mean = mean + torch.exp(0.5 * logvar) * noise
         return mean * self.scaling_factor
 
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Scaled latents [B, embed_dim, h, w] -> images [B, in_channels, h*stride, w*stride], roughly in [-1, 1]."""
+        """Scaled latents [B, embed_dim, h, w] -> images [B, in_channels, h*stride, w*stride], roughly in [-1, 1]
+        (not clamped; no autograd)."""
         self._check_latents(latents)
         return self.decoder(self.post_quant_conv(latents / self.scaling_factor))
 

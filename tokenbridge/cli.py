@@ -1,6 +1,7 @@
 """`tokenbridge` command line: one subcommand per job; each one is a thin wrapper over the library.
 
 Options left out take the library's defaults (the function each command calls holds them); `--help` says which.
+The parser (cli_parser.py) loads none of this: the console script parses first, then imports this module.
 """
 from __future__ import annotations
 
@@ -17,18 +18,19 @@ import yaml
 
 from .budget import check_images_request, check_sample_request, duration, is_out_of_memory, out_of_memory
 from .checkpoint import SHIPPED, export_weights, load_generator
-from .cli_parser import build_parser, sampling_fields
+from .cli_parser import build_parser, parse_args, sampling_fields  # noqa: F401 (tests: cli.build_parser)
 from .classifier import class_accuracy, load_classifier
 from .config import ConfigError, DataConfig, validate
 from .data import as_tensors
 from .distributed import TrainingInterrupted
-from .edit import run_edit
-from .evaluate import evaluate_samples, read_samples
+from .edit import class_names, run_edit
+from .evaluate import MIN_SAMPLES, evaluate_with_noise, read_samples
 from .files import check_target, command_lock, overwriting
 from .generate import generate, save_samples
 from .inception import InceptionFID
 from .metrics import load_reference_stats
 from .official import convert as convert_official
+from .progress import bar, progress_switch
 from .reconstruct import run_reconstruct
 from .repro import run_repro
 from .shards import cache_shards
@@ -61,20 +63,21 @@ def cmd_reconstruct(args: argparse.Namespace) -> None:
     features, fd_name, fit_latents = None, "FD", None
     if args.images:  # a folder, or any image source spec (wds:PATTERN, hf:PATH, folder:PATH)
         spec = args.images if args.images.split(":", 1)[0] in ("folder", "wds", "hf") else f"folder:{args.images}"
-        check_images_request(args.num_images, vae.image_channels, args.resolution, f"reconstruct: {args.num_images} "
-                             f"images at {args.resolution}x{args.resolution}", "lower --num-images or --resolution")
-        source = image_source(spec, args.resolution, vae.image_channels, limit=args.num_images,
+        check_images_request(args.limit, vae.image_channels, args.resolution, f"reconstruct: {args.limit} "
+                             f"images at {args.resolution}x{args.resolution}", "lower --limit or --resolution")
+        source = image_source(spec, args.resolution, vae.image_channels, limit=args.limit,
                               **_given(args, strict="strict_images", allow_large_images="allow_large_images"))
         images = torch.stack([source[i][0] for i in range(len(source))])
     else:
-        images, _ = as_tensors("test", limit=args.num_images)
+        images, _ = as_tensors("test", limit=args.limit)
         features, fd_name = load_classifier(device=device).features, "FD (classifier features)"
         with torch.no_grad():  # calibrated quantizers are fitted on training images, not the evaluated ones
             train_images, _ = as_tensors("train", limit=2000)
             fit_latents = torch.cat([vae.encode(train_images[i:i + 500].to(device)).cpu()
                                      for i in range(0, len(train_images), 500)])
     _, table = run_reconstruct(vae, images, args.out, features=features, fd_name=fd_name, fit_latents=fit_latents,
-                               device=device, **_given(args, levels="levels", ranges="ranges", batch_size="batch_size"))
+                               device=device, progress=not args.quiet,
+                               **_given(args, levels="levels", ranges="ranges", batch_size="encode_batch"))
     print(table)
     print(f"\nwrote {args.out}/table1.md, reconstruction_grid.png, latent_histograms.png")
 
@@ -127,7 +130,7 @@ def _cache_job(args: argparse.Namespace) -> tuple[DataConfig, dict, str]:
     if not args.out:
         raise ConfigError("give --out (or --config, whose data.tokens names the file)")
     data = validate(DataConfig, _given(args, vae="vae", dataset="data", split="split", limit="limit",
-                                       resolution="resolution", channels="channels", encode_batch="batch_size",
+                                       resolution="resolution", channels="channels", encode_batch="encode_batch",
                                        strict_images="strict_images", allow_large_images="allow_large_images",
                                        shard_size="shard_size", flip="flip"), "data")
     quantizer = _given(args, levels="levels", std_range="std_range", kind="kind")
@@ -150,24 +153,31 @@ def cmd_cache_latents(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------------------------------- train / export
 def cmd_train(args: argparse.Namespace) -> None:
-    metrics = train(load_run_config(args.config, args.overrides), resume=not args.no_resume, overwrite=args.overwrite)
+    metrics = train(load_run_config(args.config, args.overrides), resume=args.resume, overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(metrics))
 
 
 def cmd_export(args: argparse.Namespace) -> None:
     sample = {k: yaml.safe_load(v) for k, v in (item.split("=", 1) for item in args.sample or [])}
-    print(f"wrote {export_weights(args.checkpoint, args.out, ema=not args.raw, half=args.half, sample=sample)}")
+    with bar(total=1, desc="export", unit="file") as steps:  # one long step: read, convert and write the weights
+        path = export_weights(args.checkpoint, args.out, ema=not args.raw_weights, half=args.half, sample=sample)
+        steps.update()
+    print(f"wrote {path}")
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
     check_target(Path(args.out) / "config.json", what="pretrained folder")
     options = _given(args, num_heads="num_heads", head_num_heads="head_num_heads", vae="vae")
-    if args.no_first_token_timestep:
-        options["first_token_timestep"] = False
-    model = convert_official(args.checkpoint, family=args.family, weights=args.weights,
-                             trust_pickle=args.trust_pickle, **options)
-    print(f"wrote {model.save_pretrained(args.out)} ({model.family}, {sum(p.numel() for p in model.parameters()):,} "
+    if args.first_token_timestep is not None:
+        options["first_token_timestep"] = args.first_token_timestep
+    with bar(total=2, desc="convert", unit="step") as steps:  # read + map the checkpoint, then write the folder
+        model = convert_official(args.checkpoint, family=args.family, weights=args.weights,
+                                 trust_pickle=args.trust_pickle, **options)
+        steps.update()
+        folder = model.save_pretrained(args.out)
+        steps.update()
+    print(f"wrote {folder} ({model.family}, {sum(p.numel() for p in model.parameters()):,} "
           f"parameters, {args.weights}; sampling defaults {model.provenance['sample']})")
     if model.provenance["source"].get("note"):
         print(f"note: {model.provenance['source']['note']}")
@@ -182,9 +192,9 @@ def cmd_sample(args: argparse.Namespace) -> None:
     _check_sample_size(args, model, device, options)
     labels = [label for label in args.labels for _ in range(args.per_class)]
     result = generate(model, labels, vae=args.vae, device=device, allow_other_vae=args.allow_other_vae,
-                      **_given(args, seed="seed", batch_size="batch_size"), **options)
+                      progress=not args.quiet, **_given(args, seed="seed", batch_size="batch_size"), **options)
     written = save_samples(result, args.out, nrow=args.per_class if args.per_class > 1 else 10,
-                           show_confidence=args.show_confidence, npz=args.npz)
+                           show_confidence=args.show_confidence, npz=args.npz, class_names=class_names(model))
     for path in written:
         print(f"wrote {path}")
     if args.evaluate:
@@ -206,8 +216,8 @@ def cmd_edit(args: argparse.Namespace) -> None:
     options = {name: getattr(args, name) for name in sampling_fields() if getattr(args, name) is not None}
     written = run_edit(args.model, args.images, args.keep, args.out, labels=args.labels, per_image=args.per_image,
                        split=args.split, limit=args.limit, npz=args.npz, vae=args.vae, device=_device(args.device),
-                       allow_other_vae=args.allow_other_vae, **_given(args, seed="seed", batch_size="batch_size"),
-                       **options)
+                       allow_other_vae=args.allow_other_vae, progress=not args.quiet,
+                       **_given(args, seed="seed", batch_size="batch_size"), **options)
     for path in written:
         print(f"wrote {path}")
 
@@ -215,6 +225,11 @@ def cmd_edit(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     images, labels = read_samples(args.samples)
     device = _device(args.device)
+    if len(images) < MIN_SAMPLES:
+        print(f"tokenbridge evaluate: warning: {len(images)} samples; below {MIN_SAMPLES} the metrics vary widely "
+              "with the draw of samples and FD reads high" + ("" if args.inception_weights else
+                                                              " (\"noise\" below estimates by how much)"),
+              file=sys.stderr)
     if args.inception_weights:
         if not args.reference:
             raise ValueError("--inception-weights needs --reference (an .npz with mu and sigma)")
@@ -223,7 +238,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
         fid.set_reference(*load_reference_stats(args.reference))
         result = {"fid": fid.compute(), "is": fid.inception_score(), "num_samples": len(images)}
     else:
-        result = evaluate_samples(images, labels, device=device, source=args.samples)
+        result = evaluate_with_noise(images, labels, device=device, source=args.samples, progress=not args.quiet)
     print(json.dumps(result, indent=1))
 
 
@@ -231,7 +246,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 def cmd_sweep(args: argparse.Namespace) -> None:
     result = run_sweep(args.model, cfg=args.cfg, temperature=args.temperature, num_iter=args.num_iter,
                        per_class=args.per_class, seed=args.seed, device=_device(args.device), out=args.out,
-                       overwrite=args.overwrite)
+                       overwrite=args.overwrite, progress=not args.quiet)
     print(sweep_table(result["rows"]))
     print(f"\n{describe_best(result)}\nwrote {args.out}/sweep.md, sweep.json, sweep.png")
 
@@ -249,16 +264,16 @@ def cmd_repro(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    # `repro table2a --scale small train.steps=400`: argparse stops filling a nargs="*" positional at the first
-    # option, so key=value overrides written after options come back here
-    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
-        args.overrides = list(args.overrides) + extra
-    elif extra:
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    """Parse ``argv`` (default: sys.argv) and run the command (in-process; the console script is cli_parser.main,
+    which parses before importing this module)."""
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the parsed command; bad input, a missing file or a full disk end in a one-line message (exit 2)."""
     try:
-        with overwriting(bool(getattr(args, "overwrite", False))), command_lock(args):
+        with overwriting(bool(getattr(args, "overwrite", False))), command_lock(args), \
+                progress_switch(not getattr(args, "quiet", False)):
             globals()["cmd_" + args.command.replace("-", "_")](args)  # cmd_<subcommand>, looked up when called
     except TrainingInterrupted as stop:  # the checkpoint is saved: a message, not a traceback
         print(f"tokenbridge {args.command}: {stop}", file=sys.stderr)

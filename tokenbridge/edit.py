@@ -28,6 +28,7 @@ from .files import atomic_path, check_writable
 from .generate import resolve_vae, sampling_defaults
 from .generators import check_sample_options
 from .images import image_grid, to_uint8
+from .progress import progress_option
 from .sources import decode_image, image_source
 from .vae import VAE
 
@@ -136,14 +137,14 @@ def _batches(keep: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 def edit(model: str | os.PathLike | nn.Module, images: torch.Tensor, keep: torch.Tensor,
          labels: Sequence[int] | torch.Tensor, per_image: int = 1, vae: str | VAE | None = None, seed: int = 0,
          device: str | torch.device = "cpu", batch_size: int = 256, allow_other_vae: bool = False,
-         **options: Any) -> dict[str, torch.Tensor]:
+         progress: bool = False, **options: Any) -> dict[str, torch.Tensor]:
     """Regenerate the region of ``images`` [N, Ci, R, R'] (in [-1, 1]) outside ``keep`` (token grid [N, gh, gw]
     or [gh, gw] bool, True = keep) under ``labels`` [N], ``per_image`` times each.
 
     options: the family's sampling options (unset ones: the generator's recorded defaults). Returns dict(images
     [N * K, Ci, R, R'] in [-1, 1] (image i's K results at rows i*K .. i*K+K-1), labels [N * K], keep [N * K, gh, gw],
     source_index [N * K], latents [N * K, C, h, w], originals [N, ...], reconstructions [N, ...] (the VAE's)),
-    on the CPU. Deterministic under ``seed``.
+    on the CPU. Deterministic under ``seed``. progress: each batch's sampling bar on stderr.
     """
     model = load_generator(model, device) if not isinstance(model, nn.Module) else model.to(device).eval()
     options = {**sampling_defaults(model), **check_sample_options(type(model), options, prefix="sampling option")}
@@ -165,7 +166,8 @@ def edit(model: str | os.PathLike | nn.Module, images: torch.Tensor, keep: torch
     for batch in _batches(keep_rows, batch_size):
         src = rows[batch]
         out = model.sample(labels[src].to(device), generator=generator, known=known[src].to(device),
-                           known_mask=token_mask_to_latent(keep_rows[batch], p).to(device), **options)
+                           known_mask=token_mask_to_latent(keep_rows[batch], p).to(device),
+                           **progress_option(model.sample, progress), **options)
         latents[batch] = out["latents"].float().cpu()
     return {"images": decode(decoder, latents, device, batch_size), "labels": labels[rows], "keep": keep_rows,
             "source_index": rows, "latents": latents, "originals": images.float().cpu(),
@@ -255,7 +257,7 @@ def save_edits(result: dict[str, torch.Tensor], out_dir: str | os.PathLike, name
 def run_edit(model: str, images: str, keep: str, out: str | os.PathLike, labels: Sequence[int] | None = None,
              per_image: int = 1, split: str = "test", limit: int | None = 8, npz: bool = False,
              vae: str | None = None, device: str = "cpu", seed: int = 0, batch_size: int = 256,
-             allow_other_vae: bool = False, **options: Any) -> list[Path]:
+             allow_other_vae: bool = False, progress: bool = False, **options: Any) -> list[Path]:
     """`tokenbridge edit`: everything checked (output folder, model, kept region, labels) before the images are
     encoded. labels: one class for every image or one per image (default: the source's). Returns the written
     paths."""
@@ -276,5 +278,5 @@ def run_edit(model: str, images: str, keep: str, out: str | os.PathLike, labels:
         raise ValueError(f"--labels gives {len(labels)} classes for {len(pictures)} images: give one, or one per image")
     target = (source_labels if labels is None else torch.tensor(list(labels)).expand(len(pictures)))
     result = edit(generator, pictures, region, target, per_image=per_image, vae=decoder, seed=seed, device=device,
-                  batch_size=batch_size, **options)
+                  batch_size=batch_size, progress=progress, **options)
     return save_edits(result, out, class_names(generator), npz=npz)

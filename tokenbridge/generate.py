@@ -16,7 +16,8 @@ from torch import nn
 from .checkpoint import load_generator
 from .files import atomic_path
 from .generators import check_sample_options
-from .images import save_image_grid, to_uint8
+from .images import grid_row_labels, save_image_grid, save_labelled_grid, to_uint8
+from .progress import bar, progress_option, wanted
 from .vae import VAE, load_vae, vae_fingerprint
 
 
@@ -49,13 +50,14 @@ def resolve_vae(model: nn.Module, vae: str | VAE | None = None, device: str | to
 @torch.no_grad()
 def generate(model: str | os.PathLike | nn.Module, labels: Sequence[int], vae: str | VAE | None = None,
              seed: int = 0, device: str | torch.device = "cpu", batch_size: int = 256,
-             allow_other_vae: bool = False, **options: Any) -> dict[str, torch.Tensor]:
+             allow_other_vae: bool = False, progress: bool = False, **options: Any) -> dict[str, torch.Tensor]:
     """Sample class-conditional images from a generator of any family.
 
     model: a generator or a spec for `load_generator` ("fmnist", a checkpoint.pt, an exported .safetensors).
     labels: one class index per image. vae: None = the VAE the generator was trained on (`resolve_vae`).
     options: the family's sampling options (e.g. num_iter, cfg, temperature); unset ones take the generator's
-    recorded defaults, then its ``sample`` signature's. Returns dict(images [N, Ci, H, W] in [-1, 1], labels [N],
+    recorded defaults, then its ``sample`` signature's. progress: bars with ETA on stderr (each batch's steps;
+    the images, when there are several batches). Returns dict(images [N, Ci, H, W] in [-1, 1], labels [N],
     plus the family's per-sample outputs such as indices and confidence), on the CPU.
     """
     model = load_generator(model, device) if not isinstance(model, nn.Module) else model.to(device).eval()
@@ -66,10 +68,15 @@ def generate(model: str | os.PathLike | nn.Module, labels: Sequence[int], vae: s
         raise ValueError("no labels given: pass at least one class index")
     generator = torch.Generator(device=device).manual_seed(seed)
     chunks = []
+    several = wanted(progress) and len(labels) > batch_size  # one batch: its step bar says it all
+    images_bar = bar(total=len(labels), desc="images", unit="img", requested=several)
     for start in range(0, len(labels), batch_size):
-        out = model.sample(labels[start:start + batch_size].to(device), generator=generator, **options)
+        out = model.sample(labels[start:start + batch_size].to(device), generator=generator,
+                           **progress_option(model.sample, progress), **options)
         out["images"] = vae.decode(out.pop("latents")).clamp(-1, 1)
         chunks.append({k: v.cpu() for k, v in out.items()})
+        images_bar.update(len(out["images"]))
+    images_bar.close()
     result = {k: torch.cat([c[k] for c in chunks]) for k in chunks[0]}
     result["labels"] = labels
     return result
@@ -85,16 +92,28 @@ def confidence_images(confidence: torch.Tensor, size: int) -> torch.Tensor:
 
 
 def save_samples(result: dict, out_dir: str | Path, nrow: int = 8, show_confidence: bool = False,
-                 npz: bool = False) -> list[Path]:
-    """Write samples.png (and confidence.png when the family reports confidence, samples.npz); returns the paths."""
+                 npz: bool = False, class_names: Sequence[str] | None = None) -> list[Path]:
+    """Write samples.png (and confidence.png when the family reports confidence, samples.npz); returns the paths.
+    class_names: name each grid row by its class in a left margin (the images themselves are unchanged); the
+    confidence map then also gets a colour bar whose ends give the batch's lowest and highest log-probability."""
     out_dir = Path(out_dir)
     images = result["images"]
-    written = [save_image_grid(images, out_dir / "samples.png", nrow=nrow, scale=3)]
+    rows = grid_row_labels(result["labels"].tolist(), class_names, nrow) if class_names is not None else None
+    if rows is None:
+        written = [save_image_grid(images, out_dir / "samples.png", nrow=nrow, scale=3)]
+    else:
+        written = [save_labelled_grid(images, out_dir / "samples.png", rows, nrow=nrow, scale=3)]
     if show_confidence and "confidence" in result:
         maps = confidence_images(result["confidence"], images.shape[-1])
         if images.shape[1] == 3:
             maps = maps.expand(-1, 3, -1, -1)
-        written.append(save_image_grid(maps, out_dir / "confidence.png", nrow=nrow, scale=3))
+        if rows is None:
+            written.append(save_image_grid(maps, out_dir / "confidence.png", nrow=nrow, scale=3))
+        else:
+            low, high = float(result["confidence"].min()), float(result["confidence"].max())
+            written.append(save_labelled_grid(maps, out_dir / "confidence.png", rows, nrow=nrow, scale=3,
+                                              colour_bar=(f"least sure: log p {low:.2f}",
+                                                          f"most sure: log p {high:.2f}")))
     if npz:
         path = out_dir / "samples.npz"
         arrays = {"images": to_uint8(images), "labels": result["labels"].numpy()}

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from .layout import channel_mismatch
+
 DEFAULT_CUTOFF = 0.25  # radial frequency in cycles per latent pixel; Nyquist is 0.5, so this is its lower half
 
 
@@ -36,15 +38,29 @@ def low_frequency_energy_share(latents: torch.Tensor, cutoff: float = DEFAULT_CU
     return (power * low).sum(dim=(1, 2)) / total
 
 
-def frequency_channel_order(latents: torch.Tensor, cutoff: float = DEFAULT_CUTOFF) -> tuple[torch.Tensor, torch.Tensor]:
+def _check_layout(shape: tuple[int, ...], channels: int | None) -> None:
+    if channels is not None and shape[1] != channels:
+        raise ValueError(channel_mismatch("frequency_channel_order", shape, channels))
+    if channels is None and shape[1] == shape[2] and shape[2] != shape[3]:
+        raise ValueError(channel_mismatch("frequency_channel_order", shape, shape[3]) + " (pass channels=C if "
+                         f"the latents really are {shape[1]} channels of {shape[2]}x{shape[3]})")
+
+
+def frequency_channel_order(latents: torch.Tensor, cutoff: float = DEFAULT_CUTOFF,
+                            channels: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Channels sorted by low-frequency energy share, most low-frequency first.
 
     Args:
-        latents: `[N, C, H, W]` latents of real images.
+        latents: `[N, C, H, W]` latents of real images (channel-first, as `VAE.encode` returns them).
+        channels: C when known (the VAE's ``latent_channels``): a tensor whose dim 1 differs raises a ValueError
+            naming both shapes. Without it, a tensor that reads as a square channel-last grid [N, H, H, C] but as a
+            non-square channel-first one (e.g. [16, 8, 8, 4]) is refused as a likely layout mistake.
     Returns:
         (order, inverse), both LongTensor `[C]`: `order[k]` is the channel predicted k-th, and
         `inverse[c]` is the position of channel c in that order (`order[inverse] == arange(C)`).
     """
+    if latents.dim() == 4:
+        _check_layout(tuple(latents.shape), channels)
     share = low_frequency_energy_share(latents, cutoff).cpu()
     order = torch.sort(share, descending=True, stable=True).indices
     inverse = torch.empty_like(order)

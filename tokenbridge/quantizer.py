@@ -37,6 +37,7 @@ from torch import nn
 
 from ._lookup import KEY_OFFSET, KEYS, Tables, cell_tables, lookup, numba  # noqa: F401 (numba: benchmarks ask)
 from ._lookup import released_map, released_search, released_values  # noqa: F401 (released_map: public here)
+from .layout import channel_mismatch
 
 KINDS = ("gaussian", "uniform")
 TAILS = ("paper", "clamped")
@@ -395,19 +396,19 @@ class DimensionwiseQuantizer(nn.Module):
         if x.device.type != "meta" and not torch.isfinite(x.float().sum()) and not torch.isfinite(x).all():
             raise ValueError("latents contain NaN or inf; the quantizer needs finite values")
 
-    def _check_channels(self, channels: int) -> None:
+    def _check_channels(self, shape: tuple[int, ...]) -> None:
         if not self.fitted:
             raise ValueError(f"calibration={self.calibration!r} needs fit(latents) before use")
-        expected = self.num_channels
-        if expected is not None and channels != expected:
-            raise ValueError(f"this quantizer was fitted on {expected} channels, got input with {channels} (last dim)")
+        if self.num_channels is not None and shape[-1] != self.num_channels:  # fitted per channel: C known
+            raise ValueError(channel_mismatch(f"this quantizer (fitted on {self.num_channels} channels)", shape,
+                                              self.num_channels, False))
 
     def _check_latents(self, x: torch.Tensor) -> None:
         if not torch.is_floating_point(x):
             raise ValueError(f"quantize expects a float tensor, got {x.dtype}")
         if x.dim() == 0:
             raise ValueError("quantize expects a tensor [..., C], got a scalar")
-        self._check_channels(x.shape[-1])
+        self._check_channels(tuple(x.shape))
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         """Latents `[..., C]` (any float dtype, any device) -> indices `[..., C]` (int64 in [0, B))."""
@@ -422,7 +423,7 @@ class DimensionwiseQuantizer(nn.Module):
             raise ValueError(f"dequantize expects an integer tensor of indices, got {indices.dtype}")
         if indices.dim() == 0:
             raise ValueError("dequantize expects a tensor [..., C], got a scalar")
-        self._check_channels(indices.shape[-1])
+        self._check_channels(tuple(indices.shape))
         if indices.numel() and indices.device.type != "meta":
             low, high = (int(v) for v in torch.aminmax(indices))
             if low < 0 or high >= self.levels:

@@ -14,7 +14,7 @@ import torch
 from tqdm import tqdm
 
 from .files import save_figure, write_text
-from .images import save_image_grid
+from .images import save_labelled_grid
 from .markdown import fmt, markdown_table
 from .metrics import feature_statistics, frechet_distance, psnr, ssim
 from .quantizer import DimensionwiseQuantizer
@@ -104,12 +104,12 @@ def format_table(rows: list[Row], fd_name: str = "FD") -> str:
 
 
 def save_reconstruction_grid(samples: dict, rows: list[Row], path: str | Path) -> Path:
-    """One row of images per setting: original, continuous VAE, then every quantized setting whose name is B=..
-    at the default range (paper Fig. 6)."""
+    """One row of images per setting, named in a left margin: original, continuous VAE, then every quantized setting
+    whose name is B=.. at the default range (paper Fig. 6)."""
     names = ["original", "VAE (continuous)"] + [r.name for r in rows[1:] if "calibrated" not in r.name
                                                 and r.name.endswith(("+-5", "+-5.0"))]
     images = torch.cat([samples[n] for n in names])
-    return save_image_grid(images, path, nrow=len(samples["original"]), scale=3)
+    return save_labelled_grid(images, path, names, nrow=len(samples["original"]), scale=3)
 
 
 def save_histograms(latents: torch.Tensor, path: str | Path, levels: int = 64,
@@ -153,15 +153,15 @@ def save_histograms(latents: torch.Tensor, path: str | Path, levels: int = 64,
 def run_reconstruct(vae, images: torch.Tensor, out_dir: str | Path, features=None, fd_name: str = "FD",
                     fit_latents: torch.Tensor | None = None, levels: tuple[int, ...] | None = None,
                     ranges: tuple[float, ...] | None = None, batch_size: int = 256,
-                    device="cpu") -> tuple[list[Row], str]:
+                    device="cpu", progress: bool = True) -> tuple[list[Row], str]:
     """Table + grid + histograms into `out_dir`; returns (rows, markdown table). levels / ranges: the Table 1
-    rows (None: `quantizer_settings`' defaults)."""
+    rows (None: `quantizer_settings`' defaults). progress: a bar over the quantizer settings on stderr."""
     out_dir = Path(out_dir)
     start = time.time()
     chosen = {k: tuple(v) for k, v in {"levels": levels, "ranges": ranges}.items() if v is not None}
     rows, samples = reconstruction_table(vae, images, quantizer_settings(**chosen),
                                          features=features, batch_size=batch_size, device=device,
-                                         fit_latents=fit_latents)
+                                         fit_latents=fit_latents, progress=progress)
     table = format_table(rows, fd_name)
     write_text(out_dir / "table1.md",
                f"{table}\n\n{len(images)} images, {time.time() - start:.0f} s. PSNR on images in [-1, 1].\n")

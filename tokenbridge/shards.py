@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .config import DataConfig
 from .distributed import barrier, init_distributed
 from .files import atomic_path, check_writable, tensor_bytes
+from .progress import bar
 from .reading import inside
 from .quantizer import DimensionwiseQuantizer
 from .rows import FileTensor, LazyRows, read_tensors
@@ -209,7 +210,9 @@ def cache_shards(data: DataConfig, out_dir: str | os.PathLike, quantizer: dict[s
         state_key = _key({k: v.tolist() for k, v in quant.state_dict().items()})
         setup = _key([fit_key, state_key, shard_size, flip, latents_dtype])
         num_shards = -(-n // shard_size)
-        for k in range(rank, num_shards, world):
+        # this process's shards, with an ETA (rank 0 draws it; every process encodes its share)
+        mine = range(rank, num_shards, world)
+        for k in bar(mine, desc="shards", unit="shard", requested=None if rank == 0 else False):
             start, stop = k * shard_size, min((k + 1) * shard_size, n)
             if _finished(out_dir, k, setup, stop - start) is None:
                 torch.manual_seed(seed + 1 + k)  # each shard reproducible whichever rank encodes it

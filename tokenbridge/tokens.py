@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from .config import DataConfig
 from .budget import check_encode_request
 from .files import atomic_path, check_target, holds_output, tensor_bytes
+from .progress import disable
 from .quantizer import DimensionwiseQuantizer
 from .sources import image_source
 from .vae import VAE, load_vae, vae_fingerprint
@@ -65,7 +66,7 @@ def fit_quantizer(quantizer: DimensionwiseQuantizer, vae: VAE, dataset: Dataset,
     subset = Subset(dataset, torch.linspace(0, len(dataset) - 1, n_fit).long().tolist())
     loader = DataLoader(subset, batch_size=data.encode_batch)
     latents = [encode_latents(vae, x.to(device), data.sample_posterior).cpu()
-               for x, _ in tqdm(loader, desc="fitting quantizer", disable=None)]
+               for x, _ in tqdm(loader, desc="fitting quantizer", disable=disable())]
     quantizer.fit(torch.cat(latents).permute(0, 2, 3, 1))
 
 
@@ -74,7 +75,7 @@ def _encode_all(vae: VAE, quantizer: DimensionwiseQuantizer, dataset: Dataset, d
     dtype = index_dtype(quantizer.levels)
     indices, labels, latents = [], [], []
     loader = DataLoader(dataset, batch_size=data.encode_batch, shuffle=False, drop_last=False)
-    for images, label in tqdm(loader, desc=f"caching {data.dataset}:{data.split}", disable=None):
+    for images, label in tqdm(loader, desc=f"caching {data.dataset}:{data.split}", disable=disable()):
         lat = encode_latents(vae, images.to(device), data.sample_posterior)
         indices.append(latents_to_indices(quantizer, lat).to("cpu", dtype))
         labels.append(torch.as_tensor(label).to("cpu", torch.int64))

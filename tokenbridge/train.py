@@ -32,6 +32,7 @@ from .checkpoint import CHECKPOINT_NAME, CKPT_FORMAT, FORMAT_VERSION, load_check
 from .config import ConfigError, RunConfig, apply_overrides, read_yaml, validate
 from .files import FolderLock, atomic_path, check_writable
 from .optim import EMA, ScheduledAdamW, param_groups, warmup_cosine
+from .progress import disable
 from .reading import check_tokens
 from .generators import apply_preset, check_sample_options, get_family
 from .shards import ShardedTokens
@@ -352,7 +353,7 @@ class Trainer:
         sums = torch.zeros(2, device=self.device)  # loss, grad norm: summed on the device, read once per window
         t_window, n_window, batches, step = time.time(), 0, None, self.start_step
         self.model.train()
-        pbar = tqdm(total=self.total_steps, initial=step, disable=None if self.is_main else True, desc="train")
+        pbar = tqdm(total=self.total_steps, initial=step, disable=disable() if self.is_main else True, desc="train")
         with D.StopSignals(self.device) as stop:
             while step < end_step:
                 batches = self._batches(step, batches)

@@ -31,7 +31,9 @@ from pathlib import Path
 
 import torch
 
+from ..cli_options import REPRO_OUT
 from ..files import write_text
+from ..progress import bar
 from .budgets import SCALES, resolve_budget
 from .runs import Context, Resources, Variant, VariantResult, heldout_nll, run_variant
 from . import shipped
@@ -61,7 +63,7 @@ def _write_markdown(ctx: Context, table: str, wall_s: float) -> Path:
     return path
 
 
-def run_repro(name: str, out_dir: str | os.PathLike = "docs/results", scale: str = "small",
+def run_repro(name: str, out_dir: str | os.PathLike = REPRO_OUT, scale: str = "small",
               overrides: Sequence[str] = (), device: str = "cpu", work_dir: str | os.PathLike = "runs/repro",
               resources: Resources | None = None) -> str:
     """Run one reproduction (a name in REPRO_NAMES, or "all"), write `<out_dir>/<name>.md` and `.png`, print and
@@ -79,7 +81,7 @@ def run_repro(name: str, out_dir: str | os.PathLike = "docs/results", scale: str
     out_dir.mkdir(parents=True, exist_ok=True)
     work_dir.mkdir(parents=True, exist_ok=True)
     tables = []
-    for n in names:
+    for n in bar(names, desc="repro", unit="table"):  # each table's own runs draw their bars inside this one
         ctx = Context(n, scale, tuple(overrides), copy.deepcopy(budget), out_dir, work_dir, str(device), resources)
         start = time.time()
         table = TABLES[n](ctx)

@@ -27,6 +27,7 @@ from torch.utils.data import Dataset
 
 from ..checkpoint import load_generator
 from ..classifier import classifier_metrics, load_classifier
+from ..cli_options import REPRO_OUT
 from ..config import DataConfig, apply_overrides, validate
 from ..data import FashionMNIST
 from ..files import atomic_path
@@ -129,7 +130,7 @@ class Context:
     def command(self) -> str:
         """The `tokenbridge repro` command line that repeats this table."""
         parts = ["tokenbridge", "repro", self.name, "--scale", self.scale]
-        if self.out_dir != Path("docs/results"):
+        if self.out_dir != Path(REPRO_OUT):
             parts += ["--out", str(self.out_dir)]
         if self.device != "cpu":
             parts += ["--device", self.device]

@@ -17,6 +17,7 @@ from ..classifier import FMNISTClassifier, class_accuracy
 from ..data import as_tensors
 from ..files import atomic_path
 from ..optim import ScheduledAdamW, one_cycle
+from ..progress import disable
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -50,7 +51,7 @@ def _train_epoch(
     device = next(model.parameters()).device
     model.train()
     perm = torch.randperm(len(labels), generator=gen)
-    bar = tqdm(range(math.ceil(len(labels) / batch_size)), desc=desc, disable=None)
+    bar = tqdm(range(math.ceil(len(labels) / batch_size)), desc=desc, disable=disable())
     for step in bar:
         idx = perm[step * batch_size : (step + 1) * batch_size]
         x = _augment(images[idx], gen).to(device)

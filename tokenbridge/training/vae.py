@@ -16,6 +16,7 @@ from ..data import as_tensors
 from ..files import check_target, holds_output
 from ..metrics import psnr
 from ..optim import ScheduledAdamW, warmup_cosine
+from ..progress import disable
 from ..vae import VAE_FORMAT, check_device, save_vae
 
 # How the shipped weights/fmnist_vae.safetensors were made (also stored in the file's "training" metadata):
@@ -113,7 +114,7 @@ def train_vae(
     gen = torch.Generator().manual_seed(seed)
     t0 = time.time()
     vae.train()
-    bar = tqdm(range(steps), desc="train-vae", disable=None)
+    bar = tqdm(range(steps), desc="train-vae", disable=disable())
     for step in bar:
         x = train_x[torch.randint(len(train_x), (batch_size,), generator=gen)].to(device)
         recon, mean, logvar = vae(x)

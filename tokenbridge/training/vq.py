@@ -17,6 +17,7 @@ from ..files import holds_output
 from ..markdown import markdown_table
 from ..metrics import psnr
 from ..optim import ScheduledAdamW, warmup_cosine
+from ..progress import disable
 from ..shards import ShardedTokens
 from ..tokens import CachedTokens
 from ..vae import load_vae, vae_fingerprint
@@ -83,7 +84,7 @@ def _fit_vq(model: VQTokenizer, latents_train: torch.Tensor, steps: int, batch_s
                          betas=(0.9, 0.99))
     gen = torch.Generator().manual_seed(seed)
     t0, losses = time.time(), []
-    for step in tqdm(range(steps), desc="train-vq", disable=None if progress else True):
+    for step in tqdm(range(steps), desc="train-vq", disable=disable(None) if progress else True):
         x = latents_train[torch.randint(len(latents_train), (batch_size,), generator=gen)].to(device).float()
         loss = model.loss(x)
         if not math.isfinite(loss.item()):
