@@ -66,6 +66,17 @@ def test_version_is_the_package_version():
 
 
 # ---------------------------------------------------------------------------------------------- the constants the help shows
+def _declared_type(kind):
+    """The type under the annotation's ranges (samplers' Annotated declarations) and ``| None``."""
+    while True:
+        if typing.get_origin(kind) is typing.Annotated:
+            kind = typing.get_args(kind)[0]
+        elif type(None) in typing.get_args(kind):
+            kind = next(a for a in typing.get_args(kind) if a is not type(None))
+        else:
+            return kind
+
+
 def test_sampling_table_equals_every_family_signature():
     from tokenbridge.generators import FAMILIES, sample_options
     table = cli_options.SAMPLING_OPTIONS
@@ -76,11 +87,10 @@ def test_sampling_table_equals_every_family_signature():
         for name, field in fields.items():
             option = table[name]
             assert option.defaults[family] == field.default, (family, name)
-            kind = field.annotation
+            kind = _declared_type(field.annotation)
             if typing.get_origin(kind) is typing.Literal:
                 assert option.choices == typing.get_args(kind), name
                 continue
-            kind = next((a for a in typing.get_args(kind) if a is not type(None)), kind)
             assert ("pair" if typing.get_origin(kind) is tuple else kind) == option.kind, name
     groups = {families for _, families in cli_options.SAMPLING_GROUPS}
     assert all(tuple(o.defaults) in groups for o in table.values())  # every option has its help group
