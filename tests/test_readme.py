@@ -115,3 +115,12 @@ def test_local_links_resolve(page):
         if not (path.parent / target.split("#")[0]).exists():
             missing.append(target)
     assert not missing, f"{page}: links to missing files {missing}"
+
+
+def test_the_readmes_anchors_name_its_headings():
+    text = README.read_text()
+    # GitHub's anchor of a heading: lower case, punctuation other than hyphens dropped, spaces as hyphens
+    slugs = {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+             for heading in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+    anchors = set(re.findall(r"\]\(#([^)]+)\)", text))
+    assert anchors and anchors <= slugs, f"anchors without a heading: {anchors - slugs}"
