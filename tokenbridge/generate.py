@@ -1,7 +1,7 @@
 """The sampling entry point for every generator family: load a generator and the VAE it was trained on, sample,
 decode, write files.
 
-    result = generate("fmnist", labels=[0, 1, 2], cfg=3.0)   # images [3, 3, 32, 32] in [-1, 1]
+    result = generate("fmnist", labels=[0, 1, 2], cfg=3.0)   # images [3, 1, 32, 32] in [-1, 1]
 """
 from __future__ import annotations
 
