@@ -83,7 +83,46 @@ def run_torchrun(script: Path, *args: str, log_dir: Path, nproc: int = 2, timeou
         pytest.fail(f"torchrun exited with {res.returncode}:\n{res.stderr[-3000:]}\n{ranks}")
 
 
-@pytest.fixture()
-def torchrun():
-    """`run_torchrun`: a script under torchrun with CPU processes; a failure shows every rank's own output."""
-    return run_torchrun
+# Runs the given job scripts one after another in the same torchrun workers, each as ``script OUT_DIR`` (its own
+# __main__). Every job gets its own rendezvous store, a TCPStore that rank 0 opens on a free port and announces
+# through torchrun's store: a process group made and destroyed by one job cannot be made again on the same store
+# (the second init reads the first one's keys and connects to ports that are closed by then).
+TORCHRUN_JOBS = """
+import os, runpy, sys
+from datetime import timedelta
+import torch.distributed as dist
+
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+agent = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False,
+                      timeout=timedelta(seconds=60))
+servers = []  # rank 0's stores, open until every rank is done
+for k, (script, out_dir) in enumerate(zip(sys.argv[1::2], sys.argv[2::2])):
+    if rank == 0:
+        servers.append(dist.TCPStore("127.0.0.1", 0, world, True, wait_for_workers=False))
+        agent.set(f"tokenbridge-job-{k}", str(servers[-1].port))
+    os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", agent.get(f"tokenbridge-job-{k}").decode()
+    sys.argv = [script, out_dir]
+    print(f"--- job {script}", flush=True)
+    runpy.run_path(script, run_name="__main__")
+agent.set(f"tokenbridge-done-{rank}", "1")
+agent.wait([f"tokenbridge-done-{r}" for r in range(world)])
+"""
+
+
+@pytest.fixture(scope="session")
+def torchrun_jobs(request, tmp_path_factory) -> dict[str, Path]:
+    """One torchrun with 2 CPU processes for the DDP job of every selected test that asks for this fixture: the
+    ``DDP_SCRIPT`` of each such test module runs in turn in the same two workers (a process group of its own each),
+    so that the workers' start (interpreter, torch and tokenbridge imports: seconds) is paid once per session, not
+    once per test. Returns {test module name: the folder its script was given as sys.argv[1]}."""
+    scripts = {item.module.__name__: item.module.DDP_SCRIPT for item in request.session.items
+               if "torchrun_jobs" in getattr(item, "fixturenames", ())}
+    root = tmp_path_factory.mktemp("torchrun")
+    args, outs = [], {}
+    for name, source in sorted(scripts.items()):
+        (root / f"{name}.py").write_text(source)
+        outs[name] = root / name
+        args += [str(root / f"{name}.py"), str(outs[name])]
+    (root / "jobs.py").write_text(TORCHRUN_JOBS)
+    run_torchrun(root / "jobs.py", *args, log_dir=root / "logs", timeout=120 * len(scripts))
+    return outs

@@ -51,7 +51,7 @@ def test_classifier_inception_score(clf, test_split):
 
 def test_classifier_fd(clf, test_split):
     images, _ = test_split
-    a, b = images[:1000], images[1000:]
+    a, b = images[:500], images[500:1000]
     same = C.classifier_fd(a, a, classifier=clf)
     held_out = C.classifier_fd(a, b, classifier=clf)
     g = torch.Generator().manual_seed(0)

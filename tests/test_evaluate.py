@@ -38,8 +38,10 @@ def gray_uint8(n=4, size=32, channel_axis=True):
 # ---------------------------------------------------------------------------------------------------- round trip
 
 
-def test_round_trip_through_save_samples(tmp_path, test_split):
+def test_round_trip_through_save_samples(tmp_path, test_split, monkeypatch):
     images, labels = test_split
+    asked = []  # the real images evaluate loads by default: the test split (here its first 300, to be quick)
+    monkeypatch.setattr(E, "as_tensors", lambda *args, **kw: asked.append((args, kw)) or test_split)
     result = {"images": images[:20], "labels": labels[:20].long()}
     (path,) = [p for p in save_samples(result, tmp_path, npz=True) if p.suffix == ".npz"]
     read, read_labels = E.read_samples(path)
@@ -48,6 +50,7 @@ def test_round_trip_through_save_samples(tmp_path, test_split):
     assert (read - images[:20]).abs().max() <= 1 / 127.5 + 1e-6
     assert read_labels.dtype == torch.int64 and torch.equal(read_labels, labels[:20])
     out = E.evaluate_samples(read, read_labels, device="cpu", source=path)  # default: the whole test split
+    assert asked == [(("test",), {})]
     assert set(out) == {"is_cls", "class_accuracy", "fd_cls", "precision", "recall", "num_samples"}
     assert out["num_samples"] == 20 and out["class_accuracy"] >= 0.8
 

@@ -208,14 +208,12 @@ DDP_SCRIPT = ROW_SEEDED_SOURCE + textwrap.dedent('''
 ''')
 
 
-def test_two_process_gloo_ddp_equals_one_process(tmp_path, torchrun):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
-    torchrun(script, str(tmp_path / "ddp"), log_dir=tmp_path / "logs", timeout=180)
+def test_two_process_gloo_ddp_equals_one_process(tmp_path, torchrun_jobs):
+    ddp_dir = torchrun_jobs[__name__]  # DDP_SCRIPT run by 2 gloo processes (conftest)
     single = {**tiny_run(tmp_path / "one", steps=4, ckpt_every=4), "family": "mar-row-seeded"}
     single["model"] = {"preset": "tiny"}
     T.train(single, dataset=tiny_latents())
-    ddp, one = (C.load_checkpoint(p / C.CHECKPOINT_NAME) for p in (tmp_path / "ddp", tmp_path / "one"))
+    ddp, one = (C.load_checkpoint(p / C.CHECKPOINT_NAME) for p in (ddp_dir, tmp_path / "one"))
     assert ddp["step"] == one["step"] == 4 and ddp["world_size"] == 2 and len(ddp["rng"]) == 2
     init = tiny_model(seed=3).state_dict()
     for key in ("model", "ema"):

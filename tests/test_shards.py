@@ -4,17 +4,13 @@ reading (single files, synthetic sets, bad manifests)."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
-from tokenbridge import shards as S
 from tokenbridge.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from tokenbridge.config import DataConfig
 from tokenbridge.shards import MANIFEST, ShardedTokens, cache_shards, write_synthetic_shards
@@ -60,7 +56,7 @@ exec(SOURCE, _ns)
 TinyVAE, images, QUANT = _ns["TinyVAE"], _ns["images"], _ns["QUANT"]
 DATA = DataConfig(vae="tiny", encode_batch=4, sample_posterior=True)
 
-SCRIPT = SOURCE + textwrap.dedent(
+DDP_SCRIPT = SOURCE + textwrap.dedent(
     '''
     import sys
     from tokenbridge.config import DataConfig
@@ -79,23 +75,17 @@ def cache(out: Path, **kw) -> Path:
     return cache_shards(DATA, out, **{**args, **kw})
 
 
-def test_two_processes_equal_one_process(tmp_path):
-    script = tmp_path / "cache_run.py"
-    script.write_text(SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(S.__file__).parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "ddp")]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+def test_two_processes_equal_one_process(tmp_path, torchrun_jobs):
+    ddp_dir = torchrun_jobs[__name__]  # DDP_SCRIPT run by 2 processes (conftest)
     one = cache(tmp_path / "one")
     assert one == tmp_path / "one" / MANIFEST
-    two = json.loads((tmp_path / "ddp" / MANIFEST).read_text())
+    two = json.loads((ddp_dir / MANIFEST).read_text())
     assert two == json.loads(one.read_text())
     assert len(two["shards"]) == 7 and two["count"] == 50 and two["grid"] == [4, 4, 4] and two["flip"]
     for name in [s["file"] for s in two["shards"]] + ["quantizer.safetensors"]:
-        assert (tmp_path / "ddp" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+        assert (ddp_dir / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
     # the union of the ranks' shards, ordered by image index, is the one-process cache
-    mine, ref = ShardedTokens(tmp_path / "ddp", verify=True), ShardedTokens(one)
+    mine, ref = ShardedTokens(ddp_dir, verify=True), ShardedTokens(one)
     order = torch.argsort(mine.image_index[:])
     assert torch.equal(mine.image_index[:][order], torch.arange(50))
     for name in ("indices", "labels", "latents", "_flipped"):

@@ -52,21 +52,19 @@ DDP_SCRIPT = TINY_SOURCE + textwrap.dedent(
 )
 
 
-def test_ddp_two_processes_match_single_process(tmp_path, torchrun):
-    script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT)
-    torchrun(script, str(tmp_path / "ddp"), log_dir=tmp_path / "logs")
+def test_ddp_two_processes_match_single_process(tmp_path, torchrun_jobs):
+    ddp_dir = torchrun_jobs[__name__]  # DDP_SCRIPT run by 2 gloo processes (conftest)
     # the same run in this process (same seed, data, model source and schedule as the script)
     run_tiny(tiny_config(tmp_path / "single", steps=6, ckpt_every=4, min_lr=0.0))
 
-    ddp, one = ckpt_of(tmp_path / "ddp"), ckpt_of(tmp_path / "single")
+    ddp, one = ckpt_of(ddp_dir), ckpt_of(tmp_path / "single")
     assert ddp["step"] == one["step"] == 6 and ddp["world_size"] == 2 and one["world_size"] == 1
     assert len(ddp["rng"]) == 2  # every rank's RNG state is kept for exact resume
     assert_states_equal(ddp["model"], one["model"], exact=False)
     assert_states_equal(ddp["ema"], one["ema"], exact=False)
     assert not torch.equal(ddp["model"]["out.weight"], ddp["ema"]["out.weight"])
     # only rank 0 logs: one line per step, losses averaged over ranks equal the single-process losses
-    log_ddp = [json.loads(s) for s in (tmp_path / "ddp" / "log.jsonl").read_text().splitlines()]
+    log_ddp = [json.loads(s) for s in (ddp_dir / "log.jsonl").read_text().splitlines()]
     log_one = [json.loads(s) for s in (tmp_path / "single" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log_ddp] == list(range(1, 7))
     np.testing.assert_allclose([r["loss"] for r in log_ddp], [r["loss"] for r in log_one], rtol=1e-5)

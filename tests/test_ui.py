@@ -27,14 +27,14 @@ def _images(outputs) -> list[np.ndarray]:
 
 @pytest.mark.parametrize("name", ["tokenbridge: fmnist", "mar: fmnist-mar", "d2c: fmnist-d2c"])  # family: spec
 def test_generate_streams_steps_and_is_deterministic(client, name):
-    args = (name, "Dress", 4, 3.0, "linear", 1.0, 6, "random", 5)
+    args = (name, "Dress", 2, 3.0, "linear", 1.0, 3, "random", 5)
     job = client.submit(*args, api_name="/generate")
     steps = job.outputs() if job.result() else []
     # one partial picture per MAR step, then the finished batch
-    assert [s[3].split(" - ")[0] for s in steps[:-1]] == [f"step {k} / 6" for k in range(1, 7)]
-    assert steps[-1][3].startswith("done: 4 image(s)")
+    assert [s[3].split(" - ")[0] for s in steps[:-1]] == [f"step {k} / 3" for k in range(1, 4)]
+    assert steps[-1][3].startswith("done: 2 image(s)")
     images, confidence, tokens = _images(steps[-1])
-    grid = ((32 + 2) * 1 + 2) * 4, ((32 + 2) * 4 + 2) * 4  # 1 row of 4 images (padding 2), scale 4
+    grid = ((32 + 2) * 1 + 2) * 4, ((32 + 2) * 2 + 2) * 4  # 1 row of 2 images (padding 2), scale 4
     assert images.shape == grid and confidence.shape == grid and tokens.shape == (*grid, 3)
     assert images.dtype == np.uint8 and images.min() < 64 and images.max() > 192  # a real picture, not a flat one
     again = _images(client.predict(*args, api_name="/generate"))
