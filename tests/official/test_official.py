@@ -20,8 +20,8 @@ from tokenbridge.layers import modulate
 from tokenbridge.official import convert_mar, convert_tokenbridge
 from tokenbridge.official.layout import fold_affine_norms, swap_halves
 
-PACKAGE = Path(__file__).resolve().parents[1] / "tokenbridge"
-ATOL = 2e-5  # float32 rounding, as tests/test_convert.py
+PACKAGE = Path(__file__).resolve().parents[2] / "tokenbridge"
+ATOL = 2e-5  # float32 rounding, as tests/official/test_convert.py
 # options (and modules) that existed only so that released checkpoints load, removed by the weight rewrites
 RELEASED_ONLY = ("affine_block_norm", "final_chunks", "affine_norm", "exact_gelu", "first_token_timestep",
                  "OfficialARHead", "official_head", "shift_scale")
@@ -50,6 +50,10 @@ def test_the_rule_catches_a_released_only_option():
 
 
 CORE = [p for p in sorted(PACKAGE.rglob("*.py")) if p.relative_to(PACKAGE).parts[0] != "official"]
+
+
+def test_the_core_module_list_is_the_package():
+    assert len(CORE) > 40 and PACKAGE / "generators" / "tokenbridge.py" in CORE
 
 
 @pytest.mark.parametrize("path", CORE, ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -188,7 +188,7 @@ def test_resume_is_bit_identical(tmp_path, stages):
 
 
 def write_token_file(path: Path, n: int = 16) -> Path:
-    """A cache-latents file with latents [n, 4, 8, 8] (as tests/test_mar.py writes them)."""
+    """A cache-latents file with latents [n, 4, 8, 8] (as tests/generators/test_mar.py writes them)."""
     g = torch.Generator().manual_seed(0)
     tensors = {"indices": torch.randint(0, 64, (n, 8, 8, 4), dtype=torch.uint8, generator=g),
                "labels": torch.randint(0, 10, (n,), dtype=torch.int64, generator=g),
