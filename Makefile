@@ -28,8 +28,9 @@ data:
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; }; \
 	else echo "Fashion-MNIST not found: download its four idx .gz files and set TOKENBRIDGE_FASHION_MNIST=<folder>"; exit 1; fi
 
+# pytest-xdist: one worker per core (at most 4); --dist loadgroup keeps the tests of the one torchrun together.
 test: install data
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n auto --maxprocesses 4 --dist loadgroup tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 demo: install data
 	$(TB) reconstruct --out $(OUT)/reconstruct

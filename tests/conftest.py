@@ -109,6 +109,14 @@ agent.wait([f"tokenbridge-done-{r}" for r in range(world)])
 """
 
 
+def pytest_collection_modifyitems(items):
+    # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) the tests sharing the one torchrun below go to
+    # one worker, so that the workers' start is paid once in the suite, not once per xdist worker.
+    for item in items:
+        if "torchrun_jobs" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("torchrun"))
+
+
 @pytest.fixture(scope="session")
 def torchrun_jobs(request, tmp_path_factory) -> dict[str, Path]:
     """One torchrun with 2 CPU processes for the DDP job of every selected test that asks for this fixture: the
