@@ -103,6 +103,7 @@ def test_shipped_sampling_and_repro_tables_equal_the_library():
     for name in SHIPPED:
         model = load_generator(name)
         assert model.provenance["sample"] == cli_options.SHIPPED_SAMPLING[name], name
+        assert model.provenance.get("sample_paper") == cli_options.SHIPPED_PAPER_SAMPLING.get(name), name
         assert model.family == cli_options.SHIPPED_FAMILY[name]
     assert cli_options.REPRO_NAMES == tuple(REPRO_NAMES) and cli_options.REPRO_SCALES == tuple(SCALES)
     assert inspect.signature(run_repro).parameters["out_dir"].default == cli_options.REPRO_OUT
@@ -135,9 +136,9 @@ def test_help_groups_sampling_options_per_family_with_real_defaults(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for title, _ in cli_options.SAMPLING_GROUPS:
         assert f"{title}:" in text
-    # the shipped generators record 16 steps: the help says so next to the signature's 64
+    # the shipped generators record their own steps: the help says so next to the signature's 64
     assert "masked-generation (MAR) steps, capped at the number of tokens (default 64; recorded: fmnist 16, " \
-           "fmnist-mar 16, fmnist-d2c 16)" in text
+           "fmnist-mar 16, fmnist-d2c 8)" in text
     assert "every diffusion step (default unclipped; recorded: fmnist-mar 5.0, fmnist-d2c 5.0)" in text
     assert "(default: the library's)" not in text
 

@@ -4,7 +4,9 @@ determinism under a seed, and bad values refused before any work."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from tokenbridge import checkpoint as C
 from tokenbridge import cli
 from tokenbridge.diffusion import DiffusionSchedule, ddim_step
-from tokenbridge.generate import sampling_defaults
+from tokenbridge.generate import sampling_defaults, with_defaults
 from tokenbridge.generators import ContinuousMARGenerator, D2CGenerator, TokenBridgeGenerator, check_sample_options
 from tokenbridge.repro.frontier import kept, pareto
 from tokenbridge.sampling import mask_schedule_list
@@ -22,6 +24,7 @@ FAMILIES = (TokenBridgeGenerator, ContinuousMARGenerator, D2CGenerator)
 LABELS = torch.tensor([0, 3, 7, 10])  # 10 = unconditional
 BASE = {"num_iter": 5, "cfg": 3.0}
 DIFFUSION = {"num_sampling_steps": 8}
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny(cls: type, seed: int = 0) -> torch.nn.Module:
@@ -257,6 +260,28 @@ def test_toolbox_defaults_are_recorded_and_read_back(tmp_path):
                                                          "num_sampling_steps_end": 5}
     with pytest.raises(Exception, match="cfg_interval"):
         check_sample_options(ContinuousMARGenerator, {"cfg_interval": [0.1]})
+
+
+def test_the_paper_sampler_runs_the_defaults_recorded_before(tmp_path):
+    # tools/record_sampling.py (how the shipped MAR and D2C generators got their toolbox defaults) moves the
+    # defaults and keeps the old ones as the record of sampler="paper"; the weights stay as they were
+    spec = importlib.util.spec_from_file_location("record_sampling", ROOT / "tools" / "record_sampling.py")
+    record_sampling = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(record_sampling)
+    model = tiny(ContinuousMARGenerator)
+    today = base(ContinuousMARGenerator)
+    record = {"family": "mar", "config": model.config, "sample": today, "vae": "fmnist", "step": 0, "ema": True}
+    path = C.save_generator_weights(model.state_dict(), record, tmp_path / "mar.safetensors")
+    record_sampling.main([str(path), "diffusion_sampler=ddim", "num_sampling_steps=4", "cfg_interval=[0, 0.5]"])
+    loaded = C.load_generator(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    fast = {**today, "diffusion_sampler": "ddim", "num_sampling_steps": 4, "cfg_interval": (0.0, 0.5)}
+    assert sampling_defaults(loaded) == with_defaults(loaded, {}) == fast
+    assert sampling_defaults(loaded, "paper") == today
+    assert with_defaults(loaded, {"sampler": "paper", "cfg": 2.0}) == {**today, "sampler": "paper", "cfg": 2.0}
+    paper = loaded.sample(LABELS, generator=1, **with_defaults(loaded, {"sampler": "paper"}))["latents"]
+    assert torch.equal(paper, run(model))  # today's sampler, bit for bit
+    assert not torch.equal(loaded.sample(LABELS, generator=1, **with_defaults(loaded, {}))["latents"], paper)
 
 
 def test_cli_takes_an_interval_and_the_preset():

@@ -96,11 +96,12 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, em
 
 
 def save_generator_weights(state: dict[str, torch.Tensor], record: dict[str, Any],
-                           out_path: str | os.PathLike) -> Path:
-    """Write ``state`` with ``record`` (family, config, sample, vae, vae_fingerprint, ...) as safetensors metadata."""
+                           out_path: str | os.PathLike, overwrite: bool | None = None) -> Path:
+    """Write ``state`` with ``record`` (family, config, sample, vae, vae_fingerprint, ...) as safetensors metadata.
+    overwrite: replace a shipped generator file too (None: the `overwriting` block's setting; files.check_target)."""
     meta = {"format": EXPORT_FORMAT, "version": str(FORMAT_VERSION),
             **{k: json.dumps(v) for k, v in record.items()}}
-    with atomic_path(out_path, EXPORT_FORMAT, needed=tensor_bytes(state)) as tmp:
+    with atomic_path(out_path, EXPORT_FORMAT, overwrite=overwrite, needed=tensor_bytes(state)) as tmp:
         save_file(state, str(tmp), metadata=meta)
     return Path(out_path)
 

@@ -25,7 +25,7 @@ from torch import nn
 from .checkpoint import load_generator
 from .data import FASHION_MNIST_CLASSES
 from .files import atomic_path, check_writable
-from .generate import resolve_vae, sampling_defaults
+from .generate import resolve_vae, with_defaults
 from .generators import check_sample_options
 from .images import image_grid, to_uint8
 from .progress import progress_option
@@ -147,7 +147,7 @@ def edit(model: str | os.PathLike | nn.Module, images: torch.Tensor, keep: torch
     on the CPU. Deterministic under ``seed``. progress: each batch's sampling bar on stderr.
     """
     model = load_generator(model, device) if not isinstance(model, nn.Module) else model.to(device).eval()
-    options = {**sampling_defaults(model), **check_sample_options(type(model), options, prefix="sampling option")}
+    options = with_defaults(model, options)
     (gh, gw), p = token_grid(model)
     labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
     keep = keep.expand(len(images), gh, gw) if keep.dim() == 2 else keep

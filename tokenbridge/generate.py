@@ -21,9 +21,22 @@ from .progress import bar, progress_option, wanted
 from .vae import VAE, load_vae, vae_fingerprint
 
 
-def sampling_defaults(model: nn.Module) -> dict[str, Any]:
-    """The sampling options a generator records (its run config's ``sample`` section), validated."""
-    return check_sample_options(type(model), getattr(model, "provenance", {}).get("sample") or {})
+def sampling_defaults(model: nn.Module, sampler: str | None = None) -> dict[str, Any]:
+    """The sampling options a generator records (its run config's ``sample`` section), validated.
+
+    sampler "paper": the options recorded for the sampler as it was before the toolbox (``sample_paper``), where
+    the generator records them: a generator whose defaults moved to a faster setting keeps the old ones there, so
+    that ``sampler="paper"`` still runs today's sampler with today's step counts."""
+    record = getattr(model, "provenance", {})
+    paper = record.get("sample_paper") if sampler == "paper" else None
+    return check_sample_options(type(model), (record.get("sample") if paper is None else paper) or {})
+
+
+def with_defaults(model: nn.Module, options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` (validated, naming a bad one) over the generator's recorded defaults for the sampler they ask
+    for (`sampling_defaults`)."""
+    given = check_sample_options(type(model), options, prefix="sampling option")
+    return {**sampling_defaults(model, given.get("sampler")), **given}
 
 
 def resolve_vae(model: nn.Module, vae: str | VAE | None = None, device: str | torch.device = "cpu",
@@ -61,7 +74,7 @@ def generate(model: str | os.PathLike | nn.Module, labels: Sequence[int], vae: s
     plus the family's per-sample outputs such as indices and confidence), on the CPU.
     """
     model = load_generator(model, device) if not isinstance(model, nn.Module) else model.to(device).eval()
-    options = {**sampling_defaults(model), **check_sample_options(type(model), options, prefix="sampling option")}
+    options = with_defaults(model, options)
     vae = resolve_vae(model, vae, device, allow_other_vae)
     labels = torch.as_tensor(list(labels), dtype=torch.long)
     if labels.numel() == 0:

@@ -33,7 +33,7 @@ __all__ = [
 ]
 
 PRETRAINED_FORMAT = "tokenbridge-pretrained"
-_RECORD_KEYS = ("sample", "vae", "vae_fingerprint", "tokens", "step", "ema", "source")
+_RECORD_KEYS = ("sample", "sample_paper", "vae", "vae_fingerprint", "tokens", "step", "ema", "source")
 
 
 def is_pretrained_folder(path: str | os.PathLike) -> bool:

@@ -79,7 +79,7 @@ def _setting_row(ctx: Context, spec: str, model: Any, name: str, changes: dict, 
     cache = ctx.work_dir / "frontier" / f"{spec}-{key}.json"
     if cache.is_file():
         return json.loads(cache.read_text())
-    options = {**sampling_defaults(model), **changes}
+    options = {**sampling_defaults(model, "paper"), **changes}  # every setting changes today's sampler
     rate, runs = _score_setting(ctx, model, options, labels, real)
     row = {"family": spec, "name": name, "options": changes, "images_per_s": rate, "runs": runs, **_summary(runs)}
     if options.get("uncond_every", 1) > 1 and options.get("sampler") != "paper":
