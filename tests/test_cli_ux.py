@@ -138,7 +138,7 @@ def test_help_groups_sampling_options_per_family_with_real_defaults(capsys):
         assert f"{title}:" in text
     # the shipped generators record their own steps: the help says so next to the signature's 64
     assert "masked-generation (MAR) steps, capped at the number of tokens (default 64; recorded: fmnist 16, " \
-           "fmnist-mar 16, fmnist-d2c 8)" in text
+           "fmnist-mar 8, fmnist-d2c 8)" in text
     assert "every diffusion step (default unclipped; recorded: fmnist-mar 5.0, fmnist-d2c 5.0)" in text
     assert "(default: the library's)" not in text
 

@@ -99,7 +99,7 @@ SHIPPED_PAPER_SAMPLING: dict[str, dict[str, Any]] = {
 }
 SHIPPED_SAMPLING: dict[str, dict[str, Any]] = {
     "fmnist": {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"},
-    "fmnist-mar": {**_PAPER_MAR, **_DDIM_25_5},
+    "fmnist-mar": {**_PAPER_MAR, **_DDIM_25_5, "num_iter": 8},
     "fmnist-d2c": {**SHIPPED_PAPER_SAMPLING["fmnist-d2c"], **_DDIM_25_5, "num_iter": 8, "cfg_interval": [0.0, 0.5]},
 }
 SHIPPED_FAMILY = {"fmnist": "tokenbridge", "fmnist-mar": "mar", "fmnist-d2c": "d2c"}

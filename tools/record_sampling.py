@@ -3,7 +3,7 @@ before as its ``sample_paper`` record: what ``--sampler paper`` (``sampler="pape
 sampler stays one flag away. The weights are unchanged. How the shipped MAR and D2C generators got the defaults
 the `repro frontier` chose (docs/speed.md):
 
-    python tools/record_sampling.py tokenbridge/weights/fmnist_mar_generator.safetensors \\
+    python tools/record_sampling.py tokenbridge/weights/fmnist_mar_generator.safetensors num_iter=8 \\
         diffusion_sampler=ddim num_sampling_steps=25 num_sampling_steps_end=5
 """
 from __future__ import annotations

@@ -62,7 +62,9 @@ _DIFFUSION_SETTINGS = {"paper": _PAPER, "disa 50-5": {"num_sampling_steps": 50, 
                        "ddim 25-5+interval": {**_DDIM_ANNEAL, "cfg_interval": [0.0, 0.5]},
                        "ddim 25-5+interval+reuse": {**_DDIM_ANNEAL, "cfg_interval": [0.0, 0.5], "uncond_every": 2},
                        "8 steps+ddim 25-5+interval": {**_DDIM_ANNEAL, "num_iter": 8, "cfg_interval": [0.0, 0.5]}}
-FRONTIER_SETTINGS = {"fmnist": _TB_SETTINGS, "fmnist-mar": _DIFFUSION_SETTINGS, "fmnist-d2c": _DIFFUSION_SETTINGS}
+FRONTIER_SETTINGS = {"fmnist": _TB_SETTINGS,
+                     "fmnist-mar": {**_DIFFUSION_SETTINGS, "8 steps+ddim 25-5": {**_DDIM_ANNEAL, "num_iter": 8}},
+                     "fmnist-d2c": _DIFFUSION_SETTINGS}
 
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {

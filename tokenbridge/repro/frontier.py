@@ -1,13 +1,16 @@
 """`tokenbridge repro frontier`: the sampler toolbox's speed-quality frontier for every shipped family.
 
 Every family (``frontier.families``: a generator spec -> its settings) is sampled at each setting: sampling
-options merged over the generator's recorded defaults (``{"sampler": "paper"}`` is today's sampler). Quality:
-FD_cls, k-NN precision / recall and class accuracy of ``10 * per_class`` samples (the same labels at every
-setting) against the test split, once per sampling seed in ``seeds``; speed: images/s of one `generate` call of
-the scored samples, generated at batch ``speed_batch`` (sampling + VAE decode), median over the seeds. A setting *keeps quality* when its
-mean FD is at most today's mean FD plus today's sampling-seed spread (max - min over the seeds) and its mean
-recall at least today's mean recall minus that spread. ``frontier.only``: the generator specs to run (None: all). The Pareto set (no other setting of the family both
-faster and lower in FD) is marked; the plot shows FD against images/s, one curve per family.
+options merged over the generator's recorded defaults of today's sampler (``sampling_defaults(model, "paper")``;
+``{"sampler": "paper"}`` is today's sampler). Quality: FD_cls, k-NN precision / recall and class accuracy of
+``10 * per_class`` samples (the same labels at every setting) against the test split, once per sampling seed in
+``seeds``; speed: images/s of one `generate` call of the scored samples, generated at batch ``speed_batch``
+(sampling + VAE decode), median over the seeds. A setting *keeps quality* when its mean FD is at most today's mean
+FD plus today's sampling-seed spread (max - min over the seeds) and its mean recall at least today's mean recall
+minus that spread. ``frontier.today_of``: a generator held against another's
+today (the causal TokenBridge generator against TokenBridge's). ``frontier.only``: the generator specs to run
+(None: all). The Pareto set (no other setting of the family both faster and lower in FD) is marked; the plot
+shows FD against images/s, one curve per family.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ..samplers import record_reuse_error
 from .runs import Context, _write_json, class_labels, short_hash
 
 METRICS = ("fd_cls", "precision", "recall", "class_accuracy")
+PAPER_SETTING = {"sampler": "paper"}  # today's sampler: the row every other setting of a family is held against
 
 
 def _score_setting(ctx: Context, model: Any, options: dict, labels: torch.Tensor,
@@ -120,20 +124,23 @@ def frontier(ctx: Context) -> str:
     f = ctx.budget["frontier"]
     labels = class_labels(int(f["per_class"]))
     real = ctx.res.images("test", None)
-    rows, table = [], []
+    rows, table, by_spec = [], [], {}
     families = {k: v for k, v in f["families"].items() if f.get("only") is None or k in f["only"]}
     for spec, settings in families.items():
         own = _family_rows(ctx, spec, settings, labels, real)
-        today = next(r for r in own if r["options"] == {"sampler": "paper"})
-        front = pareto(own)
+        base = f.get("today_of", {}).get(spec, spec)  # whose today's sampler this family is held against
+        if base not in by_spec:
+            by_spec[base] = own if base == spec else _family_rows(ctx, base, {"paper": PAPER_SETTING}, labels, real)
+        today = next(r for r in by_spec[base] if r["options"] == PAPER_SETTING)
+        front = pareto(own if base == spec else own + by_spec[base])
         for r in own:
             r["kept"], r["pareto"] = kept(r, today), r["name"] in front
             table.append([spec, r["name"], fmt(r["images_per_s"], 2), fmt(r["images_per_s"] / today["images_per_s"], 2),
                           *[f"{fmt(r[m][0], 3)} +- {fmt(r[m][1] / 2, 3)}" for m in METRICS],
                           "yes" if r["kept"] else "no", "yes" if r["pareto"] else ""])
         rows += own
-    best = {spec: max((r for r in rows if r["family"] == spec and r["kept"]), key=lambda r: r["images_per_s"])["name"]
-            for spec in families}
+    best = {spec: max((r for r in rows if r["family"] == spec and r["kept"]), key=lambda r: r["images_per_s"],
+                      default={"name": "none"})["name"] for spec in families}
     _plot(ctx, rows)
     _write_json(ctx.out_dir / "frontier.json", rows)
     ctx.notes += [
@@ -146,6 +153,8 @@ def frontier(ctx: Context) -> str:
         "kept: mean FD <= today's mean FD + today's seed range and mean recall >= today's mean recall - today's "
         "seed range (today = the `paper` row: `--sampler paper` with the recorded defaults).",
         *[f"Fastest setting of {spec} that kept quality: {name}." for spec, name in best.items()],
+        *[f"{spec} is held against {base}'s today (its `paper` row): speedup, kept and Pareto (with {base}'s "
+          "settings) compare the two generators." for spec, base in f.get("today_of", {}).items() if spec in families],
         *[f"Feature reuse error of {r['family']} {r['name']} (mean over the reusing steps, 20 samples): reused z_u "
           f"{r['reuse_error']['z_u']:.4f}, guidance direction z_c - z_u {r['reuse_error']['guidance']:.4f} "
           "(relative L2 against the backbone's)." for r in rows if r.get("reuse_error")],
