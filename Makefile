@@ -37,6 +37,7 @@ demo: install data
 	$(TB) sample --labels 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out $(OUT)/samples --show-confidence --evaluate
 	$(TB) sample --model fmnist-mar --labels 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out $(OUT)/samples-mar --evaluate
 	$(TB) sample --model fmnist-d2c --labels 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out $(OUT)/samples-d2c --evaluate
+	$(TB) sample --model fmnist-ar --labels 0 1 2 3 4 5 6 7 8 9 --per-class 10 --out $(OUT)/samples-ar --evaluate
 
 bench: install
 	$(PY) benchmarks/quantizer.py

@@ -258,9 +258,14 @@ def test_d2c_compares_both_fusions_and_sources_with_the_table3_rows(tmp_path, re
 def test_frontier_scores_each_setting_and_reuses_its_rows(tmp_path, resources, monkeypatch):
     out, work = tmp_path / "out", tmp_path / "work"
     table = repro.run_repro("frontier", out_dir=out, scale="tiny", work_dir=work, resources=resources)
-    names = [r.split("|")[2].strip() for r in table.splitlines() if r.startswith("| fmnist")]
+    names = [r.split("|")[2].strip() for r in table.splitlines() if r.startswith("| fmnist |")]
     assert names == list(repro.SCALES["tiny"]["frontier"]["families"]["fmnist"])
     rows = json.loads((out / "frontier.json").read_text())
+    # fmnist-ar is held against fmnist's today: its speedup is over fmnist's paper row
+    paper, causal = (next(r for r in rows if r["family"] == f) for f in ("fmnist", "fmnist-ar"))
+    speedup = next(r for r in table.splitlines() if r.startswith("| fmnist-ar |")).split("|")[4].strip()
+    assert float(speedup) == pytest.approx(causal["images_per_s"] / paper["images_per_s"], abs=0.01)
+    assert "fmnist-ar is held against fmnist's today" in (out / "frontier.md").read_text()
     assert all(len(r["runs"]) == 2 and r["images_per_s"] > 0 for r in rows)  # two sampling seeds each
     assert next(r for r in rows if r["name"] == "paper")["kept"]  # today keeps its own quality
     assert (out / "frontier.png").stat().st_size > 0 and "Fastest setting of fmnist" in (out / "frontier.md").read_text()

@@ -32,7 +32,8 @@ WEIGHTS = Path(__file__).resolve().parent / "weights"
 # names `--model` accepts besides paths: the embedded TokenBridge and continuous MAR generators
 SHIPPED = {"fmnist": WEIGHTS / "fmnist_generator.safetensors",
            "fmnist-mar": WEIGHTS / "fmnist_mar_generator.safetensors",
-           "fmnist-d2c": WEIGHTS / "fmnist_d2c_generator.safetensors"}
+           "fmnist-d2c": WEIGHTS / "fmnist_d2c_generator.safetensors",
+           "fmnist-ar": WEIGHTS / "fmnist_ar_generator.safetensors"}
 
 _CKPT_KEYS = ("format", "version", "step", "epoch", "batch_in_epoch", "model", "ema", "optimizer", "rng", "config")
 
@@ -128,7 +129,7 @@ def _read_export(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
 
 def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.device = "cpu",
                    ema: bool = True, family: str | None = None) -> nn.Module:
-    """A generator in eval mode from a shipped name ("fmnist", "fmnist-mar", "fmnist-d2c"), an exported
+    """A generator in eval mode from a shipped name ("fmnist", "fmnist-mar", "fmnist-d2c", "fmnist-ar"), an exported
     ``.safetensors``, a pretrained folder (config.json + model.safetensors, `save_pretrained`; it holds one set of
     weights, so ``ema`` does not apply) or a training ``checkpoint.pt`` (its EMA weights unless ``ema`` is False).
     ``family``: the family expected (a file holding another is refused, naming both). ``generator.provenance``

@@ -101,8 +101,9 @@ SHIPPED_SAMPLING: dict[str, dict[str, Any]] = {
     "fmnist": {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"},
     "fmnist-mar": {**_PAPER_MAR, **_DDIM_25_5, "num_iter": 8},
     "fmnist-d2c": {**SHIPPED_PAPER_SAMPLING["fmnist-d2c"], **_DDIM_25_5, "num_iter": 8, "cfg_interval": [0.0, 0.5]},
+    "fmnist-ar": {"cfg": 3.0},
 }
-SHIPPED_FAMILY = {"fmnist": "tokenbridge", "fmnist-mar": "mar", "fmnist-d2c": "d2c"}
+SHIPPED_FAMILY = {"fmnist": "tokenbridge", "fmnist-mar": "mar", "fmnist-d2c": "d2c", "fmnist-ar": "tokenbridge-ar"}
 
 # tokenbridge.repro: REPRO_NAMES (in order) and the keys of SCALES; the folder `repro` writes into by default
 REPRO_NAMES = ("table1", "table2a", "table2b", "table2c", "table2d", "table2e", "table5", "fig8", "table3",

@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo-ui", help="browser demo: pick a class and the knobs, watch the image form (needs the ui "
                                        "extra: pip install 'tokenbridge[ui]')")
-    p.add_argument("--model", action="append", help="a generator (repeatable): fmnist, fmnist-mar, fmnist-d2c, "
+    p.add_argument("--model", action="append", help=f"a generator (repeatable): {SHIPPED_HELP}, "
                    "checkpoint, export, folder (default: every shipped one)")
     p.add_argument("--vae", help="default: each generator's recorded VAE")
     _flag(p, "--allow-other-vae", "decode with a VAE whose weights differ from the recorded one")

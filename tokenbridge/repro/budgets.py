@@ -64,7 +64,11 @@ _DIFFUSION_SETTINGS = {"paper": _PAPER, "disa 50-5": {"num_sampling_steps": 50, 
                        "8 steps+ddim 25-5+interval": {**_DDIM_ANNEAL, "num_iter": 8, "cfg_interval": [0.0, 0.5]}}
 FRONTIER_SETTINGS = {"fmnist": _TB_SETTINGS,
                      "fmnist-mar": {**_DIFFUSION_SETTINGS, "8 steps+ddim 25-5": {**_DDIM_ANNEAL, "num_iter": 8}},
-                     "fmnist-d2c": _DIFFUSION_SETTINGS}
+                     "fmnist-d2c": _DIFFUSION_SETTINGS,
+                     # the causal TokenBridge generator (KV-cached raster backbone) at its recorded defaults
+                     "fmnist-ar": {"defaults": {}}}
+# the causal TokenBridge generator is a faster TokenBridge: held against TokenBridge's today
+TODAY_OF = {"fmnist-ar": "fmnist"}
 
 SCALES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -87,8 +91,9 @@ SCALES: dict[str, dict[str, Any]] = {
         "edit": {"models": ["fmnist"], "per_class": 2, "keep": "left", "other": 1, "batch_size": 64},
         "table3": {"mar_model": {"preset": "tiny"}, "num_sampling_steps": 4, "clip_denoised": 5.0,
                    "num_iters": [2, 4], "diffusion_steps": [2], "speed_batch": 4, "speed_repeats": 1},
-        "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8, "only": None,
-                     "families": {"fmnist": {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]}}}},
+        "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8, "only": None, "today_of": TODAY_OF,
+                     "families": {"fmnist": {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]}},
+                                  "fmnist-ar": {"defaults": {}}}},
     },
     "small": {
         "seed": 0,
@@ -124,7 +129,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "table3": {"mar_model": {"preset": "fmnist"}, "num_sampling_steps": 100, "clip_denoised": 5.0,
                    "num_iters": [4, 8, 16], "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 3},
         # >= 1,000 samples and 2 sampling seeds per setting (issue 27)
-        "frontier": {"per_class": 100, "seeds": [0, 1], "speed_batch": 64, "only": None,
+        "frontier": {"per_class": 100, "seeds": [0, 1], "speed_batch": 64, "only": None, "today_of": TODAY_OF,
                      "families": FRONTIER_SETTINGS},
     },
     "paper": {
@@ -152,7 +157,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "table3": {"num_sampling_steps": 100, "clip_denoised": None, "num_iters": [16, 64, 256],
                    "mar_model": {"preset": "mar-l", "grid_size": None, "channels": None, "num_classes": None},
                    "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 5},
-        "frontier": {"per_class": 1000, "seeds": [0, 1], "speed_batch": 64, "only": None,
+        "frontier": {"per_class": 1000, "seeds": [0, 1], "speed_batch": 64, "only": None, "today_of": TODAY_OF,
                      "families": FRONTIER_SETTINGS},
     },
 }
