@@ -19,6 +19,7 @@ from tokenbridge.generators import ContinuousMARGenerator, D2CGenerator, TokenBr
 from tokenbridge.repro.frontier import kept, pareto
 from tokenbridge.sampling import mask_schedule_list
 from tokenbridge.samplers import PAPER, diffusion_steps_schedule, guided, record_reuse_error, resolve
+from tokenbridge.sweep import cell_options
 
 FAMILIES = (TokenBridgeGenerator, ContinuousMARGenerator, D2CGenerator)
 LABELS = torch.tensor([0, 3, 7, 10])  # 10 = unconditional
@@ -279,6 +280,8 @@ def test_the_paper_sampler_runs_the_defaults_recorded_before(tmp_path):
     assert sampling_defaults(loaded) == with_defaults(loaded, {}) == fast
     assert sampling_defaults(loaded, "paper") == today
     assert with_defaults(loaded, {"sampler": "paper", "cfg": 2.0}) == {**today, "sampler": "paper", "cfg": 2.0}
+    swept = cell_options(loaded, {"sampler": "paper"})  # what `sweep` records for a cell of today's sampler
+    assert (swept["num_sampling_steps"], swept["diffusion_sampler"]) == (today["num_sampling_steps"], "ddpm")
     paper = loaded.sample(LABELS, generator=1, **with_defaults(loaded, {"sampler": "paper"}))["latents"]
     assert torch.equal(paper, run(model))  # today's sampler, bit for bit
     assert not torch.equal(loaded.sample(LABELS, generator=1, **with_defaults(loaded, {}))["latents"], paper)

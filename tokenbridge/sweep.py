@@ -106,10 +106,11 @@ def grid_cells(model: nn.Module, axes: dict[str, list[Any] | None]) -> list[dict
 
 
 def cell_options(model: nn.Module, cell: dict[str, Any]) -> dict[str, Any]:
-    """Every sampling option a cell runs with: the cell's, else the generator's recorded default, else the
-    family's signature default (what `generate` resolves), so the json says exactly what was sampled."""
+    """Every sampling option a cell runs with: the cell's, else the generator's recorded default (for the cell's
+    sampler: `sampling_defaults`), else the family's signature default (what `generate` resolves), so the json says
+    exactly what was sampled."""
     signature = sample_options(type(model))().model_dump(mode="json")
-    return {**signature, **sampling_defaults(model), **cell}
+    return {**signature, **sampling_defaults(model, cell.get("sampler")), **cell}
 
 
 # ---------------------------------------------------------------------------------------------- one cell
