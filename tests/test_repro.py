@@ -263,8 +263,9 @@ def test_frontier_scores_each_setting_and_reuses_its_rows(tmp_path, resources, m
     rows = json.loads((out / "frontier.json").read_text())
     # fmnist-ar is held against fmnist's today: its speedup is over fmnist's paper row
     paper, causal = (next(r for r in rows if r["family"] == f) for f in ("fmnist", "fmnist-ar"))
-    speedup = next(r for r in table.splitlines() if r.startswith("| fmnist-ar |")).split("|")[4].strip()
-    assert float(speedup) == pytest.approx(causal["images_per_s"] / paper["images_per_s"], abs=0.01)
+    cells = next(r for r in table.splitlines() if r.startswith("| fmnist-ar |")).split("|")
+    assert float(cells[4]) == pytest.approx(causal["images_per_s"] / paper["images_per_s"], abs=0.01)
+    assert float(cells[6]) == pytest.approx(causal["images_per_s_b1"] / paper["images_per_s_b1"], abs=0.01)
     assert "fmnist-ar is held against fmnist's today" in (out / "frontier.md").read_text()
     assert all(len(r["runs"]) == 2 and r["images_per_s"] > 0 for r in rows)  # two sampling seeds each
     assert next(r for r in rows if r["name"] == "paper")["kept"]  # today keeps its own quality

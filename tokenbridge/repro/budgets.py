@@ -91,7 +91,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "edit": {"models": ["fmnist"], "per_class": 2, "keep": "left", "other": 1, "batch_size": 64},
         "table3": {"mar_model": {"preset": "tiny"}, "num_sampling_steps": 4, "clip_denoised": 5.0,
                    "num_iters": [2, 4], "diffusion_steps": [2], "speed_batch": 4, "speed_repeats": 1},
-        "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8, "only": None, "today_of": TODAY_OF,
+        "frontier": {"per_class": 2, "seeds": [0, 1], "speed_batch": 8, "b1_images": 2, "only": None,
+                     "today_of": TODAY_OF,
                      "families": {"fmnist": {"paper": _PAPER, "interval": {"cfg_interval": [0.0, 0.5]}},
                                   "fmnist-ar": {"defaults": {}}}},
     },
@@ -129,7 +130,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "table3": {"mar_model": {"preset": "fmnist"}, "num_sampling_steps": 100, "clip_denoised": 5.0,
                    "num_iters": [4, 8, 16], "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 3},
         # >= 1,000 samples and 2 sampling seeds per setting (issue 27)
-        "frontier": {"per_class": 100, "seeds": [0, 1], "speed_batch": 64, "only": None, "today_of": TODAY_OF,
+        "frontier": {"per_class": 100, "seeds": [0, 1], "speed_batch": 64, "b1_images": 10, "only": None,
+                     "today_of": TODAY_OF,
                      "families": FRONTIER_SETTINGS},
     },
     "paper": {
@@ -157,7 +159,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "table3": {"num_sampling_steps": 100, "clip_denoised": None, "num_iters": [16, 64, 256],
                    "mar_model": {"preset": "mar-l", "grid_size": None, "channels": None, "num_classes": None},
                    "diffusion_steps": [25, 50], "speed_batch": 64, "speed_repeats": 5},
-        "frontier": {"per_class": 1000, "seeds": [0, 1], "speed_batch": 64, "only": None, "today_of": TODAY_OF,
+        "frontier": {"per_class": 1000, "seeds": [0, 1], "speed_batch": 64, "b1_images": 10, "only": None,
+                     "today_of": TODAY_OF,
                      "families": FRONTIER_SETTINGS},
     },
 }

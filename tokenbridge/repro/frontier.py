@@ -5,12 +5,12 @@ options merged over the generator's recorded defaults of today's sampler (``samp
 ``{"sampler": "paper"}`` is today's sampler). Quality: FD_cls, k-NN precision / recall and class accuracy of
 ``10 * per_class`` samples (the same labels at every setting) against the test split, once per sampling seed in
 ``seeds``; speed: images/s of one `generate` call of the scored samples, generated at batch ``speed_batch``
-(sampling + VAE decode), median over the seeds. A setting *keeps quality* when its mean FD is at most today's mean
-FD plus today's sampling-seed spread (max - min over the seeds) and its mean recall at least today's mean recall
-minus that spread. ``frontier.today_of``: a generator held against another's
-today (the causal TokenBridge generator against TokenBridge's). ``frontier.only``: the generator specs to run
-(None: all). The Pareto set (no other setting of the family both faster and lower in FD) is marked; the plot
-shows FD against images/s, one curve per family.
+(sampling + VAE decode), median over the seeds, and at batch 1 over ``b1_images`` images. A setting *keeps
+quality* when its mean FD is at most today's mean FD plus today's sampling-seed spread (max - min over the seeds)
+and its mean recall at least today's mean recall minus that spread. ``frontier.today_of``: a generator held
+against another's today (the causal TokenBridge generator against TokenBridge's). ``frontier.only``: the generator
+specs to run (None: all). The Pareto set (no other setting of the family both faster and lower in FD) is marked;
+the plot shows FD against images/s, one curve per family.
 """
 from __future__ import annotations
 
@@ -44,6 +44,14 @@ def _score_setting(ctx: Context, model: Any, options: dict, labels: torch.Tensor
         metrics = classifier_metrics(fake, labels, real_images=real, classifier=ctx.res.classifier, device=ctx.device)
         runs.append({m: float(metrics[m]) for m in METRICS})
     return statistics.median(rates), runs
+
+
+def batch1_rate(ctx: Context, model: Any, options: dict) -> float:
+    """images/s of `generate` at batch 1 over ``frontier.b1_images`` images (one class after the other)."""
+    n = int(ctx.budget["frontier"]["b1_images"])
+    start = time.perf_counter()
+    generate(model, [i % 10 for i in range(n)], vae=ctx.res.vae, seed=0, device=ctx.device, batch_size=1, **options)
+    return n / (time.perf_counter() - start)
 
 
 def reuse_error(ctx: Context, model: Any, options: dict, labels: torch.Tensor) -> dict[str, float]:
@@ -81,11 +89,16 @@ def _setting_row(ctx: Context, spec: str, model: Any, name: str, changes: dict, 
     f = ctx.budget["frontier"]
     key = short_hash([spec, changes, f["per_class"], f["seeds"], f["speed_batch"], torch.get_num_threads()])
     cache = ctx.work_dir / "frontier" / f"{spec}-{key}.json"
-    if cache.is_file():
-        return json.loads(cache.read_text())
     options = {**sampling_defaults(model, "paper"), **changes}  # every setting changes today's sampler
+    if cache.is_file():
+        row = json.loads(cache.read_text())
+        if "images_per_s_b1" not in row:  # a row cached before the batch-1 timing existed
+            row["images_per_s_b1"] = batch1_rate(ctx, model, options)
+            _write_json(cache, row)
+        return row
     rate, runs = _score_setting(ctx, model, options, labels, real)
-    row = {"family": spec, "name": name, "options": changes, "images_per_s": rate, "runs": runs, **_summary(runs)}
+    row = {"family": spec, "name": name, "options": changes, "images_per_s": rate,
+           "images_per_s_b1": batch1_rate(ctx, model, options), "runs": runs, **_summary(runs)}
     if options.get("uncond_every", 1) > 1 and options.get("sampler") != "paper":
         row["reuse_error"] = reuse_error(ctx, model, options, labels[::max(1, len(labels) // 20)])
     print(f"frontier {spec} {name}: {rate:.2f} images/s, FD {row['fd_cls'][0]:.2f}", flush=True)
@@ -136,6 +149,7 @@ def frontier(ctx: Context) -> str:
         for r in own:
             r["kept"], r["pareto"] = kept(r, today), r["name"] in front
             table.append([spec, r["name"], fmt(r["images_per_s"], 2), fmt(r["images_per_s"] / today["images_per_s"], 2),
+                          fmt(r["images_per_s_b1"], 2), fmt(r["images_per_s_b1"] / today["images_per_s_b1"], 2),
                           *[f"{fmt(r[m][0], 3)} +- {fmt(r[m][1] / 2, 3)}" for m in METRICS],
                           "yes" if r["kept"] else "no", "yes" if r["pareto"] else ""])
         rows += own
@@ -147,7 +161,8 @@ def frontier(ctx: Context) -> str:
         f"{10 * int(f['per_class'])} samples ({f['per_class']} per class) for each setting and each sampling seed "
         f"of {list(f['seeds'])}; metrics against the {len(real)} test images; value +- half the seed range.",
         f"images/s: the samples of a seed over the seconds of their `generate` call (sampling + VAE decode) at "
-        f"batch {f['speed_batch']}, median over the seeds; torch threads {torch.get_num_threads()}. The settings run "
+        f"batch {f['speed_batch']}, median over the seeds; b1: {f['b1_images']} images (one per class) at batch 1; "
+        f"torch threads {torch.get_num_threads()}. The settings run "
         "one after the other on a machine shared with other jobs whose load changed during the run, so the speedup "
         "column is indicative only: `python benchmarks/samplers.py` measures speed with the settings alternating.",
         "kept: mean FD <= today's mean FD + today's seed range and mean recall >= today's mean recall - today's "
@@ -161,4 +176,5 @@ def frontier(ctx: Context) -> str:
         "Settings: " + "; ".join(f"{spec} {name} = {changes}" for spec, s in families.items()
                                  for name, changes in s.items()),
     ]
-    return markdown_table(["generator", "setting", "images/s", "speedup", *METRICS, "quality kept", "Pareto"], table)
+    return markdown_table(["generator", "setting", "images/s", "speedup", "images/s b1", "speedup b1", *METRICS,
+                           "quality kept", "Pareto"], table)
