@@ -110,8 +110,8 @@ agent.wait([f"tokenbridge-done-{r}" for r in range(world)])
 
 
 def pytest_collection_modifyitems(items):
-    # Under pytest-xdist (`make test` runs `-n 2 --dist loadgroup`) the tests sharing the one torchrun below go to
-    # one worker, so that the workers' start is paid once in the suite, not once per xdist worker.
+    # Under pytest-xdist (`make test` runs `-n auto --dist loadgroup`) the tests sharing the one torchrun below go
+    # to one worker, so that the torchrun workers' start is paid once in the suite, not once per xdist worker.
     for item in items:
         if "torchrun_jobs" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("torchrun"))

@@ -24,12 +24,12 @@ import torch
 from ..classifier import classifier_metrics
 from ..generate import generate, sampling_defaults
 from ..markdown import fmt, markdown_table
-from .plots import pyplot, save_figure
 from ..samplers import record_reuse_error
+from .budgets import PAPER_SETTING
+from .plots import pyplot, save_figure
 from .runs import Context, _write_json, class_labels, short_hash
 
 METRICS = ("fd_cls", "precision", "recall", "class_accuracy")
-PAPER_SETTING = {"sampler": "paper"}  # today's sampler: the row every other setting of a family is held against
 
 
 def _score_setting(ctx: Context, model: Any, options: dict, labels: torch.Tensor,
