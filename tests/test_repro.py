@@ -255,6 +255,31 @@ def test_d2c_compares_both_fusions_and_sources_with_the_table3_rows(tmp_path, re
     assert md.count("within the spread") + md.count("exceeds the spread") == 3 * 2 * 2
 
 
+def test_d2c_reads_the_rows_of_an_earlier_table_made_under_the_same_budget(tmp_path, resources, monkeypatch):
+    work, first, second = tmp_path / "work", tmp_path / "first", tmp_path / "second"
+    qformer = repro.SCALES["tiny"]["d2c"]["rows"]["d2c-qformer"]
+    cross = repro.SCALES["tiny"]["d2c"]["rows"]["d2c-cross-attention"]
+    one_row = ["table3.num_iters=[2]", f"d2c.rows={json.dumps({'d2c-qformer': qformer})}"]
+    repro.run_repro("d2c", out_dir=first, scale="tiny", work_dir=work, resources=resources, overrides=one_row)
+    trained = []
+    evaluate = repro.d2c.evaluate_family
+    monkeypatch.setattr(repro.d2c, "evaluate_family", lambda ctx, n, s: trained.append(n) or evaluate(ctx, n, s))
+    both = ["table3.num_iters=[2]", f"d2c.rows={json.dumps({'d2c-qformer': qformer, 'd2c-cross-attention': cross})}",
+            f"d2c.earlier={first / 'd2c.json'}"]
+    table = repro.run_repro("d2c", out_dir=second, scale="tiny", work_dir=work, resources=resources, overrides=both)
+    assert set(trained) == {"d2c-cross-attention"}  # the earlier rows are read, not trained or scored again
+    cells = {r.split("|")[1].strip(): r.split("|") for r in table.splitlines() if r.startswith("| ")}
+    assert "(earlier)" in cells["D2C, Q-Former fusion"][7] and "(earlier)" not in cells["D2C, cross-attention fusion"][7]
+    old, new = (json.loads((d / "d2c.json").read_text()) for d in (first, second))
+    assert [r for r in new["runs"] if r["row"] == "d2c-qformer"] == [r for r in old["runs"] if r["row"] == "d2c-qformer"]
+    assert "are read from" in (second / "d2c.md").read_text()
+    trained.clear()
+    with pytest.raises(ValueError, match=r"another budget \(differs in \['eval'\]\)"):
+        repro.run_repro("d2c", out_dir=tmp_path / "third", scale="tiny", work_dir=work, resources=resources,
+                        overrides=[*both, "eval.per_class=3"])
+    assert trained == []  # refused before any training
+
+
 def test_frontier_scores_each_setting_and_reuses_its_rows(tmp_path, resources, monkeypatch):
     out, work = tmp_path / "out", tmp_path / "work"
     table = repro.run_repro("frontier", out_dir=out, scale="tiny", work_dir=work, resources=resources)

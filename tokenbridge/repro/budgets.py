@@ -13,7 +13,7 @@ generators, which measures the evaluation's own noise); then one section per tab
 maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths divided by that
 factor); table5 holds tokenbridge.repro.speed.TimingOptions; table3 (TokenBridge vs continuous MAR) names the
 continuous model config and the speed and quality-vs-time settings (tokenbridge.repro.families); shipped the
-generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling and the VQ of the learned source;
+generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling, the VQ of the learned source and an earlier d2c.json whose rows are reused;
 frontier the sampler toolbox's settings per shipped generator (FRONTIER_SETTINGS), samples per class, sampling
 seeds, batch and the generators to run (``only``; tokenbridge.repro.frontier).
 """
@@ -43,6 +43,9 @@ def _d2c(preset: str, steps: int, batch_size: int, codebook_size: int) -> dict[s
                                          "stage2": {"fusion": {"kind": "cross_attention"}}},
                  "d2c-vq": {"preset": preset, "source": {"kind": "vq"}, "stage2": {"fusion": {"kind": "qformer"}}}},
         "stage1": {"stage1_cfg": 2.0, "stage1_temperature": 1.0},
+        # an earlier d2c.json made under the same budget: its rows (same config, every training seed) are read
+        # from it instead of trained again (tokenbridge.repro.d2c.earlier_rows)
+        "earlier": None,
         "vq": {"steps": steps, "batch_size": batch_size, "config": {"codebook_size": codebook_size, "downsample": 2}},
     }
 

@@ -9,10 +9,15 @@ seeds); images/s are measured in this process with the rows alternating; the plo
 of sequential sampling steps (D2C: the GPT's one step per code, then the MAR steps) and against time, on the
 seed-0 generators. The VQ of the "vq" source is trained once (seed 0) on the same training latents: it is part of
 the data pipeline, not of the compared generator.
+
+``d2c.earlier`` names an earlier d2c.json made under the same budget (budget_record): its rows with the same
+config and every training seed are read from it rather than trained again, so a table too long for one sitting
+grows over several (their images/s were measured in the earlier run and are marked so).
 """
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 from ..markdown import markdown_table
@@ -47,26 +52,76 @@ def _resolve_rows(ctx: Context) -> None:
             cfg["source"] = {**source, "path": str(vq_folder(ctx))}
 
 
+def budget_record(ctx: Context) -> dict:
+    """Everything a row's numbers depend on besides its own config: data, models, training, evaluation, sampling,
+    seeds and the VAE / classifier weights. A row of an earlier d2c.json stands in a table only under an equal
+    record (JSON-normalised)."""
+    b, t3 = ctx.budget, ctx.budget["table3"]
+    record = {k: b[k] for k in ("seed", "train_seeds", "data", "model", "train", "eval")}
+    record.update(table3={k: t3[k] for k in ("mar_model", "num_sampling_steps", "clip_denoised", "num_iters",
+                                             "speed_batch")},
+                  stage1=b["d2c"]["stage1"], vae=ctx.res.fingerprint("vae"),
+                  classifier=ctx.res.fingerprint("classifier"))
+    return json.loads(json.dumps(record, default=str))
+
+
+def earlier_rows(ctx: Context, names: list[str]) -> dict[str, dict]:
+    """The rows of ``d2c.earlier`` (an earlier d2c.json) that this table reuses instead of training: those with
+    the same config and every training seed. Raises ValueError, before any training, when that file was made
+    under another budget (budget_record)."""
+    path = ctx.budget["d2c"].get("earlier")
+    if not path:
+        return {}
+    data = json.loads(Path(path).read_text())
+    record, theirs = budget_record(ctx), data.get("budget") or {}
+    if theirs != record:
+        differ = sorted(k for k in {*record, *theirs} if record.get(k) != theirs.get(k))
+        raise ValueError(f"d2c.earlier {path}: made under another budget (differs in {differ}); its rows cannot "
+                         "stand in this table")
+    reused = {}
+    for name in names:
+        seeds = {r["seed"]: r for r in data["runs"] if r["row"] == name}
+        same = name in FAMILIES or data["rows"].get(name) == json.loads(json.dumps(ctx.budget["d2c"]["rows"][name]))
+        if same and all(s in seeds for s in ctx.budget["train_seeds"]):
+            reused[name] = {"runs": [seeds[s] for s in ctx.budget["train_seeds"]], "params": data["params"][name],
+                            "images_s": data["images_s"][name], "options": data["options"][name],
+                            "points": [p for p in data["quality_vs_steps"] if p["family"] == name]}
+    return reused
+
+
 def d2c(ctx: Context) -> str:
     ctx.budget["d2c"] = copy.deepcopy(ctx.budget["d2c"])
     _resolve_rows(ctx)
     names = [*ctx.budget["d2c"]["rows"], *FAMILIES]
-    runs = {n: [evaluate_family(ctx, n, s) for s in ctx.budget["train_seeds"]] for n in names}
-    first = {n: runs[n][0].model for n in names}
+    earlier = earlier_rows(ctx, names)
+    fresh = [n for n in names if n not in earlier]
+    runs = {n: [evaluate_family(ctx, n, s) for s in ctx.budget["train_seeds"]] for n in fresh}
+    first = {n: runs[n][0].model for n in fresh}
     t3 = ctx.budget["table3"]
-    options = {n: sampling_options(ctx, first[n].family) for n in names}
-    speed = sampling_speed(ctx, first, options, t3["speed_batch"], t3["speed_repeats"])
-    rows = [[LABELS.get(n, n), f"{count_params(first[n]) / 1e6:.2f}M"]
-            + [pm([r.metrics[m] for r in runs[n]], 2 if m == "fd_cls" else 3) for m in METRICS]
-            + [f"{speed[n]:.1f}"] for n in names]
+    options = {n: sampling_options(ctx, first[n].family) for n in fresh}
+    speed = sampling_speed(ctx, first, options, t3["speed_batch"], t3["speed_repeats"]) if first else {}
+    points = quality_vs_time(ctx, first, diffusion_steps=False) if first else []
+    params = {n: count_params(first[n]) for n in fresh}
+    records = [{"row": n, "seed": r.seed, "train": r.train, "metrics": r.metrics} for n in fresh for r in runs[n]]
+    for n, old in earlier.items():
+        params[n], speed[n], options[n] = old["params"], old["images_s"], old["options"]
+        points += old["points"]
+        records += old["runs"]
+    metrics = {n: [r["metrics"] for r in records if r["row"] == n] for n in names}
+    rows = [[LABELS.get(n, n), f"{params[n] / 1e6:.2f}M"]
+            + [pm([m[k] for m in metrics[n]], 2 if k == "fd_cls" else 3) for k in METRICS]
+            + [f"{speed[n]:.1f}" + (" (earlier)" if n in earlier else "")] for n in names]
     table = markdown_table(["row", "params", "FD_cls", "precision", "recall", "class acc.",
                             f"images/s (batch {t3['speed_batch']})"], rows)
-    points = quality_vs_time(ctx, first, diffusion_steps=False)
     plot_quality_vs_time(points, ctx.out_dir / "d2c.png", LABELS)
     plot_quality_vs_time(points, ctx.out_dir / "d2c_steps.png", LABELS, x="steps")
     _write_json(ctx.out_dir / "d2c.json", {
-        "runs": [{"row": n, "seed": r.seed, "train": r.train, "metrics": r.metrics} for n in names for r in runs[n]],
-        "images_s": speed, "options": options, "rows": ctx.budget["d2c"]["rows"], "quality_vs_steps": points})
+        "runs": records, "params": params, "images_s": speed, "options": options, "rows": ctx.budget["d2c"]["rows"],
+        "quality_vs_steps": points, "budget": budget_record(ctx)})
+    if earlier:
+        ctx.notes.append(f"Rows {', '.join(LABELS.get(n, n) for n in earlier)} are read from "
+                         f"`{ctx.budget['d2c']['earlier']}` (d2c.earlier: made under this very budget; their "
+                         "images/s, marked (earlier), were measured in that run, beside other rows).")
     e, t = ctx.budget["eval"], ctx.budget["train"]
     ctx.notes += [
         f"Training seeds {ctx.budget['train_seeds']} per row, {t['steps']} steps at batch {t['global_batch']} "
@@ -76,8 +131,8 @@ def d2c(ctx: Context) -> str:
         f"{ctx.budget['d2c']['stage1']}.",
         f"D2C rows (model configs): {ctx.budget['d2c']['rows']}.",
         "A difference is called real only where the two means differ by more than the sum of their sds:",
-        *[f"  - {verdict(m, LABELS[d], [r.metrics[m] for r in runs[d]], LABELS[b], [r.metrics[m] for r in runs[b]])}"
-          for d in ctx.budget["d2c"]["rows"] for b in FAMILIES for m in ("fd_cls", "recall")],
+        *[f"  - {verdict(k, LABELS[d], [m[k] for m in metrics[d]], LABELS[b], [m[k] for m in metrics[b]])}"
+          for d in ctx.budget["d2c"]["rows"] for b in FAMILIES for k in ("fd_cls", "recall")],
         "Plots: `d2c.png` (FD_cls against sampling time per image), `d2c_steps.png` (against sequential steps); "
         "per-seed values and the points: `d2c.json`.",
     ]
