@@ -217,9 +217,15 @@ def test_table3_compares_the_families_over_training_seeds(tmp_path, resources):
 
 
 def test_shipped_scores_against_held_out_reference_with_real_and_vae_rows(tmp_path, resources):
+    def recorded_generator():  # as an exported run's file: its recipe and loss trajectory in the record
+        model = resources._generator_fn()
+        model.provenance = {"family": "tokenbridge", "train": {"steps": 40, "global_batch": 8, "lr": 1e-3},
+                            "trajectory": {"step": [20, 40], "loss": [3.5, 2.75]}}
+        return model
+
     big = repro.Resources(vae=resources.vae, classifier=resources.classifier,
                           dataset={"train": _images(256, 1), "test": _images(200, 3)}.__getitem__,
-                          generator=resources._generator_fn, vae_spec="random-test-vae")
+                          generator=recorded_generator, vae_spec="random-test-vae")
     out = tmp_path / "out"
     table = repro.run_repro("shipped", out_dir=out, scale="tiny", work_dir=tmp_path / "work", resources=big)
     rows = {r.split("|")[1].strip(): r.split("|") for r in table.splitlines()
@@ -233,7 +239,9 @@ def test_shipped_scores_against_held_out_reference_with_real_and_vae_rows(tmp_pa
                                                              tmp_path, "cpu", big), 4)
     assert real.shape[0] == 40 and ref.shape[0] == 160  # the real row is never part of the reference
     md = (out / "shipped.md").read_text()
-    assert "Goals of issue 9" in md and "Weakest classes" in md and (out / "shipped.png").stat().st_size > 0
+    assert "Goals: recall >= 0.85" in md and "Weakest classes" in md and (out / "shipped.png").stat().st_size > 0
+    assert "40 steps x batch 8 = 320 images" in md and "2.7500 at step 40" in md
+    assert (out / "shipped_training.png").stat().st_size > 0
 
 
 def test_d2c_compares_both_fusions_and_sources_with_the_table3_rows(tmp_path, resources):

@@ -71,14 +71,26 @@ def _record(config: dict, provenance: dict, step: int, ema: bool) -> dict[str, A
     return {"family": config.get("family", "tokenbridge"), "config": config.get("model") or {},
             "sample": config.get("sample") or {}, "vae": provenance.get("vae"),
             "vae_fingerprint": provenance.get("vae_fingerprint"), "tokens": provenance.get("tokens"),
-            "step": int(step), "ema": bool(ema)}
+            "step": int(step), "ema": bool(ema), "train": config.get("train") or {}}
+
+
+def training_trajectory(run_dir: str | os.PathLike) -> dict[str, list[float]] | None:
+    """The training loss at every logged step of the run in ``run_dir`` (its log.jsonl: {"step": [...],
+    "loss": [...]}), or None where the run has no log."""
+    path = Path(run_dir) / "log.jsonl"
+    if not path.is_file():
+        return None
+    entries = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    entries = [e for e in entries if "loss" in e and "step" in e]
+    return {"step": [int(e["step"]) for e in entries], "loss": [round(float(e["loss"]), 5) for e in entries]}
 
 
 @holds_output("out_path", "export")
 def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, ema: bool = True,
                    half: bool = False, sample: dict[str, Any] | None = None) -> Path:
     """Write a checkpoint's EMA (or raw) weights as a self-describing .safetensors generator. A pretrained folder
-    is also taken (its one set of weights and its record; ``ema`` does not apply).
+    is also taken (its one set of weights and its record; ``ema`` does not apply). A checkpoint's record also
+    holds its run's training recipe (``train``) and loss trajectory (``trajectory``, from the log.jsonl beside it).
 
     half: store float32 tensors as float16 (half the file; they load back into float32 parameters). Float64
     buffers such as the quantizer's tables stay exact. sample: sampling defaults to record over the run's
@@ -89,6 +101,7 @@ def export_weights(ckpt_path: str | os.PathLike, out_path: str | os.PathLike, em
     else:
         ckpt = load_checkpoint(ckpt_path)
         record, state = _record(ckpt["config"], ckpt["provenance"], ckpt["step"], ema), ckpt["ema" if ema else "model"]
+        record["trajectory"] = training_trajectory(Path(ckpt_path).parent)
     if sample:
         record["sample"] = {**record.get("sample", {}),
                             **check_sample_options(get_family(record["family"]), sample, prefix="export --sample")}
@@ -133,7 +146,8 @@ def load_generator(spec: str | os.PathLike = "fmnist", device: str | torch.devic
     ``.safetensors``, a pretrained folder (config.json + model.safetensors, `save_pretrained`; it holds one set of
     weights, so ``ema`` does not apply) or a training ``checkpoint.pt`` (its EMA weights unless ``ema`` is False).
     ``family``: the family expected (a file holding another is refused, naming both). ``generator.provenance``
-    holds the record: family, sample (the sampling defaults), vae, vae_fingerprint, tokens, step."""
+    holds the record: family, sample (the sampling defaults), vae, vae_fingerprint, tokens, step, train (the
+    recipe) and, for an exported run, trajectory (its training loss per logged step)."""
     path = SHIPPED.get(str(spec), Path(spec))
     if not path.is_file() and not path.is_dir():
         raise FileNotFoundError(f"generator weights not found: {path} (give a checkpoint.pt, an exported "

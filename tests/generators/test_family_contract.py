@@ -6,6 +6,8 @@ and `sample`); registering it is all it takes for every test here to run for it 
 
 from __future__ import annotations
 
+import json
+
 import math
 from contextlib import contextmanager
 from pathlib import Path
@@ -137,8 +139,13 @@ def test_export_and_pretrained_folder_round_trip(family, tmp_path):
     assert type(model) is type(loaded) is family and loaded.config == model.config == C.load_generator(ckpt).config
     assert loaded.provenance["sample"] == model.provenance["sample"] == {"temperature": 0.5}
     assert loaded.provenance["step"] == model.provenance["step"] == 2
-    record = ("family", "vae", "vae_fingerprint", "tokens", "ema")
+    record = ("family", "vae", "vae_fingerprint", "tokens", "ema", "train", "trajectory")
     assert {k: loaded.provenance.get(k) for k in record} == {k: model.provenance.get(k) for k in record}
+    # the recipe and the loss trajectory of the run travel with the weights (repro shipped plots them)
+    log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert model.provenance["train"]["steps"] == 2 and log
+    assert model.provenance["trajectory"] == {"step": [e["step"] for e in log],
+                                              "loss": [round(e["loss"], 5) for e in log]}
     state, ema = loaded.state_dict(), C.load_checkpoint(ckpt)["ema"]
     assert state.keys() == ema.keys() and all(torch.equal(state[k], ema[k]) for k in state)
     labels = torch.tensor([0, 3, 10])

@@ -1,7 +1,8 @@
 """Pretrained folders: ``save_pretrained(dir)`` / ``from_pretrained(dir)`` for every generator family.
 
 A folder holds ``config.json`` (the family, the resolved model config, the sampling defaults and the provenance:
-VAE spec and fingerprint, token file, step, EMA or raw weights, and where converted weights came from) and
+VAE spec and fingerprint, token file, step, EMA or raw weights, the training recipe and loss trajectory where
+exported from a run, and where converted weights came from) and
 ``model.safetensors`` (the state dict), the diffusers / huggingface_hub convention. Loading is offline, from a
 local path only. `base.Generator` gives every family both methods; `tokenbridge.checkpoint.load_generator` (and
 so every command with ``--model``) reads such a folder too.
@@ -33,7 +34,8 @@ __all__ = [
 ]
 
 PRETRAINED_FORMAT = "tokenbridge-pretrained"
-_RECORD_KEYS = ("sample", "sample_paper", "vae", "vae_fingerprint", "tokens", "step", "ema", "source")
+_RECORD_KEYS = ("sample", "sample_paper", "vae", "vae_fingerprint", "tokens", "step", "ema", "source", "train",
+                "trajectory")
 
 
 def is_pretrained_folder(path: str | os.PathLike) -> bool:

@@ -123,8 +123,8 @@ SCALES: dict[str, dict[str, Any]] = {
         "fig8": {"show_per_class": 2},
         # D2C vs TokenBridge vs MAR at the Table 3 budget; the D2C fmnist preset totals ~2.95M parameters like theirs
         "d2c": _d2c("fmnist", steps=500, batch_size=256, codebook_size=256),
-        # issue 9's goals: recall >= 0.85 x real test images', FD <= 2 x the VAE reconstructions' (the floor)
-        "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 2.0},
+        # the goals: recall >= 0.85 x real test images', FD <= 1.5 x the VAE reconstructions' (the floor)
+        "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 1.5},
         # every shipped family regenerates the right half of 1,000 test images (issue 24)
         "edit": {"models": ["fmnist", "fmnist-mar", "fmnist-d2c"], "per_class": 100, "keep": "left", "other": 1,
                  "batch_size": 250},
@@ -156,7 +156,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "table2e": {"heads": [[256, 3], [512, 3], [512, 4], [1024, 4], [1024, 6]], "head_width_to_paper": 1},
         "table5": _timing(),  # the paper's L sizes: AR head 1024 x 4, diffusion head 1024 x 3, 100 steps
         "fig8": {"show_per_class": 2},
-        "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 2.0},
+        "shipped": {"model": "fmnist", "per_class": 100, "weakest": 3, "recall_goal": 0.85, "fd_goal": 1.5},
         "d2c": _d2c("fmnist", steps=2000, batch_size=256, codebook_size=256),
         "edit": {"models": ["fmnist", "fmnist-mar", "fmnist-d2c"], "per_class": 100, "keep": "left", "other": 1,
                  "batch_size": 250},

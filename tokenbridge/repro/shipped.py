@@ -8,7 +8,7 @@ generator's samples for the same labels with its recorded sampling defaults. Met
 recall (k = 3) in the classifier's feature space, class accuracy; the generator's recall as a ratio to the real
 images' recall and its FD as a ratio to the reconstructions' FD; per-class precision and recall (each class's
 samples against that class's reference images); and a picture of the weakest classes (lowest per-class recall),
-real images above samples.
+real images above samples; the training budget and loss trajectory where the generator's file records them.
 """
 from __future__ import annotations
 
@@ -61,6 +61,30 @@ def _weakest_grid(ctx: Context, weakest: list[int], real: torch.Tensor, real_lab
     save_figure(fig, ctx.out_dir / "shipped.png")
 
 
+def training_notes(ctx: Context, record: dict[str, Any]) -> list[str]:
+    """What the generator's file records of its training: the budget (steps x batch = images) and, where the file
+    carries its loss trajectory, a plot of it (shipped_training.png)."""
+    train, trajectory = record.get("train") or {}, record.get("trajectory")
+    if not train:
+        return ["Training: this file records no recipe (exported before `tokenbridge export` recorded it); see the "
+                "README's generators table for its budget."]
+    images = int(train.get("steps", 0)) * int(train.get("global_batch", 0))
+    notes = [f"Training (recorded in the file): {train.get('steps')} steps x batch {train.get('global_batch')} = "
+             f"{images:,} images, lr {train.get('lr')}, warm-up {train.get('warmup_steps')}, EMA {train.get('ema')}."]
+    if trajectory:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([s * int(train.get("global_batch", 1)) for s in trajectory["step"]], trajectory["loss"])
+        ax.set_xlabel("training images seen")
+        ax.set_ylabel(f"training loss ({record.get('family')} objective)")
+        ax.set_title(f"{ctx.budget['shipped']['model']}: training loss")
+        fig.tight_layout()
+        save_figure(fig, ctx.out_dir / "shipped_training.png")
+        notes.append(f"Training loss: {trajectory['loss'][0]:.4f} at step {trajectory['step'][0]}, "
+                     f"{trajectory['loss'][-1]:.4f} at step {trajectory['step'][-1]} (shipped_training.png).")
+    return notes
+
+
 def _rows(ctx: Context, model: Any, options: dict, per_class: int) -> tuple[dict, dict, torch.Tensor]:
     """Metrics of the three rows against the reference part of the test split, and the generated images."""
     real, real_labels, ref, ref_labels = split_test(ctx, per_class)
@@ -101,10 +125,11 @@ def shipped(ctx: Context) -> str:
         f"({s['per_class']} per class, sampling seed {ctx.eval_seed}), the labels of the real row.",
         f"Real row: the first {s['per_class']} test images of each class; reference: the other "
         f"{len(ctx.res.dataset('test')) - 10 * int(s['per_class'])} test images (every row is scored against them).",
-        f"Goals of issue 9: recall >= {s['recall_goal']} x real ({'met' if goal['recall'] else 'not met'}: "
+        f"Goals: recall >= {s['recall_goal']} x real ({'met' if goal['recall'] else 'not met'}: "
         f"{gen['recall'] / real_row['recall']:.3f}); FD <= {s['fd_goal']} x the VAE floor "
         f"({'met' if goal['fd'] else 'not met'}: {gen['fd_cls'] / floor['fd_cls']:.3f}).",
         f"Weakest classes by per-class recall: {weakest} (shipped.png).",
+        *training_notes(ctx, getattr(model, "provenance", {})),
     ]
     return (f"{table}\n\nPer class (each class's images against that class's reference test images, k = 3):\n\n"
             f"{classes}")
