@@ -208,6 +208,9 @@ def test_table3_compares_the_families_over_training_seeds(tmp_path, resources):
     assert len(set(fds)) == 2
     assert {p["family"] for p in data["quality_vs_time"]} == {"tokenbridge", "mar"}
     assert (tmp_path / "out" / "table3.png").stat().st_size > 0
+    # every run's training loss per logged step (the tiny budget logs every step of its 2)
+    assert all(r["trajectory"]["step"] == [1, 2] and len(r["trajectory"]["loss"]) == 2 for r in runs)
+    assert (tmp_path / "out" / "table3_training.png").stat().st_size > 0
     md = (tmp_path / "out" / "table3.md").read_text()
     assert "fd_cls:" in md and ("exceeds the spread" in md or "within the spread" in md)
     # a second call reuses every trained run and evaluation
@@ -281,6 +284,8 @@ def test_d2c_reads_the_rows_of_an_earlier_table_made_under_the_same_budget(tmp_p
     old, new = (json.loads((d / "d2c.json").read_text()) for d in (first, second))
     assert [r for r in new["runs"] if r["row"] == "d2c-qformer"] == [r for r in old["runs"] if r["row"] == "d2c-qformer"]
     assert "are read from" in (second / "d2c.md").read_text()
+    assert all(r["trajectory"]["step"] == [1, 2] for r in new["runs"])  # the earlier rows' trajectories carried over
+    assert (second / "d2c_training.png").stat().st_size > 0
     trained.clear()
     with pytest.raises(ValueError, match=r"another budget \(differs in \['eval'\]\)"):
         repro.run_repro("d2c", out_dir=tmp_path / "third", scale="tiny", work_dir=work, resources=resources,

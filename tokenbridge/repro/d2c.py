@@ -20,10 +20,12 @@ import copy
 import json
 from pathlib import Path
 
+from ..checkpoint import training_trajectory
 from ..markdown import markdown_table
 from ..training.vq import token_latents, train_vq
 from .families import (FAMILIES, evaluate_family, plot_quality_vs_time, quality_vs_time, sampling_options,
                        sampling_speed)
+from .plots import plot_trajectories
 from .runs import Context, _write_json, count_params, short_hash, token_file
 from .stats import pm, verdict
 
@@ -102,7 +104,8 @@ def d2c(ctx: Context) -> str:
     speed = sampling_speed(ctx, first, options, t3["speed_batch"], t3["speed_repeats"]) if first else {}
     points = quality_vs_time(ctx, first, diffusion_steps=False) if first else []
     params = {n: count_params(first[n]) for n in fresh}
-    records = [{"row": n, "seed": r.seed, "train": r.train, "metrics": r.metrics} for n in fresh for r in runs[n]]
+    records = [{"row": n, "seed": r.seed, "train": r.train, "metrics": r.metrics,
+                "trajectory": training_trajectory(r.run_dir)} for n in fresh for r in runs[n]]
     for n, old in earlier.items():
         params[n], speed[n], options[n] = old["params"], old["images_s"], old["options"]
         points += old["points"]
@@ -115,6 +118,7 @@ def d2c(ctx: Context) -> str:
                             f"images/s (batch {t3['speed_batch']})"], rows)
     plot_quality_vs_time(points, ctx.out_dir / "d2c.png", LABELS)
     plot_quality_vs_time(points, ctx.out_dir / "d2c_steps.png", LABELS, x="steps")
+    plot_trajectories(records, ctx.out_dir / "d2c_training.png", LABELS)
     _write_json(ctx.out_dir / "d2c.json", {
         "runs": records, "params": params, "images_s": speed, "options": options, "rows": ctx.budget["d2c"]["rows"],
         "quality_vs_steps": points, "budget": budget_record(ctx)})
@@ -134,6 +138,6 @@ def d2c(ctx: Context) -> str:
         *[f"  - {verdict(k, LABELS[d], [m[k] for m in metrics[d]], LABELS[b], [m[k] for m in metrics[b]])}"
           for d in ctx.budget["d2c"]["rows"] for b in FAMILIES for k in ("fd_cls", "recall")],
         "Plots: `d2c.png` (FD_cls against sampling time per image), `d2c_steps.png` (against sequential steps); "
-        "per-seed values and the points: `d2c.json`.",
+        "per-seed values and the points: `d2c.json`; training loss of every run: `d2c_training.png`.",
     ]
     return table

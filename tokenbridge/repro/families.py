@@ -24,12 +24,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import load_generator
+from ..checkpoint import load_generator, training_trajectory
 from ..classifier import classifier_metrics
 from ..generate import generate
 from ..markdown import markdown_table
 from ..tokens import CachedTokens
-from .plots import pyplot, save_figure
+from .plots import plot_trajectories, pyplot, save_figure
 from .stats import pm, verdict
 from .runs import (DEFAULT_LABEL, Context, _write_json, class_labels, count_params, short_hash, token_file, train_once,
                    train_variant, variant_model_config)
@@ -223,9 +223,11 @@ def table3(ctx: Context) -> str:
                             "class acc.", f"images/s (batch {t3['speed_batch']})"], rows)
     points = quality_vs_time(ctx, first)
     plot_quality_vs_time(points, ctx.out_dir / "table3.png")
+    records = [{"family": r.family, "seed": r.seed, "train": r.train, "metrics": r.metrics,
+                "trajectory": training_trajectory(r.run_dir)} for f in FAMILIES for r in runs[f]]
+    plot_trajectories(records, ctx.out_dir / "table3_training.png", FAMILIES, key="family")
     _write_json(ctx.out_dir / "table3.json", {
-        "runs": [{"family": r.family, "seed": r.seed, "train": r.train, "metrics": r.metrics}
-                 for f in FAMILIES for r in runs[f]], "images_s": speed[0], "train_s_per_step": step_s,
+        "runs": records, "images_s": speed[0], "train_s_per_step": step_s,
         "quality_vs_time": points})
     e = ctx.budget["eval"]
     ctx.notes += [f"{len(ctx.budget['train_seeds'])} training seeds per family ({ctx.budget['train_seeds']}); mean +- "
@@ -234,5 +236,6 @@ def table3(ctx: Context) -> str:
                   f"{10 * e['per_class']} samples per generator, num_iter {e['num_iter']}, cfg {e['cfg']} "
                   f"({e['cfg_schedule']}), temperature {e['temperature']}; diffusion head "
                   f"{t3['num_sampling_steps']} DDPM steps, predicted x0 clipped at {t3['clip_denoised']}.", *_verdicts(runs),
-                  "Per-seed values and the quality-vs-time points: `table3.json`."]
+                  "Per-seed values and the quality-vs-time points: `table3.json`; training loss of every run: "
+                  "`table3_training.png`."]
     return table

@@ -69,6 +69,27 @@ def plot_variants(results: list[list[VariantResult]], path: Path, title: str) ->
     save_figure(fig, path)
 
 
+def plot_trajectories(records: list[dict[str, Any]], path: Path, labels: dict[str, str], key: str = "row") -> None:
+    """Training loss against step of every run, one panel per row (``records``: key, seed, trajectory as written
+    by tokenbridge.checkpoint.training_trajectory; the families' losses differ in kind, so panels do not share y)."""
+    plt = pyplot()
+    rows = list(dict.fromkeys(r[key] for r in records if r.get("trajectory")))
+    if not rows:
+        return
+    fig, axes = plt.subplots(1, len(rows), figsize=(3.6 * len(rows), 3.2), squeeze=False)
+    for ax, row in zip(axes[0], rows):
+        for r in records:
+            if r[key] == row and r.get("trajectory"):
+                ax.plot(r["trajectory"]["step"], r["trajectory"]["loss"], label=f"seed {r['seed']}", linewidth=1)
+        ax.set(title=labels.get(row, row), xlabel="training step", ylabel="training loss")
+        ax.title.set_fontsize(8)
+        ax.legend(fontsize=7)
+    fig.suptitle("Training trajectories (each family's own objective: compare seeds and shapes, not values)",
+                 fontsize=9)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def plot_head_times(timing: HeadTiming, path: Path) -> None:
     """Table 5: ms per token of every method at every batch size (log scale)."""
     plt = pyplot()
