@@ -1,7 +1,7 @@
 """The budgets of `tokenbridge repro`: one dict per scale, and dotted overrides of it.
 
 - ``tiny``: a few steps on a few hundred images, for tests (the numbers mean nothing);
-- ``small``: the embedded Fashion-MNIST setting on 2 CPU cores, one generator variant in ~10-15 min;
+- ``small``: the embedded Fashion-MNIST setting on 2 CPU cores, one training seed of a generator row in ~20-30 min;
 - ``paper``: the paper's head sizes, batch and sampling settings (TokenBridge-L), for GPUs.
 
 Sections: seed (sampling / NLL-mask seed, token caches); train_seeds (every generator row of Tables 2a-2e,
