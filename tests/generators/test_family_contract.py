@@ -7,7 +7,6 @@ and `sample`); registering it is all it takes for every test here to run for it 
 from __future__ import annotations
 
 import json
-
 import math
 from contextlib import contextmanager
 from pathlib import Path

@@ -13,9 +13,10 @@ generators, which measures the evaluation's own noise); then one section per tab
 maps our head widths onto the paper's Table 2e widths (our sweep is the paper's with widths divided by that
 factor); table5 holds tokenbridge.repro.speed.TimingOptions; table3 (TokenBridge vs continuous MAR) names the
 continuous model config and the speed and quality-vs-time settings (tokenbridge.repro.families); shipped the
-generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling, the VQ of the learned source and an earlier d2c.json whose rows are reused;
-frontier the sampler toolbox's settings per shipped generator (FRONTIER_SETTINGS), samples per class, sampling
-seeds, batch and the generators to run (``only``; tokenbridge.repro.frontier).
+generator and goals of `repro shipped`; d2c the D2C rows, stage-1 sampling, the VQ of the learned source and an
+earlier d2c.json whose rows are reused; frontier the sampler toolbox's settings per shipped generator
+(FRONTIER_SETTINGS), samples per class, sampling seeds, batch and the generators to run (``only``;
+tokenbridge.repro.frontier).
 """
 from __future__ import annotations
 
@@ -108,7 +109,7 @@ SCALES: dict[str, dict[str, Any]] = {
         "model": {"preset": "fmnist", "head": _FREQUENCY},
         # 1,000 steps x 64 (issue 25: five times the first tables' 200 x 64): ~1.2 s per step for the default head
         # (64 x 2) as one of two one-thread jobs on 2 cores, ~20 min per training seed plus 1-4 min of evaluation;
-        # Tables 2a-2e and Fig. 8 were run at 200 steps with 40 warm-up steps (their files' command lines).
+        # Tables 2a-2e were run at 200 steps with 40 warm-up steps (their files' command lines).
         # EMA 0.995 is warmed up (tokenbridge.optim), so short runs evaluate trained weights
         "train": {"steps": 1000, "global_batch": 64, "lr": 1e-3, "min_lr": 1e-5, "warmup_steps": 100, "ema": 0.995,
                   "grad_clip": 3.0, "ckpt_every": 200, "log_every": 20},

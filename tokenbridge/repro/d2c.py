@@ -19,6 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
+from typing import Any
 
 from ..checkpoint import training_trajectory
 from ..markdown import markdown_table
@@ -54,6 +55,11 @@ def _resolve_rows(ctx: Context) -> None:
             cfg["source"] = {**source, "path": str(vq_folder(ctx))}
 
 
+def _plain(obj: Any) -> Any:
+    """``obj`` as it reads back from a json file (tuples as lists, other values as strings), for comparisons."""
+    return json.loads(json.dumps(obj, default=str))
+
+
 def budget_record(ctx: Context) -> dict:
     """Everything a row's numbers depend on besides its own config: data, models, training, evaluation, sampling,
     seeds and the VAE / classifier weights. A row of an earlier d2c.json stands in a table only under an equal
@@ -64,7 +70,7 @@ def budget_record(ctx: Context) -> dict:
                                              "speed_batch")},
                   stage1=b["d2c"]["stage1"], vae=ctx.res.fingerprint("vae"),
                   classifier=ctx.res.fingerprint("classifier"))
-    return json.loads(json.dumps(record, default=str))
+    return _plain(record)
 
 
 def earlier_rows(ctx: Context, names: list[str]) -> dict[str, dict]:
@@ -83,7 +89,7 @@ def earlier_rows(ctx: Context, names: list[str]) -> dict[str, dict]:
     reused = {}
     for name in names:
         seeds = {r["seed"]: r for r in data["runs"] if r["row"] == name}
-        same = name in FAMILIES or data["rows"].get(name) == json.loads(json.dumps(ctx.budget["d2c"]["rows"][name]))
+        same = name in FAMILIES or data["rows"].get(name) == _plain(ctx.budget["d2c"]["rows"][name])
         if same and all(s in seeds for s in ctx.budget["train_seeds"]):
             reused[name] = {"runs": [seeds[s] for s in ctx.budget["train_seeds"]], "params": data["params"][name],
                             "images_s": data["images_s"][name], "options": data["options"][name],

@@ -1,7 +1,6 @@
 """The PNG next to each repro table (matplotlib, Agg backend)."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -9,6 +8,7 @@ import numpy as np
 import torch
 
 from .. import files
+from ..checkpoint import training_trajectory
 from ..images import image_grid
 from .runs import VariantResult
 from .stats import mean_sd
@@ -45,9 +45,8 @@ def plot_variants(results: list[list[VariantResult]], path: Path, title: str) ->
     ax = fig.add_subplot(grid[0, 0])
     for seeds in results:
         r = seeds[0]
-        log = [json.loads(line) for line in (r.run_dir / "log.jsonl").read_text().splitlines() if line.strip()] \
-            if (r.run_dir / "log.jsonl").is_file() else []
-        ax.plot([x["step"] for x in log], [x["loss"] for x in log], label=r.variant.label)
+        trajectory = training_trajectory(r.run_dir) or {"step": [], "loss": []}
+        ax.plot(trajectory["step"], trajectory["loss"], label=r.variant.label)
     ax.set(title=f"training loss (nats/channel), seed {results[0][0].seed}", xlabel="step")
     ax.legend(fontsize=7)
     for k, (key, name) in enumerate([("density_nll", "density NLL (lower = better)"), ("fd_cls", "FD_cls (lower)"),
