@@ -4,6 +4,7 @@ the plumbing: token caches, variant training + evaluation, reuse, files and tabl
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 
@@ -34,11 +35,12 @@ def resources() -> repro.Resources:
     torch.manual_seed(0)
     splits = {"train": _images(256, 1), "test": _images(64, 2)}
     generator_cfg = merge(repro.SCALES["tiny"]["model"], {"head": {"order": [1, 3, 2, 0]}})
+    shipped = TokenBridgeGenerator.from_config(generator_cfg)  # one set of weights, as a shipped file
     return repro.Resources(
         vae=build_vae("fmnist").eval(),
         classifier=FMNISTClassifier(widths=(4, 4, 4), feature_dim=8).eval(),
         dataset=splits.__getitem__,
-        generator=lambda: TokenBridgeGenerator.from_config(generator_cfg),
+        generator=lambda: copy.deepcopy(shipped),
         vae_spec="random-test-vae",
     )
 
@@ -308,8 +310,17 @@ def test_frontier_scores_each_setting_and_reuses_its_rows(tmp_path, resources, m
     assert all(len(r["runs"]) == 2 and r["images_per_s"] > 0 for r in rows)  # two sampling seeds each
     assert next(r for r in rows if r["name"] == "paper")["kept"]  # today keeps its own quality
     assert (out / "frontier.png").stat().st_size > 0 and "Fastest setting of fmnist" in (out / "frontier.md").read_text()
+    real_generate = repro.frontier.generate
     monkeypatch.setattr(repro.frontier, "generate", lambda *a, **k: pytest.fail("a measured family was re-sampled"))
     assert repro.run_repro("frontier", out_dir=out, scale="tiny", work_dir=work, resources=resources) == table
+    # a retrained generator (other weights under the same name) is measured again, not read from the cache
+    sampled = []
+    monkeypatch.setattr(repro.frontier, "generate", lambda *a, **k: sampled.append(1) or real_generate(*a, **k))
+    retrained = TokenBridgeGenerator.from_config(merge(repro.SCALES["tiny"]["model"], {"head": {"order": [1, 3, 2, 0]}}))
+    monkeypatch.setattr(resources, "_generator_fn", lambda: copy.deepcopy(retrained))
+    repro.run_repro("frontier", out_dir=tmp_path / "again", scale="tiny", work_dir=work, resources=resources,
+                    overrides=["frontier.only=[fmnist]"])
+    assert sampled
 
 
 def test_edit_scores_both_classes_keeps_the_region_and_reuses_its_runs(tmp_path, resources):

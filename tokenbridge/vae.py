@@ -5,7 +5,8 @@ The architecture (the ``VAE`` interface, ``AutoencoderKL`` and its presets) live
 - ``load_vae(spec)``: "fmnist" (the shipped f4 VAE, 32x32x1 -> 8x8x4, in
   ``tokenbridge/weights/fmnist_vae.safetensors``), "kl16:/path/kl16.ckpt" (MAR's KL-16), "diffusers:/local/folder",
   or a .safetensors file written by ``save_vae``.
-- ``vae_fingerprint(vae)``: a short hash of a VAE's weights, to check that a generator is sampled with its VAE.
+- ``vae_fingerprint(vae)``: a short hash of a VAE's weights, to check that a generator is sampled with its VAE
+  (``state_fingerprint``: the same for any module).
 - ``train_vae`` (in ``tokenbridge.training.vae``) trains the embedded Fashion-MNIST VAE.
 
 Every loader checks its input before doing work: a bad spec or device, a missing, foreign, truncated or malformed
@@ -335,22 +336,28 @@ def load_vae(spec: str | os.PathLike, device: str | torch.device = "cpu") -> VAE
 
 
 def vae_fingerprint(vae: nn.Module) -> str:
-    """A short, stable identity of a VAE's weights: 16 hex characters of a sha256 over its state dict.
+    """A short, stable identity of a VAE's weights: `state_fingerprint` of its state dict, which also covers the
+    latent ``scaling_factor`` (the same weights with another scale give latents on another scale). A
+    ``DiffusersVAE`` hashes the wrapped diffusers model (keys ``model.*``).
+    """
+    return state_fingerprint(vae, f"scaling_factor={getattr(vae, 'scaling_factor', None)!r}|")
+
+
+def state_fingerprint(module: nn.Module, prefix: str = "") -> str:
+    """16 hex characters of a sha256 over ``prefix`` and a module's state dict.
 
     Entries are hashed in sorted key order, each as its key, dtype string, shape and the raw bytes of the tensor in
     its own dtype (so the same weights stored as float32 and bfloat16 differ). Deterministic across processes and
-    loads of the same file; any changed weight or buffer changes it, and so does the latent ``scaling_factor``
-    (the same weights with another scale give latents on another scale). A ``DiffusersVAE`` hashes the wrapped
-    diffusers model (keys ``model.*``).
+    loads of the same file; any changed weight or buffer changes it.
     """
-    state = vae.state_dict()
-    digest = hashlib.sha256(f"scaling_factor={getattr(vae, 'scaling_factor', None)!r}|".encode())
+    state = module.state_dict()
+    digest = hashlib.sha256(prefix.encode())
     for key in sorted(state):
         value = state[key]
         if not isinstance(value, torch.Tensor):
-            raise ValueError(f"vae_fingerprint: state-dict entry {key!r} is a {type(value).__name__}, not a tensor")
+            raise ValueError(f"state_fingerprint: state-dict entry {key!r} is a {type(value).__name__}, not a tensor")
         if value.device.type == "meta":
-            raise ValueError(f"vae_fingerprint: {key!r} is on the meta device (weights not loaded)")
+            raise ValueError(f"state_fingerprint: {key!r} is on the meta device (weights not loaded)")
         tensor = value.detach().to("cpu").contiguous().reshape(-1)
         digest.update(f"{key}|{tensor.dtype}|{tuple(value.shape)}|".encode())
         digest.update(tensor.view(torch.uint8).numpy().tobytes())

@@ -25,6 +25,7 @@ from ..classifier import classifier_metrics
 from ..generate import generate, sampling_defaults
 from ..markdown import fmt, markdown_table
 from ..samplers import record_reuse_error
+from ..vae import state_fingerprint
 from .budgets import PAPER_SETTING
 from .plots import pyplot, save_figure
 from .runs import Context, _write_json, class_labels, short_hash
@@ -83,11 +84,12 @@ def pareto(rows: list[dict]) -> set[str]:
 
 def _setting_row(ctx: Context, spec: str, model: Any, name: str, changes: dict, labels: torch.Tensor,
                  real: torch.Tensor) -> dict:
-    """One setting's row, reused from ``work_dir`` when a run with the same setting, samples and threads made it
-    (so that a frontier interrupted by the end of a session, or split over processes with ``frontier.only``,
-    resumes where it stopped)."""
+    """One setting's row, reused from ``work_dir`` when a run with the same weights, setting, samples and threads
+    made it (so that a frontier interrupted by the end of a session, or split over processes with
+    ``frontier.only``, resumes where it stopped; a retrained generator is measured again)."""
     f = ctx.budget["frontier"]
-    key = short_hash([spec, changes, f["per_class"], f["seeds"], f["speed_batch"], torch.get_num_threads()])
+    key = short_hash([spec, state_fingerprint(model), changes, f["per_class"], f["seeds"], f["speed_batch"],
+                      torch.get_num_threads()])
     cache = ctx.work_dir / "frontier" / f"{spec}-{key}.json"
     options = {**sampling_defaults(model, "paper"), **changes}  # every setting changes today's sampler
     if cache.is_file():
