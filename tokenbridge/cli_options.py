@@ -91,14 +91,12 @@ SAMPLING_GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 # The sampling options each shipped generator records (they win over the signature defaults above): the fastest
 # setting of `repro frontier` that kept FD and recall within today's sampling-seed spread (docs/speed.md), and,
 # where that moved them, today's as the record of `--sampler paper` (SHIPPED_PAPER_SAMPLING).
-# (fmnist-mar, retrained, records only what its config's `sample` section gives; the older fmnist-d2c also records
-# the schedule and step count, which equal the signature defaults.)
+# (fmnist-mar and fmnist-d2c, retrained in issue 25, record only what their config's `sample` section gives.)
 _PAPER_MAR = {"num_iter": 16, "cfg": 3.0, "clip_denoised": 5.0}
 _DDIM_25_5 = {"num_sampling_steps": 25, "num_sampling_steps_end": 5, "diffusion_sampler": "ddim"}
 SHIPPED_PAPER_SAMPLING: dict[str, dict[str, Any]] = {
     "fmnist-mar": _PAPER_MAR,
-    "fmnist-d2c": {"stage1_cfg": 2.0, "stage1_temperature": 1.0, "cfg_schedule": "linear", "num_sampling_steps": 100,
-                   **_PAPER_MAR},
+    "fmnist-d2c": {"stage1_cfg": 2.0, **_PAPER_MAR},
 }
 SHIPPED_SAMPLING: dict[str, dict[str, Any]] = {
     "fmnist": {"num_iter": 16, "cfg": 3.0, "cfg_schedule": "linear"},
